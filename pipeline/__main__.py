@@ -1,0 +1,116 @@
+"""`python -m pipeline {synth,download,build,merge,verify,inspect}` (DESIGN 4)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pipeline.errors import UserError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("synth", help="make a small CUB-layout dataset of drawn, learnable birds")
+    p.add_argument("--out", type=Path, required=True, help="leaves OUT/CUB_200_2011/ (and the .tgz with --tgz)")
+    p.add_argument("--classes", type=int, default=20)
+    p.add_argument("--per-class", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tgz", action="store_true", help="also pack OUT/CUB_200_2011.tgz like the official archive")
+
+    p = commands.add_parser("download", help="fetch and unpack the official CUB_200_2011.tgz")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--url", default=None, help="a mirror (default: the official Caltech address)")
+    p.add_argument("--md5", default=None, help="expected MD5 of the archive (default: the official one)")
+
+    p = commands.add_parser("build", help="write WebDataset shards + manifest.json from CUB")
+    p.add_argument("--source", type=Path, required=True, help="the CUB_200_2011 directory or CUB_200_2011.tgz")
+    p.add_argument("--out", type=Path, required=True, help="shards/NAME")
+    p.add_argument("--valid-fraction", type=float, default=0.1, help="stratified share of official train (0.1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resize-short", type=int, default=256, help="short side in px; 0 keeps originals (256)")
+    p.add_argument("--crop-bbox", action="store_true", help="crop to the bounding box plus a 10%% margin")
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images (95)")
+    p.add_argument("--shard-samples", type=int, default=160, help="samples per shard (160: CUB train >= 32 shards)")
+    p.add_argument("--workers", type=int, default=0, help="encoding processes (0 = all cores)")
+    p.add_argument("--num-jobs", type=int, default=1, help="split the build into J independent jobs")
+    p.add_argument("--job-index", type=int, default=0, help="which job this is, 0..J-1")
+    p.add_argument("--skip-bad", action="store_true", help="leave out bad images, recorded in manifest.skipped")
+    p.add_argument("--overwrite", action="store_true", help="replace a shard set built with other options")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = commands.add_parser("merge", help="after J build jobs: check every part and shard, write manifest.json")
+    p.add_argument("out", type=Path)
+
+    p = commands.add_parser("verify", help="exit 0 only if every shard's sha256, members and JPEGs are good")
+    p.add_argument("location", help="shards/NAME or an http(s) base URL")
+    p.add_argument("--quiet", action="store_true")
+
+    p = commands.add_parser("inspect", help="per split: samples, shards, bytes, classes")
+    p.add_argument("location", help="shards/NAME or an http(s) base URL")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "synth":
+        from pipeline.synth import synth
+
+        root = synth(args.out, classes=args.classes, per_class=args.per_class, seed=args.seed, tgz=args.tgz)
+        print(f"wrote {root}" + (f" and {args.out / 'CUB_200_2011.tgz'}" if args.tgz else ""))
+    elif args.command == "download":
+        from pipeline import download
+
+        kwargs = {k: v for k, v in (("url", args.url), ("md5", args.md5)) if v}
+        print(f"wrote {download.download(args.out, **kwargs)}")
+    elif args.command == "build":
+        from pipeline.writer import BuildOptions, build
+
+        options = BuildOptions(args.valid_fraction, args.seed, args.resize_short, args.crop_bbox, args.quality,
+                               args.shard_samples)
+        manifest = build(args.source, args.out, options, workers=args.workers, num_jobs=args.num_jobs,
+                         job_index=args.job_index, skip_bad=args.skip_bad, overwrite=args.overwrite,
+                         progress=not args.quiet)
+        print(_summary(args.out, manifest) if manifest else
+              f"job {args.job_index} of {args.num_jobs} done; run `python -m pipeline merge {args.out}` after all")
+    elif args.command == "merge":
+        from pipeline.writer import merge
+
+        print(_summary(args.out, merge(args.out)))
+    elif args.command == "verify":
+        from pipeline.verify import verify
+
+        problems = verify(args.location, progress=not args.quiet)
+        for line in problems:
+            print(f"BAD {line}", file=sys.stderr)
+        if problems:
+            raise UserError(f"{len(problems)} bad shard(s) in {args.location}")
+        print(f"OK {args.location}: every shard's size, sha256 and samples check out")
+    elif args.command == "inspect":
+        from pipeline.verify import inspect
+
+        print(inspect(args.location))
+    return 0
+
+
+def _summary(out: Path, manifest: dict) -> str:
+    counts = ", ".join(f"{s} {manifest['splits'][s]['num_samples']}" for s in ("train", "valid", "test"))
+    skipped = f", {len(manifest['skipped'])} skipped" if manifest["skipped"] else ""
+    return f"wrote {out}/manifest.json: {counts}{skipped}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

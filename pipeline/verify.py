@@ -1,0 +1,98 @@
+"""`verify` (every shard's size, sha256, members and JPEGs) and `inspect` (a per-split summary)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+from typing import Any
+
+from PIL import Image
+from tqdm import tqdm
+
+from pipeline import manifest as mf
+from pipeline.errors import UserError
+
+
+def verify(location: str, progress: bool = True) -> list[str]:
+    """Return one problem line per bad shard (empty list: the set is good)."""
+    manifest = mf.load_manifest(location)
+    shards = [(split, shard) for split in mf.SPLITS for shard in manifest["splits"][split]["shards"]]
+    problems = []
+    for split, shard in tqdm(shards, unit="shard", desc="verify", disable=not progress):
+        problem = _check_shard(location, shard, len(manifest["classes"]))
+        if problem:
+            problems.append(f"{mf.join(location, shard['name'])} ({split}): {problem}")
+    return problems
+
+
+def _check_shard(location: str, shard: dict[str, Any], num_classes: int) -> str:
+    try:
+        data = mf.read_bytes(location, shard["name"])
+    except UserError as e:
+        return f"unreadable: {e}"
+    if len(data) != shard["bytes"]:
+        return f"{len(data)} bytes, manifest says {shard['bytes']}"
+    if hashlib.sha256(data).hexdigest() != shard["sha256"]:
+        return "sha256 mismatch"
+    try:
+        samples = _samples(data)
+    except (tarfile.TarError, ValueError) as e:
+        return f"not a readable tar ({e})"
+    if len(samples) != shard["num_samples"]:
+        return f"{len(samples)} samples, manifest says {shard['num_samples']}"
+    for key, members in samples.items():
+        problem = _check_sample(members, num_classes)
+        if problem:
+            return f"sample {key}: {problem}"
+    return ""
+
+
+def _samples(data: bytes) -> dict[str, dict[str, bytes]]:
+    samples: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for member in tar:
+            if not member.isfile():
+                raise ValueError(f"member {member.name} is not a regular file")
+            key, _, ext = member.name.partition(".")
+            samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    return samples
+
+
+def _check_sample(members: dict[str, bytes], num_classes: int) -> str:
+    forbidden = [ext for ext in members if f".{ext}" in mf.FORBIDDEN_EXTENSIONS]
+    if forbidden:
+        return f"pickle member .{forbidden[0]} refused"
+    if "jpg" not in members or "cls" not in members:
+        return f"needs jpg and cls, has {sorted(members)}"
+    try:
+        label = int(members["cls"])
+    except ValueError:
+        return f"cls {members['cls'][:20]!r} is not an integer"
+    if not 0 <= label < num_classes:
+        return f"cls {label} out of range 0..{num_classes - 1}"
+    try:
+        with Image.open(io.BytesIO(members["jpg"])) as image:
+            image.load()
+    except Exception as e:  # PIL raises many types for corrupt data
+        return f"jpg does not decode ({type(e).__name__}: {e})"
+    return ""
+
+
+def inspect(location: str) -> str:
+    """A readable per-split table: samples, shards, bytes, classes present and class balance."""
+    manifest = mf.load_manifest(location)
+    classes = manifest["classes"]
+    lines = [f"{location}: {len(classes)} classes, options {manifest.get('options', {})}",
+             f"{'split':<6} {'samples':>8} {'shards':>7} {'MB':>9} {'classes':>8} {'min/class':>10} {'max/class':>10}"]
+    for split in mf.SPLITS:
+        info = manifest["splits"][split]
+        counts = info.get("class_counts") or []
+        present = [c for c in counts if c]
+        size_mb = sum(s["bytes"] for s in info["shards"]) / 1e6
+        lines.append(f"{split:<6} {info['num_samples']:>8} {len(info['shards']):>7} {size_mb:>9.1f} "
+                     f"{len(present):>8} {min(present, default=0):>10} {max(present, default=0):>10}")
+    skipped = manifest.get("skipped", [])
+    if skipped:
+        lines.append(f"skipped: {len(skipped)} image(s), e.g. {skipped[0]['path']} ({skipped[0]['reason']})")
+    return "\n".join(lines)

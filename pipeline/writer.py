@@ -1,0 +1,344 @@
+"""Plan shards, encode samples in parallel, write byte-identical tars atomically, per job; merge parts."""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing
+import os
+import tarfile
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import PIL
+from tqdm import tqdm
+
+from pipeline import manifest as mf
+from pipeline.cub import Cub, Record, fingerprint, missing_images, open_source, read_cub
+from pipeline.encode import BadImage, EncodeOptions, encode_image
+from pipeline.errors import UserError
+from pipeline.splits import assign_splits
+
+STATE_DIR = ".build"  # build state: options + plan, one record per finished shard, one marker per job
+DEFAULT_SHARD_SAMPLES = 160  # CUB's train split (~5,400 images) gets at least 32 shards
+MAX_LISTED_BAD = 20
+TAR_MTIME = 0
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """Every option that changes shard bytes; recorded in the manifest and compared on re-runs."""
+
+    valid_fraction: float = 0.1
+    seed: int = 0
+    resize_short: int = 256
+    crop_bbox: bool = False
+    quality: int = 95
+    shard_samples: int = DEFAULT_SHARD_SAMPLES
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.valid_fraction < 1:
+            raise UserError(f"--valid-fraction must be in [0, 1), got {self.valid_fraction}")
+        if self.resize_short < 0:
+            raise UserError(f"--resize-short must be >= 0, got {self.resize_short}")
+        if not 1 <= self.quality <= 100:
+            raise UserError(f"--quality must be in 1..100, got {self.quality}")
+        if self.shard_samples < 1:
+            raise UserError(f"--shard-samples must be >= 1, got {self.shard_samples}")
+
+    @property
+    def encode(self) -> EncodeOptions:
+        return EncodeOptions(self.resize_short, self.crop_bbox, self.quality)
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    split: str
+    name: str
+    records: tuple[Record, ...]
+
+
+@dataclass(frozen=True)
+class SampleTask:
+    record: Record
+    image_path: str
+    class_name: str
+    split: str
+    options: EncodeOptions
+
+
+def plan_shards(splits: dict[str, list[Record]], shard_samples: int) -> list[ShardPlan]:
+    plan = []
+    for split in mf.SPLITS:
+        records = splits[split]
+        for index, start in enumerate(range(0, len(records), shard_samples)):
+            plan.append(ShardPlan(split, f"{split}-{index:06d}.tar", tuple(records[start:start + shard_samples])))
+    return plan
+
+
+def job_shards(plan: list[ShardPlan], num_jobs: int, job_index: int) -> list[ShardPlan]:
+    """Round-robin over the whole plan, so every job gets a similar amount of work."""
+    return plan[job_index::num_jobs]
+
+
+def build(source: Path, out: Path, options: BuildOptions, *, workers: int = 0, num_jobs: int = 1,
+          job_index: int = 0, skip_bad: bool = False, overwrite: bool = False,
+          progress: bool = True) -> dict[str, Any] | None:
+    """Write this job's shards; with one job also merge and return the manifest."""
+    if num_jobs < 1 or not 0 <= job_index < num_jobs:
+        raise UserError(f"--job-index must be in 0..{num_jobs - 1} (--num-jobs {num_jobs}), got {job_index}")
+    workers = workers or os.cpu_count() or 1
+    with open_source(source) as root:
+        cub = read_cub(root)
+        missing = missing_images(cub)
+        if missing and not skip_bad:
+            raise UserError(_bad_files_line([(r, "missing") for r in missing], cub))
+        plan = plan_shards(assign_splits(cub.records, options.valid_fraction, options.seed), options.shard_samples)
+        state = _state(cub, options, plan)
+        _prepare_out(out, state, overwrite)
+        todo = [s for s in job_shards(plan, num_jobs, job_index) if not _complete(out, s.name)]
+        bad = _write_shards(out, cub, todo, options, workers, skip_bad, progress)
+    if bad and not skip_bad:
+        raise UserError(_bad_files_line(bad, cub) + " (no manifest written; --skip-bad leaves them out)")
+    mf.write_json_atomic(out / STATE_DIR / f"job-{job_index:03d}-of-{num_jobs:03d}.json",
+                         {"shards": [s.name for s in job_shards(plan, num_jobs, job_index)]})
+    return merge(out) if num_jobs == 1 else None
+
+
+def _bad_files_line(bad: list[tuple[Record, str]], cub: Cub) -> str:
+    listed = "; ".join(f"images/{r.path} ({reason})" for r, reason in bad[:MAX_LISTED_BAD])
+    more = f"; and {len(bad) - MAX_LISTED_BAD} more" if len(bad) > MAX_LISTED_BAD else ""
+    return f"{len(bad)} bad image(s) in {cub.root}: {listed}{more}"
+
+
+def _state(cub: Cub, options: BuildOptions, plan: list[ShardPlan]) -> dict[str, Any]:
+    return {
+        "options": asdict(options),
+        "source": {"fingerprint": fingerprint(cub), "num_images": len(cub.records), "num_classes": len(cub.classes)},
+        "classes": cub.classes,
+        "plan": {split: [s.name for s in plan if s.split == split] for split in mf.SPLITS},
+    }
+
+
+def _prepare_out(out: Path, state: dict[str, Any], overwrite: bool) -> None:
+    """Refuse an --out holding another shard set (other options or source) unless told to overwrite it."""
+    previous = _previous_state(out)
+    if previous is not None and (previous["options"], previous["source"]["fingerprint"]) != (
+            state["options"], state["source"]["fingerprint"]):
+        if not overwrite:
+            raise UserError(f"{out} holds a shard set built with {_difference(previous, state)}; "
+                            "pass --overwrite to replace it or choose another --out")
+        _remove_shard_set(out)
+    (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
+    mf.write_json_atomic(out / STATE_DIR / "build.json", state)
+
+
+def _previous_state(out: Path) -> dict[str, Any] | None:
+    for path in (out / STATE_DIR / "build.json", out / mf.MANIFEST):
+        if path.is_file():
+            try:
+                return json.loads(path.read_text())
+            except ValueError:
+                raise UserError(f"{path}: unreadable ({path.stat().st_size} bytes); remove it or use --overwrite") from None
+    return None
+
+
+def _difference(previous: dict[str, Any], state: dict[str, Any]) -> str:
+    changed = [f"{k}={previous['options'].get(k)!r} (now {v!r})"
+               for k, v in state["options"].items() if previous["options"].get(k) != v]
+    if previous["source"]["fingerprint"] != state["source"]["fingerprint"]:
+        changed.append("another source")
+    return ", ".join(changed) or "other settings"
+
+
+def _remove_shard_set(out: Path) -> None:
+    """Delete only what a build writes (manifest first, so the set stops looking complete)."""
+    (out / mf.MANIFEST).unlink(missing_ok=True)
+    for path in sorted(out.glob("*.tar")) + sorted((out / STATE_DIR).glob("*.json")):
+        path.unlink()
+
+
+def _complete(out: Path, name: str) -> bool:
+    """A shard from an earlier (killed) run is kept only if its record and sha256 match the file."""
+    record = _read_shard_record(out, name)
+    path = out / name
+    return (record is not None and path.is_file() and path.stat().st_size == record["bytes"]
+            and mf.sha256_file(path) == record["sha256"])
+
+
+def _read_shard_record(out: Path, name: str) -> dict[str, Any] | None:
+    path = out / STATE_DIR / f"{name}.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        return None
+
+
+def _write_shards(out: Path, cub: Cub, shards: list[ShardPlan], options: BuildOptions, workers: int,
+                  skip_bad: bool, progress: bool) -> list[tuple[Record, str]]:
+    """Encode in `workers` processes (in order), write each tar here; return the bad images."""
+    tasks = [SampleTask(r, str(cub.image_path(r)), cub.classes[r.label], s.split, options.encode)
+             for s in shards for r in s.records]
+    bad: list[tuple[Record, str]] = []
+    with tqdm(total=len(tasks), unit="img", desc=f"build {out.name}", disable=not progress) as bar, \
+            _encoded(tasks, workers) as results:
+        for shard in shards:
+            samples = [next(results) for _ in shard.records]
+            bar.update(len(samples))
+            shard_bad = [(s.task.record, s.error) for s in samples if s.error]
+            bad.extend(shard_bad)
+            if shard_bad and not skip_bad:
+                continue  # keep going to list every bad file; this shard is never written
+            _write_tar(out, shard, [s for s in samples if not s.error], shard_bad, len(cub.classes))
+    return bad
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    task: SampleTask
+    members: tuple[tuple[str, bytes], ...] = ()
+    error: str = ""
+
+
+def encode_sample(task: SampleTask) -> SampleResult:
+    """Runs in a worker process: read the file, encode it, build the tar members of one sample."""
+    try:
+        data = Path(task.image_path).read_bytes()
+    except FileNotFoundError:
+        return SampleResult(task, error="missing")
+    except OSError as e:
+        return SampleResult(task, error=f"unreadable: {e.strerror}")
+    try:
+        encoded = encode_image(data, task.record.bbox, task.options)
+    except BadImage as e:
+        return SampleResult(task, error=str(e))
+    record = task.record
+    meta = {
+        "image_id": record.image_id,
+        "class_index": record.label,
+        "class_name": task.class_name,
+        "split": task.split,
+        "path": f"images/{record.path}",
+        "original_size": list(encoded.original_size),
+        "size": list(encoded.size),
+        "bbox": [round(v, 2) for v in encoded.bbox],
+    }
+    members = (
+        (f"{record.key}.cls", str(record.label).encode()),
+        (f"{record.key}.jpg", encoded.jpeg),
+        (f"{record.key}.json", json.dumps(meta, sort_keys=True).encode()),
+    )
+    return SampleResult(task, members)
+
+
+class _encoded:
+    """Context manager yielding encode results in task order, from a process pool or in-process."""
+
+    def __init__(self, tasks: list[SampleTask], workers: int) -> None:
+        self.tasks, self.workers, self.pool = tasks, workers, None
+
+    def __enter__(self) -> Iterator[SampleResult]:
+        if self.workers <= 1 or len(self.tasks) < 2:
+            return map(encode_sample, self.tasks)
+        # spawn: safe even when the caller has threads (torch, tests); start-up cost is ~0.3 s.
+        self.pool = multiprocessing.get_context("spawn").Pool(self.workers)
+        return self.pool.imap(encode_sample, self.tasks, chunksize=4)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+
+
+def _write_tar(out: Path, shard: ShardPlan, samples: Iterable[SampleResult], skipped: list[tuple[Record, str]],
+               num_classes: int) -> None:
+    """Temp file -> shard record -> rename: a tar under its final name is always complete."""
+    tmp = out / f".{shard.name}.tmp-{os.getpid()}"
+    class_counts = [0] * num_classes
+    count = 0
+    with open(tmp, "wb") as f:
+        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for sample in samples:
+                for name, data in sample.members:
+                    tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+                class_counts[sample.task.record.label] += 1
+                count += 1
+        f.flush()
+        os.fsync(f.fileno())
+    record = {
+        "name": shard.name,
+        "num_samples": count,
+        "bytes": tmp.stat().st_size,
+        "sha256": mf.sha256_file(tmp),
+        "class_counts": class_counts,
+        "skipped": [{"image_id": r.image_id, "path": f"images/{r.path}", "reason": reason} for r, reason in skipped],
+    }
+    mf.write_json_atomic(out / STATE_DIR / f"{shard.name}.json", record)
+    os.replace(tmp, out / shard.name)
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, TAR_MTIME, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def merge(out: Path) -> dict[str, Any]:
+    """Check every job's part and every shard's sha256, then write manifest.json (last)."""
+    state_path = out / STATE_DIR / "build.json"
+    if not state_path.is_file():
+        raise UserError(f"{out}: no build state ({state_path} missing); run `pipeline build` first")
+    state = json.loads(state_path.read_text())
+    _check_jobs(out)
+    splits: dict[str, Any] = {}
+    skipped: list[dict[str, Any]] = []
+    for split, names in state["plan"].items():
+        shards = [_checked_shard(out, name) for name in names]
+        skipped += [s for shard in shards for s in shard["skipped"]]
+        splits[split] = {
+            "num_samples": sum(s["num_samples"] for s in shards),
+            "class_counts": [sum(s["class_counts"][c] for s in shards) for c in range(len(state["classes"]))],
+            "shards": [{k: s[k] for k in ("name", "num_samples", "bytes", "sha256")} for s in shards],
+        }
+    manifest = {
+        "format": mf.FORMAT,
+        "version": mf.VERSION,
+        "classes": state["classes"],
+        "options": state["options"],
+        "source": state["source"],
+        "tool": {"cubstream": "0.1.0", "pillow": PIL.__version__},
+        "splits": splits,
+        "skipped": sorted(skipped, key=lambda s: s["image_id"]),
+    }
+    mf.validate(manifest, str(out / mf.MANIFEST))
+    mf.write_json_atomic(out / mf.MANIFEST, manifest)
+    return manifest
+
+
+def _check_jobs(out: Path) -> None:
+    markers = sorted((out / STATE_DIR).glob("job-*-of-*.json"))
+    if not markers:
+        raise UserError(f"{out}: no finished build job found in {out / STATE_DIR}")
+    totals = {int(m.stem.split("-of-")[1]) for m in markers}
+    if len(totals) != 1:
+        raise UserError(f"{out}: parts from builds with different --num-jobs ({sorted(totals)}); rebuild one way")
+    (total,) = totals
+    done = {int(m.stem.split("-")[1]) for m in markers}
+    missing = sorted(set(range(total)) - done)
+    if missing:
+        raise UserError(f"{out}: job(s) {', '.join(map(str, missing))} of {total} have not finished (no part file)")
+
+
+def _checked_shard(out: Path, name: str) -> dict[str, Any]:
+    record = _read_shard_record(out, name)
+    if record is None or not (out / name).is_file():
+        raise UserError(f"{out / name}: shard missing; re-run its build job")
+    if not _complete(out, name):
+        raise UserError(f"{out / name}: size or sha256 does not match its build record; re-run its build job")
+    return record

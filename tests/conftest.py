@@ -1,0 +1,88 @@
+"""Shared fixtures: a small synth CUB (directory and .tgz), built shard sets, CLI runner, loopback server."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pipeline.synth import synth
+from pipeline.writer import BuildOptions, build
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+SMALL = {"classes": 6, "per_class": 10, "seed": 0}
+SMALL_OPTIONS = BuildOptions(resize_short=96, shard_samples=7)
+
+
+def run_cli(*args: str, timeout: float = 300, env: dict[str, str] | None = None,
+            cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m ...` as a user would; output captured as text."""
+    full_env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout,
+                          env=full_env, cwd=cwd or ROOT)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    """A user error: non-zero exit, no traceback, one `error:` line naming the problem."""
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="session")
+def cub_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synth CUB: returns the directory holding CUB_200_2011/ and CUB_200_2011.tgz."""
+    out = tmp_path_factory.mktemp("synth")
+    synth(out, tgz=True, progress=False, **SMALL)
+    return out
+
+
+@pytest.fixture
+def cub_copy(cub_source: Path, tmp_path: Path) -> Path:
+    """A private, writable copy of the synth CUB_200_2011 directory (for tests that damage it)."""
+    return Path(shutil.copytree(cub_source / "CUB_200_2011", tmp_path / "CUB_200_2011"))
+
+
+@pytest.fixture(scope="session")
+def shard_set(cub_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A complete shard set built from the small synth source (read-only for tests)."""
+    out = tmp_path_factory.mktemp("shards") / "small"
+    build(cub_source / "CUB_200_2011", out, SMALL_OPTIONS, workers=1, progress=False)
+    return out
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        """Keep test output clean."""
+
+
+@pytest.fixture
+def http_root() -> Iterator[callable]:
+    """Start a loopback HTTP server over a directory; returns a function dir -> base URL. Stopped after the test."""
+    servers = []
+
+    def serve(directory: Path) -> str:
+        handler = functools.partial(_QuietHandler, directory=str(directory))
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield serve
+    for server in servers:
+        server.shutdown()
+        server.server_close()
