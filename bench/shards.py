@@ -1,0 +1,68 @@
+"""Shard-build throughput against the per-core ceiling measured in the same run.
+
+    python bench/shards.py [--classes 25 --per-class 40] [--work DIR]
+
+The ceiling is `encode_image` on the same images in a plain loop, bytes already in memory (no file I/O,
+no tar, no hashing, no processes). Goals (issue 2): per worker >= 0.8x the ceiling; 2 workers >= 1.7x one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from pipeline.cub import read_cub
+from pipeline.encode import EncodeOptions, encode_image
+from pipeline.synth import synth
+from pipeline.writer import BuildOptions, build
+
+
+def ceiling(cub, resize_short: int) -> float:
+    """Images/s of decode + fix + resize + encode on one core, no I/O."""
+    images = [(cub.image_path(r).read_bytes(), r.bbox) for r in cub.records]
+    options = EncodeOptions(resize_short=resize_short)
+    start = time.perf_counter()
+    for data, bbox in images:
+        encode_image(data, bbox, options)
+    return len(images) / (time.perf_counter() - start)
+
+
+def build_rate(source: Path, out: Path, resize_short: int, workers: int, num_images: int) -> float:
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    build(source, out, BuildOptions(resize_short=resize_short, shard_samples=32), workers=workers, progress=False)
+    return num_images / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--classes", type=int, default=25)
+    parser.add_argument("--per-class", type=int, default=40)
+    parser.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temp dir)")
+    args = parser.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="cubstream-bench-"))
+    source = work / "CUB_200_2011"
+    if not (source / "images.txt").is_file():
+        synth(work, classes=args.classes, per_class=args.per_class, seed=0, progress=False)
+    cub = read_cub(source)
+    n = len(cub.records)
+    print(f"{n} synth images, {work}")
+    print("| resize-short | per-core ceiling img/s | workers | build img/s | per worker / ceiling | vs 1 worker |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for resize_short in (0, 256):
+        best = ceiling(cub, resize_short)
+        one = None
+        for workers in (1, 2):
+            rate = build_rate(source, work / f"out-{resize_short}-{workers}", resize_short, workers, n)
+            one = one or rate
+            print(f"| {resize_short} | {best:.0f} | {workers} | {rate:.0f} | {rate / workers / best:.2f}x "
+                  f"| {rate / one:.2f}x |")
+    if args.work is None:
+        shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""Deterministic .tgz packing, safe extraction and locating the CUB root inside a directory.
+
+`safe_extract` checks every member before writing anything: an archive from the internet must not be able
+to write outside the destination, through `..`, absolute names, links (also chains of links) or devices.
+`tarfile`'s `filter="data"` is applied as well, as a second line of defence while extracting.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import stat
+import tarfile
+import zlib
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+
+from pipeline.errors import UserError
+
+CUB_DIRNAME = "CUB_200_2011"
+ROOT_MARKER = "images.txt"
+MAX_LINK_DEPTH = 40
+
+
+# ---------------------------------------------------------------- packing
+
+
+def pack_tgz(src_dir: Path, tgz_path: Path, arcname: str = CUB_DIRNAME) -> None:
+    """Pack `src_dir` as `arcname/...` into a byte-reproducible tar.gz (sorted, mtime 0, root-owned).
+
+    Written to a temporary name next to `tgz_path` and renamed, so `tgz_path` is always complete.
+    """
+    src_dir, tgz_path = Path(src_dir), Path(tgz_path)
+    if not src_dir.is_dir():
+        raise UserError(f"{src_dir}: not a directory, nothing to pack")
+    tgz_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tgz_path.with_name(f".{tgz_path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0,
+                                                   compresslevel=6) as gz, \
+                tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for path in _walk_sorted(src_dir):
+                relative = path.relative_to(src_dir).as_posix()
+                name = arcname if relative == "." else f"{arcname}/{relative}"
+                _add_normalized(tar, path, name)
+        os.replace(tmp, tgz_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _walk_sorted(root: Path) -> Iterator[Path]:
+    """`root`, then its entries depth-first in name order (symlinked directories are not followed)."""
+    yield root
+    for child in sorted(root.iterdir(), key=lambda p: p.name):
+        if child.is_dir() and not child.is_symlink():
+            yield from _walk_sorted(child)
+        else:
+            yield child
+
+
+def _add_normalized(tar: tarfile.TarFile, path: Path, name: str) -> None:
+    info = tar.gettarinfo(str(path), arcname=name)
+    if not (info.isfile() or info.isdir() or info.issym()):
+        raise UserError(f"{path}: cannot pack this kind of file (only files, directories and symlinks)")
+    info.mtime = 0
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    executable = info.isdir() or bool(info.mode & stat.S_IXUSR)
+    info.mode = 0o755 if executable else 0o644
+    if info.isfile():
+        with open(path, "rb") as f:
+            tar.addfile(info, f)
+    else:
+        tar.addfile(info)
+
+
+# ---------------------------------------------------------------- extraction
+
+
+def safe_extract(tgz_path: Path, dest: Path) -> None:
+    """Extract a .tgz/.tar into `dest` after checking ALL members; refuse the archive if one is unsafe.
+
+    Refused (UserError naming the member): absolute names, `..` components, links whose target lands
+    outside `dest` (resolving links inside the archive too), devices and fifos. A corrupt or truncated
+    archive is a UserError naming the file.
+    """
+    tgz_path, dest = Path(tgz_path), Path(dest)
+    if not tgz_path.is_file():
+        raise UserError(f"{tgz_path}: no such archive")
+    try:
+        with tarfile.open(tgz_path, mode="r:*") as tar:
+            members = tar.getmembers()
+            _check_members(members)
+            dest.mkdir(parents=True, exist_ok=True)
+            tar.extractall(dest, members=members, filter="data")
+    except UserError:
+        raise
+    except tarfile.FilterError as e:
+        raise UserError(f"{tgz_path}: unsafe member refused while extracting: {_one_line(e)}") from None
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise UserError(f"{tgz_path}: corrupt, truncated or not a tar archive ({_one_line(e)})") from None
+    except OSError as e:
+        raise UserError(f"{tgz_path}: extracting into {dest} failed ({e})") from None
+
+
+def _one_line(error: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_members(members: list[tarfile.TarInfo]) -> None:
+    symlinks = {_normalized(m.name): m.linkname for m in members if m.issym()}
+    for member in members:
+        _check_member(member, symlinks)
+
+
+def _check_member(member: tarfile.TarInfo, symlinks: dict[str, str]) -> None:
+    name = member.name
+    if member.isdev():  # character or block device, or fifo
+        raise UserError(f"unsafe archive member {name!r}: device or fifo")
+    _check_relative(name, name, "path")
+    parent = list(PurePosixPath(_normalized(name)).parts[:-1])
+    if _resolve(parent, symlinks) is None:
+        raise UserError(f"unsafe archive member {name!r}: its directory is a link leading outside")
+    if member.issym():
+        if PurePosixPath(member.linkname).is_absolute() or _resolve(parent + _parts(member.linkname),
+                                                                    symlinks) is None:
+            raise UserError(f"unsafe archive member {name!r}: symlink to {member.linkname!r} leads outside")
+    elif member.islnk():
+        _check_relative(member.linkname, name, "hardlink target")
+        if _resolve(_parts(member.linkname), symlinks) is None:
+            raise UserError(f"unsafe archive member {name!r}: hardlink to {member.linkname!r} leads outside")
+
+
+def _check_relative(path: str, member_name: str, what: str) -> None:
+    posix = PurePosixPath(path)
+    if posix.is_absolute() or path.startswith("\\") or (len(path) > 1 and path[1] == ":"):
+        raise UserError(f"unsafe archive member {member_name!r}: absolute {what} {path!r}")
+    if ".." in posix.parts:
+        raise UserError(f"unsafe archive member {member_name!r}: '..' in {what} {path!r}")
+
+
+def _normalized(name: str) -> str:
+    return "/".join(_parts(name))
+
+
+def _parts(path: str) -> list[str]:
+    return [p for p in PurePosixPath(path).parts if p not in ("", ".", "/")] if path else []
+
+
+def _resolve(parts: list[str], symlinks: dict[str, str], depth: int = 0) -> list[str] | None:
+    """Resolve an archive-relative path through the archive's own symlinks; None if it escapes the root.
+
+    Lexical checks alone miss chains such as `a -> .` plus `b -> a/..`: resolved, `b` is the parent of dest.
+    """
+    if depth > MAX_LINK_DEPTH:
+        return None
+    stack: list[str] = []
+    for part in parts:
+        if part == "..":
+            if not stack:
+                return None
+            stack.pop()
+            continue
+        stack.append(part)
+        target = symlinks.get("/".join(stack))
+        if target is None:
+            continue
+        if PurePosixPath(target).is_absolute():
+            return None
+        resolved = _resolve(stack[:-1] + _parts(target), symlinks, depth + 1)
+        if resolved is None:
+            return None
+        stack = resolved
+    return stack
+
+
+# ---------------------------------------------------------------- locating the dataset
+
+
+def find_cub_root(path: Path) -> Path:
+    """The directory holding `images.txt`: `path` itself or `path/CUB_200_2011`."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path}: no such directory")
+    for candidate in (path, path / CUB_DIRNAME):
+        if (candidate / ROOT_MARKER).is_file():
+            return candidate
+    raise UserError(f"not CUB's layout: no {ROOT_MARKER} in {path} or {path / CUB_DIRNAME}")

@@ -1,0 +1,1 @@
+"""Training: streams cubstream shards into a ResNet (model, data, optimizer, loops, reports)."""

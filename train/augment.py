@@ -1,0 +1,155 @@
+"""Albumentations presets and a deterministic, picklable augmentation callable.
+
+Workers decode and augment uint8 images and hand uint8 CHW arrays to the main process; normalization to
+float happens on the device (`normalize`), which keeps worker-to-main traffic at 1 byte per value
+(DESIGN 5).
+
+Determinism: `Augment(image, seed)` is a pure function of (image, seed). Albumentations 2.x gives every
+transform its own `random_generator` (numpy) and `py_random` (python) attributes; `Compose.set_random_seed`
+would seed each transform's generators with the *same* seed, so every transform would see the same first
+draws (flip and colour jitter, both p=0.5, would always happen together). Instead each call builds one
+fresh pair of generators from the seed and shares it across the whole pipeline with
+`Compose.set_random_state`, so the draws are sequential, independent of earlier calls, and identical in
+any process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+
+from pipeline.errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+TRAIN_PRESETS = ("standard", "notebook", "none")
+
+
+def eval_transform(image_size: int, crop_pct: float = 0.875) -> A.Compose:
+    """Resize the short side to round(image_size / crop_pct), then centre-crop image_size x image_size."""
+    _check_size(image_size)
+    if not 0.0 < crop_pct <= 1.0:
+        raise UserError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    resize_to = round(image_size / crop_pct)
+    return A.Compose(
+        [A.SmallestMaxSize(max_size=resize_to), A.CenterCrop(height=image_size, width=image_size)],
+        seed=0,
+    )
+
+
+def train_transform(preset: str, image_size: int, crop_scale: tuple[float, float] = (0.35, 1.0)) -> A.Compose:
+    """The training augmentation for `preset`: "standard", "notebook" or "none" (the eval transform)."""
+    _check_size(image_size)
+    if preset == "standard":
+        return _standard(image_size, crop_scale)
+    if preset == "notebook":
+        return _notebook(image_size)
+    if preset == "none":
+        return eval_transform(image_size)
+    raise UserError(f"unknown augmentation preset {preset!r}; valid presets: {', '.join(TRAIN_PRESETS)}")
+
+
+def _standard(size: int, crop_scale: tuple[float, float]) -> A.Compose:
+    low, high = crop_scale
+    if not 0.0 < low <= high <= 1.0:
+        raise UserError(f"crop_scale must satisfy 0 < min <= max <= 1, got {crop_scale}")
+    return A.Compose(
+        [
+            A.RandomResizedCrop(size=(size, size), scale=(low, high)),
+            A.HorizontalFlip(p=0.5),
+            A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02, p=0.5),
+        ],
+        seed=0,
+    )
+
+
+def _notebook(size: int) -> A.Compose:
+    """The classic CUB notebook: squash to size x size, small rotation, flip, padded random crop.
+
+    Borders (rotation corners and padding) are filled with black, as torchvision's RandomRotation and
+    RandomCrop(padding=...) do.
+    """
+    padded = size + 2 * (size // 8)
+    return A.Compose(
+        [
+            A.Resize(height=size, width=size),
+            A.Rotate(limit=5, border_mode=cv2.BORDER_CONSTANT, fill=0, p=1.0),
+            A.HorizontalFlip(p=0.5),
+            A.PadIfNeeded(min_height=padded, min_width=padded, border_mode=cv2.BORDER_CONSTANT, fill=0),
+            A.RandomCrop(height=size, width=size),
+        ],
+        seed=0,
+    )
+
+
+def _check_size(image_size: int) -> None:
+    if image_size < 1:
+        raise UserError(f"image_size must be a positive integer, got {image_size}")
+
+
+class Augment:
+    """Picklable callable: (HWC or HW uint8 image, seed) -> CHW uint8 contiguous array.
+
+    Not thread-safe (it re-seeds the shared transform on every call); DataLoader workers are processes,
+    each with its own copy.
+    """
+
+    def __init__(self, transform: A.Compose) -> None:
+        self.transform = transform
+
+    def __call__(self, image: np.ndarray, seed: int) -> np.ndarray:
+        image = _as_rgb_uint8(image)
+        self.transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
+        out = self.transform(image=image)["image"]
+        return np.ascontiguousarray(out.transpose(2, 0, 1))
+
+
+def _as_rgb_uint8(image: np.ndarray) -> np.ndarray:
+    """Grayscale (H, W) or (H, W, 1) -> (H, W, 3); RGBA -> RGB; anything but uint8 is refused."""
+    if image.dtype != np.uint8:
+        raise TypeError(f"expected a uint8 image, got {image.dtype}")
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
+        raise ValueError(f"expected an HW, HWC (C in 1, 3, 4) image, got shape {image.shape}")
+    if image.shape[2] == 1:
+        return np.ascontiguousarray(np.repeat(image, 3, axis=2))
+    if image.shape[2] == 4:
+        return np.ascontiguousarray(image[:, :, :3])
+    return image
+
+
+def sample_seed(seed: int, epoch: int, key: str) -> int:
+    """A 32-bit seed from (run seed, epoch, sample key), stable across processes and Python runs.
+
+    sha256 rather than hash(): str hashes are salted per process (PYTHONHASHSEED).
+    """
+    digest = hashlib.sha256(f"{seed}:{epoch}:{key}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def _stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    return mean, std
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 NCHW batch -> float32 (x / 255 - mean) / std, channels_last, computed on images.device."""
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected a uint8 N x 3 x H x W batch, got {images.dtype} {tuple(images.shape)}")
+    mean, std = _stats(images)
+    x = images.to(dtype=torch.float32, memory_format=torch.channels_last)
+    return x.div_(255.0).sub_(mean).div_(std)
+
+
+def denormalize(images: torch.Tensor) -> torch.Tensor:
+    """Inverse of `normalize`: float NCHW -> float32 in [0, 1] (for plotting)."""
+    mean, std = _stats(images)
+    return (images.float() * std + mean).clamp_(0.0, 1.0)

@@ -1,0 +1,174 @@
+"""Discriminative learning rates per ResNet stage and a one-cycle schedule, as in the classic CUB notebook.
+
+Parameters are grouped by ResNet stage (stem, layer1..layer4, fc), each stage with its own LR
+(base_lr * multiplier), and split again into decay / no-decay: norm-layer parameters and biases
+(every 1-D parameter) get no weight decay.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pipeline.errors import UserError
+
+GROUPS = ("stem", "layer1", "layer2", "layer3", "layer4", "fc")
+NOTEBOOK_MULTIPLIERS = {
+    "stem": 1 / 10,
+    "layer1": 1 / 8,
+    "layer2": 1 / 6,
+    "layer3": 1 / 4,
+    "layer4": 1 / 2,
+    "fc": 1.0,
+}
+SCHEMES = ("notebook", "geometric", "flat")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+NO_DECAY_SUFFIX = "/no_decay"
+
+# Top-level module name (torchvision ResNet naming) -> discriminative group.
+_TOP_LEVEL_GROUP = {
+    "conv1": "stem",
+    "bn1": "stem",
+    "layer1": "layer1",
+    "layer2": "layer2",
+    "layer3": "layer3",
+    "layer4": "layer4",
+    "fc": "fc",
+}
+
+_NORM_TYPES = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.modules.instancenorm._InstanceNorm,
+)
+
+
+def lr_multipliers(scheme: str = "notebook", decay: float = 0.5) -> dict[str, float]:
+    """LR multiplier per group: "notebook" (1/10 .. 1), "geometric" (fc 1, layer4 decay, .. stem decay^5), "flat"."""
+    if scheme == "notebook":
+        return dict(NOTEBOOK_MULTIPLIERS)
+    if scheme == "geometric":
+        if not 0.0 < decay <= 1.0:
+            raise UserError(f"geometric LR decay must be in (0, 1], got {decay}")
+        depth_from_head = range(len(GROUPS) - 1, -1, -1)  # stem 5 .. fc 0
+        return {group: decay**depth for group, depth in zip(GROUPS, depth_from_head, strict=True)}
+    if scheme == "flat":
+        return dict.fromkeys(GROUPS, 1.0)
+    raise UserError(f"unknown LR scheme {scheme!r}; valid schemes: {', '.join(SCHEMES)}")
+
+
+def group_of(param_name: str) -> str:
+    """Discriminative group of a torchvision-named ResNet parameter ("layer3.1.conv2.weight" -> "layer3")."""
+    top = param_name.split(".")[0]
+    if top not in _TOP_LEVEL_GROUP:
+        raise ValueError(
+            f"parameter {param_name!r} is not in a ResNet stage ({', '.join(_TOP_LEVEL_GROUP)}); "
+            "pass the unwrapped model (not DDP / torch.compile wrappers)"
+        )
+    return _TOP_LEVEL_GROUP[top]
+
+
+def _norm_param_names(model: nn.Module) -> set[str]:
+    names = set()
+    for module_name, module in model.named_modules():
+        if isinstance(module, _NORM_TYPES):
+            for param_name, _ in module.named_parameters(recurse=False):
+                names.add(f"{module_name}.{param_name}" if module_name else param_name)
+    return names
+
+
+def param_groups(
+    model: nn.Module, base_lr: float, weight_decay: float, multipliers: dict[str, float]
+) -> list[dict]:
+    """Optimizer param groups: one per (discriminative group, decay / no-decay), empty ones skipped.
+
+    Frozen parameters (requires_grad False) are left out; every trainable parameter is in exactly one group.
+    """
+    missing = [g for g in GROUPS if g not in multipliers]
+    if missing:
+        raise UserError(f"LR multipliers missing for groups: {', '.join(missing)}")
+    norm_names = _norm_param_names(model)
+    buckets: dict[str, list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        no_decay = param.ndim <= 1 or name in norm_names
+        key = group_of(name) + (NO_DECAY_SUFFIX if no_decay else "")
+        buckets.setdefault(key, []).append(param)
+    groups = []
+    for group in GROUPS:
+        lr = base_lr * multipliers[group]
+        for key, decay in ((group, weight_decay), (group + NO_DECAY_SUFFIX, 0.0)):
+            if buckets.get(key):
+                groups.append({"params": buckets[key], "lr": lr, "weight_decay": decay, "name": key})
+    return groups
+
+
+def build_optimizer(
+    name: str,
+    groups: list[dict],
+    lr: float,
+    momentum: float = 0.9,
+    betas: tuple[float, float] = (0.9, 0.999),
+) -> torch.optim.Optimizer:
+    """ "adam" (the notebook's; L2 weight decay), "adamw" (decoupled decay) or "sgd" (Nesterov momentum).
+
+    `lr` is only the default for groups that carry no "lr" of their own.
+    """
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=lr, betas=betas)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=betas)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True)
+    raise UserError(f"unknown optimizer {name!r}; valid optimizers: {', '.join(OPTIMIZERS)}")
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    pct_start: float = 0.3,
+    div_factor: float = 25.0,
+    final_div_factor: float = 1e4,
+) -> torch.optim.lr_scheduler.OneCycleLR:
+    """One-cycle schedule; each group peaks at its own LR (the "lr" it was built with).
+
+    The LR starts at max/div_factor, rises (cosine) to max over pct_start of the steps, then anneals to
+    max/(div_factor*final_div_factor). Momentum (SGD) / beta1 (Adam) cycles 0.95 -> 0.85 -> 0.95,
+    overriding the momentum / betas[0] given to `build_optimizer` (as fastai's fit_one_cycle does).
+
+    The trainer must call `scheduler.step()` exactly once per optimizer step (not per micro-batch when
+    accumulating gradients; skipped steps, e.g. fp16 overflow, still count) and must NOT pass the scheduler
+    to `accelerator.prepare`: a prepared scheduler steps num_processes times per optimizer step
+    (DESIGN 5), so OneCycleLR would overshoot or raise. Stepped by hand, the LR at every step is the same
+    for 1 or N processes and with or without gradient accumulation; `total_steps` is then the number of
+    optimizer steps of the whole run. Read LRs for logging before `scheduler.step()`: after the final
+    step OneCycleLR reports a meaningless LR, and one optimizer step beyond total_steps raises ValueError.
+    """
+    if total_steps < 1:
+        raise UserError(
+            f"the one-cycle schedule needs at least 1 optimizer step, got total_steps={total_steps}"
+        )
+    if not 0.0 < pct_start < 1.0:
+        raise UserError(f"pct_start must be in (0, 1), got {pct_start}")
+    # A scheduler built earlier on this optimizer already lowered "lr" to max/div_factor and kept the
+    # peak in "max_lr"; reading that first makes rebuilding (e.g. before loading a checkpoint) safe.
+    max_lrs = [group.get("max_lr", group["lr"]) for group in optimizer.param_groups]
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer,
+        max_lr=max_lrs,
+        total_steps=int(total_steps),
+        pct_start=pct_start,
+        div_factor=div_factor,
+        final_div_factor=final_div_factor,
+    )
+
+
+def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """Current LR per discriminative group name (decay and no-decay halves share one LR), for logging."""
+    lrs: dict[str, float] = {}
+    for index, group in enumerate(optimizer.param_groups):
+        name = group.get("name", f"group{index}").removesuffix(NO_DECAY_SUFFIX)
+        lrs.setdefault(name, float(group["lr"]))
+    return lrs
