@@ -86,3 +86,30 @@ def http_root() -> Iterator[callable]:
     for server in servers:
         server.shutdown()
         server.server_close()
+
+
+TRAIN_SYNTH = {"classes": 6, "per_class": 24, "seed": 1}
+# Tiny, fast, and still learnable: resnet18 from scratch at 40 px on the 6-class synth set.
+FIT_ARGS = ("--arch", "resnet18", "--pretrained", "none", "--image-size", "40", "--batch-size", "8",
+            "--workers", "0", "--lr", "0.003", "--lr-scheme", "flat", "--epochs", "5", "--wandb", "disabled",
+            "--log-every", "1", "--crop-scale", "0.6", "1.0")
+
+
+@pytest.fixture(scope="session")
+def train_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 6-class synth shard set with uneven shards (8 samples each, the last ones shorter)."""
+    root = tmp_path_factory.mktemp("train-synth")
+    synth(root, progress=False, **TRAIN_SYNTH)
+    out = root / "shards"
+    build(root / "CUB_200_2011", out, BuildOptions(resize_short=48, shard_samples=8), workers=1, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def fitted_run(train_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One complete `fit` (offline W&B), shared by the tests that read what a run leaves behind."""
+    run_dir = tmp_path_factory.mktemp("runs") / "fitted"
+    result = run_cli("train", "fit", "--shards", str(train_shards), *FIT_ARGS, "--wandb", "offline",
+                     "--run-dir", str(run_dir), env={"WANDB_SILENT": "true"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import SMALL, assert_one_line_error, run_cli
+
 from pipeline.cub import fingerprint, open_source, read_cub
 from pipeline.errors import UserError
 

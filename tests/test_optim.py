@@ -100,7 +100,7 @@ def test_lr_multiplier_schemes():
 
 
 def test_foreign_parameter_names_are_refused():
-    with pytest.raises(ValueError, match="not in a ResNet stage"):
+    with pytest.raises(ValueError, match="belongs to no ResNet group"):
         param_groups(nn.Sequential(nn.Linear(2, 2)), BASE_LR, WD, lr_multipliers())
 
 

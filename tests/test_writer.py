@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import webdataset as wds
+from conftest import ROOT, SMALL, SMALL_OPTIONS, assert_one_line_error, run_cli
 from PIL import Image
 
-from conftest import ROOT, SMALL, SMALL_OPTIONS, assert_one_line_error, run_cli
 from pipeline.cub import read_cub
 from pipeline.errors import UserError
 from pipeline.manifest import load_manifest, sha256_file
@@ -59,7 +59,7 @@ def test_samples_read_back_with_tarfile(shard_set: Path, cub_source: Path) -> No
                 assert (image.format, image.mode) == ("JPEG", "RGB")
                 assert list(image.size) == meta["size"] and min(meta["size"]) <= SMALL_OPTIONS.resize_short
                 x, y, w, h = meta["bbox"]
-                assert 0 <= x and 0 <= y and x + w <= meta["size"][0] + 0.01 and y + h <= meta["size"][1] + 0.01
+                assert x >= 0 and y >= 0 and x + w <= meta["size"][0] + 0.01 and y + h <= meta["size"][1] + 0.01
                 assert int(tar.extractfile(f"{key}.cls").read()) == meta["class_index"]
                 assert manifest["classes"][meta["class_index"]] == meta["class_name"]
                 assert key == f"{meta['image_id']:05d}"

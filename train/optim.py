@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from pipeline.errors import UserError
+from train.model import PARAM_GROUPS as GROUPS
+from train.model import param_group_of
 
-GROUPS = ("stem", "layer1", "layer2", "layer3", "layer4", "fc")
 NOTEBOOK_MULTIPLIERS = {
     "stem": 1 / 10,
     "layer1": 1 / 8,
@@ -24,17 +25,6 @@ NOTEBOOK_MULTIPLIERS = {
 SCHEMES = ("notebook", "geometric", "flat")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 NO_DECAY_SUFFIX = "/no_decay"
-
-# Top-level module name (torchvision ResNet naming) -> discriminative group.
-_TOP_LEVEL_GROUP = {
-    "conv1": "stem",
-    "bn1": "stem",
-    "layer1": "layer1",
-    "layer2": "layer2",
-    "layer3": "layer3",
-    "layer4": "layer4",
-    "fc": "fc",
-}
 
 _NORM_TYPES = (
     nn.modules.batchnorm._BatchNorm,
@@ -56,17 +46,6 @@ def lr_multipliers(scheme: str = "notebook", decay: float = 0.5) -> dict[str, fl
     if scheme == "flat":
         return dict.fromkeys(GROUPS, 1.0)
     raise UserError(f"unknown LR scheme {scheme!r}; valid schemes: {', '.join(SCHEMES)}")
-
-
-def group_of(param_name: str) -> str:
-    """Discriminative group of a torchvision-named ResNet parameter ("layer3.1.conv2.weight" -> "layer3")."""
-    top = param_name.split(".")[0]
-    if top not in _TOP_LEVEL_GROUP:
-        raise ValueError(
-            f"parameter {param_name!r} is not in a ResNet stage ({', '.join(_TOP_LEVEL_GROUP)}); "
-            "pass the unwrapped model (not DDP / torch.compile wrappers)"
-        )
-    return _TOP_LEVEL_GROUP[top]
 
 
 def _norm_param_names(model: nn.Module) -> set[str]:
@@ -94,7 +73,7 @@ def param_groups(
         if not param.requires_grad:
             continue
         no_decay = param.ndim <= 1 or name in norm_names
-        key = group_of(name) + (NO_DECAY_SUFFIX if no_decay else "")
+        key = param_group_of(name) + (NO_DECAY_SUFFIX if no_decay else "")
         buckets.setdefault(key, []).append(param)
     groups = []
     for group in GROUPS:
