@@ -13,7 +13,7 @@ import yaml
 from pipeline.errors import UserError
 
 ARCH_CHOICES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
-PRECISIONS = ("no", "fp16", "bf16")
+PRECISIONS = ("auto", "no", "fp16", "bf16")
 OPTIMIZER_CHOICES = ("adam", "adamw", "sgd")
 AUGMENT_CHOICES = ("standard", "notebook", "none")
 LR_SCHEMES = ("notebook", "geometric", "flat")
@@ -37,7 +37,7 @@ class Config:
     pretrained: str = "imagenet"  # imagenet | none | PATH
     # optimisation (the notebook's recipe by default)
     optimizer: str = "adam"
-    lr: float = 1e-3
+    lr: float | str = 1e-3  # "auto": `fit` runs lr-find first and records the LR it chose
     lr_scheme: str = "notebook"
     lr_decay: float = 0.5  # for lr_scheme geometric
     weight_decay: float = 0.0
@@ -50,7 +50,7 @@ class Config:
     clip_grad: float = 0.0  # 0: no clipping
     label_smoothing: float = 0.0
     # runtime
-    precision: str = "no"
+    precision: str = "auto"  # auto: what `accelerate launch` was configured with, else no
     channels_last: bool = True
     compile: bool = False
     seed: int = 0
@@ -74,9 +74,9 @@ HELP = {
     "config": "YAML file of options (keys = option names with _); the command line overrides it",
     "batch_size": "per process", "workers": "data loader processes per training process",
     "augment": "train augmentation preset", "pretrained": "imagenet | none | PATH to torchvision weights",
-    "lr": "peak LR of the fc group; other groups get lr_scheme's multipliers",
+    "lr": "peak LR of the fc group; other groups get lr_scheme's multipliers (auto: run lr-find first)",
     "lr_scheme": "discriminative LRs: notebook (stem /10 .. layer4 /2), geometric (lr_decay per group), flat",
-    "precision": "mixed precision", "resume": "auto: continue from the newest complete checkpoint",
+    "precision": "mixed precision (auto: from the accelerate launch config, else no)", "resume": "auto: continue from the newest complete checkpoint",
     "force": "resume even if the config or the shard set differ", "compile": "torch.compile the model",
     "checkpoint_every": "save every N optimizer steps (0: each epoch end only)",
     "wandb": "auto = online when an API key is configured, else offline",
@@ -93,8 +93,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=HELP.get(f.name))
         elif kind is list:
             parser.add_argument(flag, type=float, nargs=2, default=None, help=HELP.get(f.name))
+        elif f.name == "lr":
+            parser.add_argument(flag, type=parse_lr, default=None, help=HELP.get(f.name))
         else:
             parser.add_argument(flag, type=kind, default=None, help=HELP.get(f.name))
+
+
+def parse_lr(text: str) -> float | str:
+    """--lr: a number, or "auto"."""
+    return "auto" if text == "auto" else float(text)
 
 
 def load_yaml(path: Path) -> dict[str, Any]:
@@ -130,6 +137,8 @@ def _coerce(config: Config) -> Config:
     """YAML gives ints for floats (1 for 1.0) and strings for numbers (1e-3): check types once, here."""
     for f in fields(Config):
         value, default = getattr(config, f.name), f.default
+        if f.name == "lr" and value == "auto":
+            continue
         if isinstance(default, bool):
             if not isinstance(value, bool):
                 raise UserError(f"option {f.name}: expected true/false, got {value!r}")
@@ -157,7 +166,7 @@ def check(config: Config, require_shards: bool = True) -> list[str]:
     for name in ("eval_batch_size", "workers", "checkpoint_every", "weight_decay", "clip_grad"):
         if getattr(config, name) < 0:
             problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
-    if config.lr <= 0:
+    if config.lr != "auto" and not config.lr > 0:  # also refuses nan
         problems.append(f"--lr must be > 0, got {config.lr}")
     if config.resume not in ("", "auto"):
         problems.append(f"--resume: only 'auto' is supported, got {config.resume!r}")

@@ -289,12 +289,14 @@ class _TrainJob:
     def batches(self) -> Iterator[Batch]:
         if self.num_batches == 0:
             return iter(())
-        # A buffer larger than what this worker uses per epoch would only read (or download) extra samples;
-        # the cap depends on the whole epoch's quota, so a resumed worker uses the same buffer.
-        buffer = min(self.shuffle_buffer, self.skip_samples + self.num_batches * self.batch_size)
-        samples = _cycled(self.shards, self.seed, self.epoch, self.stream)
-        samples = _shuffled(samples, buffer, _rng("buffer", self.seed, self.epoch, self.stream))
-        samples = _skipped(samples, self.skip_samples, self.num_classes)
+        # Shuffle exactly the samples this worker uses in the whole epoch (the same for a resumed worker),
+        # so nothing is read (or downloaded) only to fill a buffer; the endless rest of the stream is read
+        # only to replace corrupt samples.
+        quota = self.skip_samples + self.num_batches * self.batch_size
+        buffer = min(self.shuffle_buffer, quota)
+        stream = _cycled(self.shards, self.seed, self.epoch, self.stream)
+        head = _shuffled(itertools.islice(stream, quota), buffer, _rng("buffer", self.seed, self.epoch, self.stream))
+        samples = _skipped(itertools.chain(head, stream), self.skip_samples, self.num_classes)
         max_bad_run = sum(s.num_samples for s in self.shards) + BAD_RUN_BUFFER_FACTOR * buffer
         items = _decoded(samples, self.transform, self.num_classes, self.seed, self.epoch, max_bad_run)
         return _batched(items, self.batch_size, limit=self.num_batches)
@@ -493,7 +495,8 @@ def _decode_rgb(data: bytes) -> np.ndarray:
     """simplejpeg (libjpeg-turbo, fast) for JPEGs; PIL for anything else or what simplejpeg refuses."""
     if simplejpeg.is_jpeg(data):
         try:
-            return simplejpeg.decode_jpeg(data, colorspace="RGB")
+            # fastdct / fastupsample: ~10% faster, differences far below augmentation noise
+            return simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=True, fastupsample=True)
         except ValueError as e:
             log.debug("simplejpeg failed (%s); trying PIL", e)
     with Image.open(io.BytesIO(data)) as image:

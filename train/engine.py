@@ -7,6 +7,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -20,8 +21,9 @@ from tqdm import tqdm
 
 from pipeline.errors import UserError
 from pipeline.manifest import load_manifest, write_json_atomic
-from train import augment, checkpoint, data, rundir
+from train import augment, checkpoint, data, lr_finder, rundir
 from train.config import Config, to_dict
+from train.config import save as save_config
 from train.metrics import Totals
 from train.model import build_model
 from train.optim import build_optimizer, build_scheduler, group_lrs, lr_multipliers, param_groups
@@ -44,7 +46,7 @@ def make_accelerator(config: Config, with_tracker: bool = True) -> Accelerator:
     tracker = with_tracker and wandb_mode(config.wandb) != "disabled"
     return Accelerator(
         cpu=not torch.cuda.is_available(),  # several CPU processes need this (DESIGN 5)
-        mixed_precision=config.precision,
+        mixed_precision=None if config.precision == "auto" else config.precision,  # None: launcher decides
         gradient_accumulation_steps=config.grad_accum,
         log_with="wandb" if tracker else None,
         project_dir=config.run_dir,
@@ -107,32 +109,43 @@ def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
     return flat
 
 
+def build_model_and_optimizer(accelerator: Accelerator, config: Config,
+                              manifest: dict[str, Any]) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The model and its discriminative param groups; with --lr auto (or for lr-find) the fc group's LR is 1
+    and the others their multiplier, to be scaled once the LR is known."""
+    with accelerator.main_process_first():
+        model = build_model(config.arch, len(manifest["classes"]), config.pretrained)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    base_lr = 1.0 if config.lr == "auto" else config.lr
+    groups = param_groups(model, base_lr, config.weight_decay, lr_multipliers(config.lr_scheme, config.lr_decay))
+    return model, build_optimizer(config.optimizer, groups, base_lr, momentum=config.momentum)
+
+
 def fit(config: Config) -> dict[str, Any]:
     """Train, keep the best-by-valid-loss model, evaluate it on test, write results.json."""
     accelerator = make_accelerator(config)
     manifest = load_manifest(config.shards)
     run_dir = Path(config.run_dir)
+    rundir.resolve_auto_lr(config)
     resume_from = rundir.resume_point(config, manifest)
     accelerator.wait_for_everyone()
     info = rundir.write_run_files(config, manifest) if accelerator.is_main_process else {}
     set_seed(config.seed)
 
-    with accelerator.main_process_first():
-        model = build_model(config.arch, len(manifest["classes"]), config.pretrained)
-    if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    groups = param_groups(model, config.lr, config.weight_decay, lr_multipliers(config.lr_scheme, config.lr_decay))
-    optimizer = build_optimizer(config.optimizer, groups, config.lr, momentum=config.momentum)
+    model, optimizer = build_model_and_optimizer(accelerator, config, manifest)
     world = accelerator.num_processes
     batches = data.train_batches_per_epoch(manifest["splits"]["train"]["num_samples"], config.batch_size, world)
     steps_per_epoch = batches // config.grad_accum
     if steps_per_epoch < 1:
         raise UserError(f"--grad-accum {config.grad_accum} exceeds the {batches} batches of an epoch")
-    scheduler = build_scheduler(optimizer, config.epochs * steps_per_epoch, config.pct_start, config.div_factor,
-                                config.final_div_factor)
     if config.compile:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if config.lr == "auto":
+        config.lr = choose_lr(accelerator, model, optimizer, manifest, config, run_dir)
+    scheduler = build_scheduler(optimizer.optimizer, config.epochs * steps_per_epoch, config.pct_start,
+                                config.div_factor, config.final_div_factor)  # the unwrapped optimizer
     accelerator.register_for_checkpointing(scheduler)  # stepped by us once per optimizer step, never prepared
 
     progress = Progress(world_size=world, workers=config.workers)
@@ -215,6 +228,7 @@ def train_epoch(accelerator: Accelerator, model: torch.nn.Module, optimizer: Any
     bad = torch.tensor(progress.partial_bad if accelerator.is_main_process else 0, device=accelerator.device)
     model.train()
     throughput = Throughput()
+    rank_batches = 0  # batches this rank ran; gathered at the end, so a user sees every rank took the same
     with tqdm(total=steps_per_epoch, initial=progress.step_in_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
               disable=not accelerator.is_main_process, dynamic_ncols=True) as bar:
         for batch in throughput.timed(itertools.islice(loader, remaining)):
@@ -222,6 +236,7 @@ def train_epoch(accelerator: Accelerator, model: torch.nn.Module, optimizer: Any
             totals.add(logits, labels, loss * labels.numel())
             bad += batch["bad"]
             throughput.images += labels.numel()
+            rank_batches += 1
             if not accelerator.sync_gradients:
                 continue
             lrs = group_lrs(optimizer)  # the LR this step used (read before stepping the schedule)
@@ -244,7 +259,9 @@ def train_epoch(accelerator: Accelerator, model: torch.nn.Module, optimizer: Any
     bad_total = int(accelerator.reduce(bad, "sum").item())
     if bad_total:
         accelerator.print(f"warning: {bad_total} corrupt sample(s) skipped in epoch {epoch + 1}")
-    return {**totals.as_dict(), "bad_samples": bad_total}
+    # Per process, in rank order: the batches it ran in this epoch (since the resume, after one).
+    per_rank = accelerator.gather(torch.tensor([rank_batches], device=accelerator.device)).tolist()
+    return {**totals.as_dict(), "bad_samples": bad_total, "rank_batches": per_rank}
 
 
 def _train_step(accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, batch: dict[str, Any],
@@ -263,14 +280,48 @@ def _train_step(accelerator: Accelerator, model: torch.nn.Module, optimizer: Any
     return logits.detach(), labels, loss.detach()
 
 
+MOST_INCORRECT = 16  # wrong predictions kept with their images, per process, for most_incorrect.png
+
+
+class _Collector:
+    """Per-sample records of one process (features as float16: bounded memory) and its most confident
+    wrong predictions with their uint8 images (at most MOST_INCORRECT)."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+        self.wrong: list[dict[str, Any]] = []
+
+    def add(self, batch: dict[str, Any], labels: torch.Tensor, logits: torch.Tensor, features: torch.Tensor) -> None:
+        conf, pred = logits.softmax(dim=1).max(dim=1)
+        labels, conf, pred = labels.tolist(), conf.tolist(), pred.tolist()
+        features = features.float().cpu().numpy().astype("float16")
+        for i, key in enumerate(batch["key"]):
+            record = {"key": key, "label": labels[i], "pred": pred[i], "conf": conf[i]}
+            self.records.append({**record, "features": features[i]})
+            if pred[i] != labels[i]:
+                self.wrong.append({**record, "image": batch["image"][i].numpy()})
+        self.wrong = _most_confident(self.wrong)
+
+    def gather(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Everything from every process (all of them receive it), records sorted by key."""
+        from accelerate.utils import gather_object
+
+        records = sorted(gather_object(self.records), key=lambda r: r["key"])
+        return records, _most_confident(gather_object(self.wrong))
+
+
+def _most_confident(wrong: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(wrong, key=lambda r: (-r["conf"], r["key"]))[:MOST_INCORRECT]
+
+
 @torch.no_grad()
 def evaluate(accelerator: Accelerator, model: torch.nn.Module, location: str, manifest: dict[str, Any],
              split: str, transform: augment.Augment, batch_size: int, workers: int,
              collect: bool = False) -> dict[str, Any]:
     """Loss / top-1 / top-5 over every sample of `split` exactly once across processes.
 
-    With `collect`, also returns per-sample records (key, label, prediction, confidence, logits, features)
-    gathered on every process, for reports.
+    With `collect`, also returns, gathered on every process, "records" (per sample: key, label, pred, conf,
+    features; sorted by key) and "wrong" (the most confident wrong predictions, with uint8 images).
     """
     net = accelerator.unwrap_model(model)
     was_training = net.training
@@ -278,7 +329,7 @@ def evaluate(accelerator: Accelerator, model: torch.nn.Module, location: str, ma
     loader = data.eval_loader(location, manifest, split, transform=transform, batch_size=batch_size,
                               workers=workers, rank=accelerator.process_index, world_size=accelerator.num_processes)
     totals = Totals(accelerator.device)
-    records: list[dict[str, Any]] = []
+    collector = _Collector()
     for batch in loader:
         images = augment.normalize(batch["image"].to(accelerator.device, non_blocking=True))
         labels = batch["label"].to(accelerator.device)
@@ -287,36 +338,99 @@ def evaluate(accelerator: Accelerator, model: torch.nn.Module, location: str, ma
             logits = net.fc(features).float()
         totals.add(logits, labels)
         if collect:
-            probs = logits.softmax(dim=1)
-            conf, pred = probs.max(dim=1)
-            for i, key in enumerate(batch["key"]):
-                records.append({"key": key, "label": int(labels[i]), "pred": int(pred[i]), "conf": float(conf[i]),
-                                "probs": probs[i].cpu(), "features": features[i].float().cpu()})
+            collector.add(batch, labels, logits, features)
     net.train(was_training)
     totals.sums = accelerator.reduce(totals.sums, "sum")
     result = totals.as_dict()
     expected = manifest["splits"][split]["num_samples"]
     result["bad_samples"] = expected - result["num_samples"]
     if collect:
-        from accelerate.utils import gather_object
-
-        result["records"] = sorted(gather_object(records), key=lambda r: r["key"])
+        result["records"], result["wrong"] = collector.gather()
     return result
 
 
 def final_results(accelerator: Accelerator, model: torch.nn.Module, manifest: dict[str, Any], config: Config,
                   progress: Progress, run_dir: Path) -> dict[str, Any]:
-    """Load the best model into every process, evaluate it on test, write results.json."""
+    """Load the best model into every process, evaluate it on test, write results.json, then the test
+    report (metrics.json, predictions.csv, PNGs) into run_dir/report/."""
     state, _ = checkpoint.load_best(run_dir)
     accelerator.unwrap_model(model).load_state_dict(state)
     test = evaluate(accelerator, model, config.shards, manifest, "test", eval_transform(config),
-                    config.eval_batch_size or config.batch_size, config.workers)
+                    config.eval_batch_size or config.batch_size, config.workers, collect=True)
     results = {"test": _public(test), "valid": _public(progress.best_valid), "best_epoch": progress.best_epoch}
     if accelerator.is_main_process:
         write_json_atomic(run_dir / "results.json", results)
     accelerator.print(f"test (best epoch {progress.best_epoch}): top1 {test['top1']:.4f} top5 {test['top5']:.4f} "
                       f"loss {test['loss']:.4f} on {test['num_samples']} images; results in {run_dir}/results.json")
+    write_evaluation_report(accelerator, test, manifest["classes"], run_dir / "report", "test", progress.global_step)
     return results
+
+
+def write_evaluation_report(accelerator: Accelerator, result: dict[str, Any], classes: list[str], out: Path,
+                            title: str, step: int) -> None:
+    """The report of an `evaluate(..., collect=True)` result, by the main process; its PNGs and predictions
+    table also go to W&B when the accelerator has that tracker."""
+    if not accelerator.is_main_process:
+        return
+    from train import report
+
+    report.write_report(out, result, result["records"], result["wrong"], classes, title)
+    if any(tracker.name == "wandb" for tracker in accelerator.trackers):
+        run = accelerator.get_tracker("wandb", unwrap=True)
+        run.log(report.wandb_payload(out, result["records"], classes, f"report/{title}"), step=step)
+    accelerator.print(f"{title} report: {out}/ (metrics.json, predictions.csv, {', '.join(report.PLOTS)})")
+
+
+def _train_stream(accelerator: Accelerator, manifest: dict[str, Any], config: Config) -> Iterator[dict[str, Any]]:
+    """fit's train batches (same augmentation, order, rank split), epoch after epoch, endlessly."""
+    transform = augment.Augment(augment.train_transform(config.augment, config.image_size, tuple(config.crop_scale)))
+    for epoch in itertools.count():
+        yield from data.train_loader(
+            config.shards, manifest, transform=transform, batch_size=config.batch_size, workers=config.workers,
+            seed=config.seed, epoch=epoch, rank=accelerator.process_index, world_size=accelerator.num_processes,
+            shuffle_buffer=config.shuffle_buffer)
+
+
+def lr_find(accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, manifest: dict[str, Any],
+            config: Config, start_lr: float = lr_finder.START_LR, end_lr: float = lr_finder.END_LR,
+            steps: int = lr_finder.STEPS) -> lr_finder.RangeTest:
+    """The LR range test with fit's data stream, train step (precision, accumulation, clipping) and param
+    groups; model, optimizer, gradient scaler and accumulation counter are restored afterwards."""
+    stream = _train_stream(accelerator, manifest, config)
+
+    def step() -> float:
+        total = torch.zeros((), device=accelerator.device)
+        for _ in range(config.grad_accum):
+            total += _train_step(accelerator, model, optimizer, next(stream), config)[2]
+        return accelerator.reduce(total / config.grad_accum, "mean").item()  # the same on every process
+
+    saved_step = accelerator.step
+    scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+    model.train()
+    try:
+        return lr_finder.range_test(step, accelerator.unwrap_model(model), optimizer, start_lr=start_lr,
+                                    end_lr=end_lr, steps=steps)
+    finally:
+        stream.close()
+        accelerator.step = saved_step
+        if scaler is not None:
+            accelerator.scaler.load_state_dict(scaler)
+
+
+def choose_lr(accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, manifest: dict[str, Any],
+              config: Config, run_dir: Path) -> float:
+    """`--lr auto`: run the range test, scale every group to its suggestion, record it (run_dir/lr_find/,
+    config.yaml)."""
+    result = lr_find(accelerator, model, optimizer, manifest, config)
+    lr_finder.set_lr(optimizer, result.suggested_lr, lr_finder.relative_lrs(optimizer))
+    config.lr = result.suggested_lr
+    if accelerator.is_main_process:
+        from train import report
+
+        report.write_lr_find(run_dir / "lr_find", result)
+        save_config(config, run_dir / "config.yaml")
+    accelerator.print(f"--lr auto: lr-find suggests {result.suggested_lr:.3g} (plot in {run_dir}/lr_find/)")
+    return result.suggested_lr
 
 
 def _public(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,104 @@
+"""Train-stream throughput against the notebook's input pipeline, measured in the same run.
+
+    python bench/loader.py                         # synth images, shards at --resize-short 256 and 0
+    python bench/loader.py --shards shards/cub256 --workers 16 --seconds 20   # ours only, any shard set
+
+baseline: torchvision ImageFolder + PIL + the notebook's transforms (Resize 224, RandomRotation 5, flip,
+          RandomCrop 224 pad 10, ToTensor, Normalize) over the original JPEGs.
+ours:     `train.data.train_loader` (tar shards, simplejpeg, Albumentations "standard", uint8 out).
+Same worker counts side by side; the ratio is per core. Goals (issue 3): >= 4.5x on shards resized to 256,
+>= 2.5x on original-size shards. Prints `loader img/s: X` (ours, last row) for scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import torch  # noqa: E402
+from torchvision import datasets, transforms  # noqa: E402
+
+from pipeline.manifest import load_manifest  # noqa: E402
+from pipeline.synth import synth  # noqa: E402
+from pipeline.writer import BuildOptions, build  # noqa: E402
+from train import augment, data  # noqa: E402
+
+BATCH = 64
+
+
+def rate(make_batches: Callable[[int], Iterable], seconds: float) -> float:
+    """Images/s over `seconds`, after the first batch (worker start-up) and across epochs."""
+    images, start, epoch = 0, None, 0
+    while True:
+        for batch in make_batches(epoch):
+            if start is None:
+                start = time.perf_counter()
+                continue
+            images += len(batch[1] if isinstance(batch, list) else batch["label"])
+            if time.perf_counter() - start >= seconds:
+                return images / (time.perf_counter() - start)
+        epoch += 1
+
+
+def notebook_batches(images_dir: Path, size: int, workers: int) -> Callable[[int], Iterable]:
+    tf = transforms.Compose([
+        transforms.Resize((size, size)), transforms.RandomRotation(5), transforms.RandomHorizontalFlip(),
+        transforms.RandomCrop(size, padding=10), transforms.ToTensor(),
+        transforms.Normalize(augment.IMAGENET_MEAN, augment.IMAGENET_STD)])
+    dataset = datasets.ImageFolder(str(images_dir), transform=tf)
+    return lambda epoch: torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=workers)
+
+
+def our_batches(shards: str, size: int, workers: int) -> Callable[[int], Iterable]:
+    manifest = load_manifest(shards)
+    transform = augment.Augment(augment.train_transform("standard", size))
+    return lambda epoch: data.train_loader(shards, manifest, transform=transform, batch_size=BATCH, workers=workers,
+                                           seed=0, epoch=epoch, rank=0, world_size=1)
+
+
+def compare(work: Path, size: int, seconds: float, per_class: int) -> float:
+    if not (work / "CUB_200_2011" / "images.txt").is_file():
+        synth(work, classes=25, per_class=per_class, seed=0, progress=False)
+    source = work / "CUB_200_2011"
+    print("| shards | workers | notebook img/s | ours img/s | ratio |\n|---|---:|---:|---:|---:|")
+    ours = 0.0
+    baseline = {w: rate(notebook_batches(source / "images", size, w), seconds) for w in (1, 2)}
+    for resize_short in (256, 0):
+        shards = work / f"shards-{resize_short}"
+        build(source, shards, BuildOptions(resize_short=resize_short, shard_samples=64), progress=False)
+        for workers in (1, 2):
+            ours = rate(our_batches(str(shards), size, workers), seconds)
+            label = f"resize-short {resize_short}" if resize_short else "original size"
+            print(f"| {label} | {workers} | {baseline[workers]:.0f} | {ours:.0f} | {ours / baseline[workers]:.2f}x |")
+    return ours
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shards", help="measure only our stream on this shard set (dir or URL)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="with --shards")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--seconds", type=float, default=10.0, help="measuring time per row")
+    parser.add_argument("--per-class", type=int, default=80, help="synth images per class (25 classes)")
+    parser.add_argument("--work", type=Path, help="scratch directory kept between runs (default: temp)")
+    args = parser.parse_args()
+    if args.shards:
+        ours = rate(our_batches(args.shards, args.image_size, args.workers), args.seconds)
+        print(f"{args.shards}: {args.workers} workers")
+    else:
+        work = args.work or Path(tempfile.mkdtemp(prefix="cubstream-loader-"))
+        ours = compare(work, args.image_size, args.seconds, args.per_class)
+        if args.work is None:
+            shutil.rmtree(work)
+    print(f"loader img/s: {ours:.1f}")
+
+
+if __name__ == "__main__":
+    main()
