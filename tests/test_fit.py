@@ -197,3 +197,21 @@ def test_vanished_shard_stops_the_run_naming_it(train_shards: Path, tmp_path: Pa
     result = run_cli("train", "fit", "--shards", str(shards), *FIT_ARGS, "--workers", "2",
                      "--run-dir", str(tmp_path / "run"))
     assert_one_line_error(result, victim, "resume")
+
+
+def test_grad_accumulation_keeps_the_lr_schedule(train_shards: Path, tmp_path: Path) -> None:
+    """batch 8 vs batch 4 x 2 accumulation steps: the same optimizer steps, the same LR at each."""
+    def lrs(run: str, *extra: str) -> list[dict]:
+        result = run_cli("train", "fit", "--shards", str(train_shards), *FIT_ARGS, "--epochs", "1",
+                         "--run-dir", str(tmp_path / run), *extra)
+        assert result.returncode == 0, result.stderr[-2000:]
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [(r["step"], r["lr"]) for r in map(json.loads, lines) if r["kind"] == "step"]
+
+    plain = lrs("plain")
+    assert len(plain) == manifest_train(train_shards) // 8
+    assert lrs("accum", "--batch-size", "4", "--grad-accum", "2") == plain
+
+
+def manifest_train(shards: Path) -> int:
+    return load_manifest(str(shards))["splits"]["train"]["num_samples"]
