@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations checks online for updates otherwise
 
@@ -19,7 +20,54 @@ def _parser() -> argparse.ArgumentParser:
     fit = commands.add_parser("fit", help="train on a shard set; best-by-valid model evaluated on test",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     cfgmod.add_arguments(fit)
+    _add_lr_find(commands)
+    _add_evaluate(commands)
+    _add_predict(commands)
+    _add_export(commands)
     return parser
+
+
+def _add_lr_find(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("lr-find", help="LR range test on fit's data, model and groups; plot, suggestion",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    cfgmod.add_arguments(p)
+    p.add_argument("--out", type=Path, required=True, help="writes OUT/lr_find.png and OUT/lr_find.json")
+    p.add_argument("--start-lr", dest="lr_find_start", type=float, help="first LR of the exponential sweep "
+                   f"(same as --lr-find-start; default {cfgmod.Config.lr_find_start})")
+    p.add_argument("--end-lr", dest="lr_find_end", type=float,
+                   help=f"last LR of the sweep (same as --lr-find-end; default {cfgmod.Config.lr_find_end})")
+    p.add_argument("--steps", dest="lr_find_steps", type=int, help="optimizer steps, fewer if the loss diverges "
+                   f"(same as --lr-find-steps; default {cfgmod.Config.lr_find_steps})")
+
+
+def _add_evaluate(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("evaluate", help="a run's best model on one split: metrics.json, predictions, plots",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="run directory of `fit` (or its checkpoints/best)")
+    p.add_argument("--shards", required=True, help=cfgmod.HELP["shards"])
+    p.add_argument("--split", choices=("train", "valid", "test"), default="test")
+    p.add_argument("--out", type=Path, required=True, help="report directory")
+    p.add_argument("--batch-size", type=int, default=64, help="per process")
+    p.add_argument("--workers", type=int, default=2, help="data loader processes per process")
+    p.add_argument("--precision", choices=cfgmod.PRECISIONS, default="auto", help=cfgmod.HELP["precision"])
+    p.add_argument("--wandb", choices=cfgmod.WANDB_MODES, default="disabled", help="log the report to W&B")
+    p.add_argument("--wandb-project", default="cubstream")
+
+
+def _add_predict(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("predict", help="top-5 species of image files, folders or globs",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="run directory of `fit` (or its checkpoints/best)")
+    p.add_argument("--json", action="store_true", help="one JSON line per image instead of a table")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders (recursive) or globs")
+
+
+def _add_export(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("export", help="TorchScript or ONNX file of a run's best model, checked on reload")
+    p.add_argument("--checkpoint", required=True, help="run directory of `fit` (or its checkpoints/best)")
+    p.add_argument("--format", required=True, choices=("torchscript", "onnx"))
+    p.add_argument("--out", type=Path, required=True, help="file to write (.pt / .onnx)")
 
 
 def _config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> cfgmod.Config:
@@ -41,6 +89,49 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         from train.engine import fit
 
         fit(config)
+    elif args.command == "lr-find":
+        return _lr_find(parser, args)
+    elif args.command == "evaluate":
+        return _evaluate(parser, args)
+    elif args.command == "predict":
+        return _predict(parser, args)
+    elif args.command == "export":
+        return _export(args)
+    return 0
+
+
+def _lr_find(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    config = _config(parser, args)
+    load_manifest(config.shards)
+    from train.commands import lr_find
+
+    lr_find(config, args.out)
+    return 0
+
+
+def _evaluate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if args.batch_size < 1 or args.workers < 0:
+        parser.error("evaluate needs --batch-size >= 1 and --workers >= 0")
+    from train.commands import evaluate
+
+    evaluate(args.checkpoint, args.shards, args.split, args.out, args.batch_size, args.workers, args.precision,
+             args.wandb, args.wandb_project)
+    return 0
+
+
+def _predict(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        parser.error("--batch-size must be >= 1")
+    from train.predict import predict
+
+    return 1 if predict(args.checkpoint, args.images, as_json=args.json, batch_size=args.batch_size) else 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from train.export import export
+
+    diff = export(args.checkpoint, args.format, args.out)
+    print(f"wrote {args.out} ({args.format}); reloaded: max abs logit difference {diff:.3g} on a check batch")
     return 0
 
 
@@ -55,6 +146,27 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as e:
+        line = _lost_peer(e)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return 1
+
+
+def _lost_peer(error: RuntimeError) -> str | None:
+    """One line when a collective failed because another process of the run died (gloo: connection reset)
+    or hung past --dist-timeout; None for any other error (its traceback is kept)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return None
+    text = str(error).strip()
+    if not (isinstance(error, getattr(dist, "DistError", ())) or "gloo" in text or "NCCL" in text):
+        return None
+    reason = text.split("] ", 1)[1] if text.startswith("[") and "] " in text else text  # drop "[file.cc:545]"
+    reason = reason.splitlines()[0].split(". ", 1)[0]
+    return (f"process {dist.get_rank()} of {dist.get_world_size()} lost another process of the run ({reason}); "
+            "the run stops: fix the failed process or node, then rerun the same command with --resume auto")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pipeline.errors import UserError
@@ -20,6 +21,7 @@ from pipeline.manifest import write_json_atomic
 
 TRAINER_STATE = "trainer.json"
 BEST = "best"
+META_KEYS = ("arch", "classes", "image_size", "crop_pct", "mean", "std")  # what load_model needs
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
@@ -82,4 +84,26 @@ def load_best(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if not (best / "model.safetensors").is_file() or not (best / "meta.json").is_file():
         raise UserError(f"--checkpoint {run_dir}: no complete best checkpoint ({best}/model.safetensors "
                         "and meta.json); is it a run dir of `python -m train fit`?")
-    return load_file(str(best / "model.safetensors")), json.loads((best / "meta.json").read_text())
+    try:
+        state, meta = load_file(str(best / "model.safetensors")), json.loads((best / "meta.json").read_text())
+    except (SafetensorError, ValueError, OSError) as e:  # truncated or garbled files
+        raise UserError(f"--checkpoint {run_dir}: unreadable best checkpoint in {best} "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    missing = [key for key in META_KEYS if key not in meta] if isinstance(meta, dict) else list(META_KEYS)
+    if missing:
+        raise UserError(f"--checkpoint {run_dir}: {best}/meta.json lacks {', '.join(missing)}")
+    return state, meta
+
+
+def load_model(run_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The best model of a run, built from its meta.json alone, in eval mode on the CPU; and that meta."""
+    from train.model import build_model
+
+    state, meta = load_best(run_dir)
+    model = build_model(meta["arch"], len(meta["classes"]), "none")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"--checkpoint {run_dir}: the weights do not fit {meta['arch']} with "
+                        f"{len(meta['classes'])} classes ({str(e).splitlines()[0]})") from None
+    return model.eval(), meta

@@ -38,6 +38,9 @@ class Config:
     # optimisation (the notebook's recipe by default)
     optimizer: str = "adam"
     lr: float | str = 1e-3  # "auto": `fit` runs lr-find first and records the LR it chose
+    lr_find_start: float = 1e-7  # the LR range test's sweep (lr-find, and fit with lr auto)
+    lr_find_end: float = 10.0
+    lr_find_steps: int = 100
     lr_scheme: str = "notebook"
     lr_decay: float = 0.5  # for lr_scheme geometric
     weight_decay: float = 0.0
@@ -67,10 +70,11 @@ class Config:
 
 # Options that may differ between a run and its resumption.
 RESUMABLE_CHANGES = {"resume", "force", "workers", "wandb", "log_every", "run_dir", "shards", "checkpoint_every",
-                     "keep_checkpoints", "dist_timeout"}
+                     "keep_checkpoints", "dist_timeout", "lr_find_start", "lr_find_end", "lr_find_steps"}
 
 HELP = {
-    "shards": "shard set directory or http(s) base URL holding manifest.json",
+    "shards": "shard set: a directory or http(s) base URL holding manifest.json, or 'pipe:COMMAND' printing "
+              "the file named by {} (e.g. 'pipe:aws s3 cp s3://BUCKET/PREFIX/{} -')",
     "config": "YAML file of options (keys = option names with _); the command line overrides it",
     "batch_size": "per process", "workers": "data loader processes per training process",
     "augment": "train augmentation preset", "pretrained": "imagenet | none | PATH to torchvision weights",
@@ -168,6 +172,10 @@ def check(config: Config, require_shards: bool = True) -> list[str]:
             problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
     if config.lr != "auto" and not config.lr > 0:  # also refuses nan
         problems.append(f"--lr must be > 0, got {config.lr}")
+    if not 0 < config.lr_find_start < config.lr_find_end or config.lr_find_steps < 2:
+        problems.append("the LR sweep needs 0 < --start-lr < --end-lr and --steps >= 2 (lr_find_start, "
+                        f"lr_find_end, lr_find_steps), got {config.lr_find_start}, {config.lr_find_end}, "
+                        f"{config.lr_find_steps}")
     if config.resume not in ("", "auto"):
         problems.append(f"--resume: only 'auto' is supported, got {config.resume!r}")
     return problems

@@ -299,7 +299,7 @@ class _Collector:
             record = {"key": key, "label": labels[i], "pred": pred[i], "conf": conf[i]}
             self.records.append({**record, "features": features[i]})
             if pred[i] != labels[i]:
-                self.wrong.append({**record, "image": batch["image"][i].numpy()})
+                self.wrong.append({**record, "image": batch["image"][i].clone().numpy()})  # not a view of the batch
         self.wrong = _most_confident(self.wrong)
 
     def gather(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -392,10 +392,9 @@ def _train_stream(accelerator: Accelerator, manifest: dict[str, Any], config: Co
 
 
 def lr_find(accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, manifest: dict[str, Any],
-            config: Config, start_lr: float = lr_finder.START_LR, end_lr: float = lr_finder.END_LR,
-            steps: int = lr_finder.STEPS) -> lr_finder.RangeTest:
-    """The LR range test with fit's data stream, train step (precision, accumulation, clipping) and param
-    groups; model, optimizer, gradient scaler and accumulation counter are restored afterwards."""
+            config: Config) -> lr_finder.RangeTest:
+    """The LR range test (config.lr_find_*) with fit's data stream, train step (precision, accumulation,
+    clipping) and param groups; model, optimizer, gradient scaler and accumulation counter are restored."""
     stream = _train_stream(accelerator, manifest, config)
 
     def step() -> float:
@@ -408,8 +407,9 @@ def lr_find(accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, ma
     scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
     model.train()
     try:
-        return lr_finder.range_test(step, accelerator.unwrap_model(model), optimizer, start_lr=start_lr,
-                                    end_lr=end_lr, steps=steps)
+        return lr_finder.range_test(step, accelerator.unwrap_model(model), optimizer,
+                                    start_lr=config.lr_find_start, end_lr=config.lr_find_end,
+                                    steps=config.lr_find_steps)
     finally:
         stream.close()
         accelerator.step = saved_step

@@ -62,3 +62,14 @@ def write_run_files(config: cfgmod.Config, manifest: dict[str, Any]) -> dict[str
     cfgmod.save(config, run_dir / "config.yaml")
     write_json_atomic(run_dir / "run.json", info)
     return info
+
+
+def resolve_auto_lr(config: cfgmod.Config) -> None:
+    """`--lr auto --resume auto` on a run with checkpoints: reuse the LR lr-find chose when it started."""
+    run_dir = Path(config.run_dir)
+    if config.lr != "auto" or config.resume != "auto" or not complete_checkpoints(run_dir):
+        return
+    saved = run_dir / "config.yaml"
+    lr = (yaml.safe_load(saved.read_text()) or {}).get("lr") if saved.is_file() else None
+    if isinstance(lr, int | float) and not isinstance(lr, bool):
+        config.lr = float(lr)

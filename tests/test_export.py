@@ -1,0 +1,57 @@
+"""export: TorchScript and ONNX files that reload and give the checkpoint's logits, meta inside."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_one_line_error, run_cli
+from helpers import ONE_THREAD, run_main
+
+from train import checkpoint, export
+
+
+def _reference(run: Path, batch: int = 3) -> tuple[torch.Tensor, np.ndarray, dict]:
+    model, meta = checkpoint.load_model(run)
+    size = meta["image_size"]
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        return x, model(x).numpy(), meta
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
+def test_torchscript_cli_round_trip(fitted_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "model.pt"
+    result = run_cli("train", "export", "--checkpoint", str(fitted_run), "--format", "torchscript", "--out",
+                     str(out), env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "max abs logit difference" in result.stdout
+    x, expected, meta = _reference(fitted_run)
+    extra = {"meta.json": ""}
+    loaded = torch.jit.load(str(out), _extra_files=extra)
+    assert json.loads(extra["meta.json"])["classes"] == meta["classes"]
+    with torch.no_grad():
+        assert np.abs(loaded(x).numpy() - expected).max() < 1e-4
+
+
+def test_onnx_round_trip_with_meta(fitted_run: Path, tmp_path: Path) -> None:
+    import onnx
+
+    out = tmp_path / "model.onnx"
+    assert export.export(str(fitted_run), "onnx", out) <= export.TOLERANCE
+    x, expected, meta = _reference(fitted_run)
+    props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert json.loads(props[export.META_KEY])["image_size"] == meta["image_size"]
+    assert np.abs(export.run_onnx(out, x) - expected).max() < 1e-4  # batch of 3: dynamic batch axis
+    assert not list(tmp_path.glob("*.data"))  # one self-contained file
+
+
+def test_export_of_a_non_run_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    result = run_main(capsys, "export", "--checkpoint", str(tmp_path / "nope"), "--format", "onnx", "--out",
+                      str(tmp_path / "m.onnx"))
+    assert_one_line_error(result, "no such run directory")
+    result = run_main(capsys, "export", "--checkpoint", str(tmp_path), "--format", "tflite", "--out", "m")
+    assert result.returncode == 2 and "invalid choice" in result.stderr

@@ -1,0 +1,91 @@
+"""predict: top-5 with probabilities from the checkpoint alone; files, folders, globs; bad files reported
+one by one while the good ones are still predicted."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_cli
+from helpers import ONE_THREAD, run_main
+from PIL import Image
+
+from train import checkpoint, predict
+
+
+@pytest.fixture(scope="module")
+def images(train_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """good/ (3 synth JPEGs), cmyk.jpg, gray.png, truncated.jpg, notes.jpg (text)."""
+    root = tmp_path_factory.mktemp("images")
+    sources = sorted((train_shards.parent / "CUB_200_2011" / "images").glob("*/*.jpg"))[:3]
+    (root / "good").mkdir()
+    for i, source in enumerate(sources):
+        shutil.copy(source, root / "good" / f"bird{i}.jpg")
+    with Image.open(sources[0]) as image:
+        image.convert("CMYK").save(root / "cmyk.jpg")
+        image.convert("L").save(root / "gray.png")
+    data = sources[1].read_bytes()
+    (root / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (root / "notes.jpg").write_text("not a picture\n")
+    return root
+
+
+def test_json_lines_for_good_files_errors_for_bad_ones(fitted_run: Path, images: Path) -> None:
+    result = run_cli("train", "predict", "--checkpoint", str(fitted_run), "--json", "--batch-size", "2",
+                     str(images / "good"), str(images / "cmyk.jpg"), str(images / "gray.png"),
+                     str(images / "truncated.jpg"), str(images / "notes.jpg"), str(images / "missing.jpg"),
+                     str(images / "good" / "bird*.jpg"), str(images / "nothing-*.png"), env=ONE_THREAD)
+    assert result.returncode == 1  # some failed
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    good = sorted(str(p) for p in (images / "good").glob("*.jpg"))
+    assert [line["image"] for line in lines] == good + [str(images / "cmyk.jpg"), str(images / "gray.png")] + good
+    classes = json.loads((fitted_run / "checkpoints" / "best" / "meta.json").read_text())["classes"]
+    for line in lines:
+        assert set(line) == {"image", "top5"} and len(line["top5"]) == 5
+        probs = [entry["prob"] for entry in line["top5"]]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+        assert all(entry["class"] in classes for entry in line["top5"])
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    for bad, reason in (("truncated.jpg", "cannot decode"), ("notes.jpg", "not an image"),
+                        ("missing.jpg", "No such file"), ("nothing-*.png", "no file matches")):
+        assert any(bad in line and reason in line for line in errors), (bad, result.stderr)
+    assert len(errors) == 4 and "Traceback" not in result.stderr
+
+
+def test_probabilities_are_the_full_softmax(fitted_run: Path, images: Path) -> None:
+    """The reported top-5 are the largest entries of a softmax over every class (which sums to 1)."""
+    predictor = predict.Predictor(str(fitted_run), device="cpu")
+    path = str(images / "gray.png")
+    (top,) = predictor.top_k([predictor.prepare(path)])
+    model, meta = checkpoint.load_model(fitted_run)
+    rgb = np.asarray(Image.open(path).convert("RGB"))
+    batch = torch.from_numpy(predictor.transform(rgb, 0)[None])
+    assert batch.shape == (1, 3, meta["image_size"], meta["image_size"])
+    with torch.no_grad():
+        full = model(predict.normalize_with(batch, meta["mean"], meta["std"])).softmax(dim=1)[0]
+    assert float(full.sum()) == pytest.approx(1.0, abs=1e-6)
+    expected = full.topk(5)
+    assert [entry["class"] for entry in top] == [meta["classes"][i] for i in expected.indices.tolist()]
+    assert [entry["prob"] for entry in top] == pytest.approx(expected.values.tolist(), abs=1e-6)
+
+
+def test_table_output_and_all_good_exit_zero(capsys: pytest.CaptureFixture[str], fitted_run: Path,
+                                            images: Path) -> None:
+    result = run_main(capsys, "predict", "--checkpoint", str(fitted_run), str(images / "cmyk.jpg"),
+                      str(images / "good" / "bird0.jpg"))
+    assert result.returncode == 0, result.stderr
+    blocks = result.stdout.strip().split("\n" + str(images / "good"))
+    assert result.stdout.startswith(str(images / "cmyk.jpg")) and len(blocks) == 2
+    ranks = [line for line in result.stdout.splitlines() if line.startswith("  ")]
+    assert len(ranks) == 10 and ranks[0].lstrip().startswith("1. ") and ranks[0].endswith("%")
+
+
+def test_bad_checkpoint_is_one_line(capsys: pytest.CaptureFixture[str], images: Path, tmp_path: Path) -> None:
+    from conftest import assert_one_line_error
+
+    result = run_main(capsys, "predict", "--checkpoint", str(tmp_path), str(images / "cmyk.jpg"))
+    assert_one_line_error(result, "no complete best checkpoint")

@@ -1,0 +1,94 @@
+"""`export`: a run's best model as TorchScript or ONNX, checked by reloading it and comparing logits.
+
+The exported model takes a float32 N x 3 x S x S batch (S = the run's image size), already normalised with
+the run's mean/std, and returns N x C logits; the batch dimension is dynamic. The run's meta (classes,
+image size, mean, std, eval transform) travels inside the file: TorchScript `_extra_files["meta.json"]`,
+ONNX `metadata_props` key "cubstream_meta".
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.errors import UserError
+from train import checkpoint
+
+FORMATS = ("torchscript", "onnx")
+META_KEY = "cubstream_meta"
+TOLERANCE = 1e-3  # max abs logit difference accepted (float32, different kernels)
+CHECK_BATCH = 4
+
+
+def check_batch(meta: dict[str, Any], batch: int = CHECK_BATCH) -> torch.Tensor:
+    """A fixed, normalised-looking input batch for the round-trip check."""
+    size = meta["image_size"]
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+def export_torchscript(model: torch.nn.Module, example: torch.Tensor, meta: dict[str, Any], out: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit is deprecated, still supported
+        traced = torch.jit.trace(model, example)
+        torch.jit.save(traced, str(out), _extra_files={"meta.json": json.dumps(meta)})
+
+
+def run_torchscript(path: Path, batch: torch.Tensor) -> np.ndarray:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        loaded = torch.jit.load(str(path), map_location="cpu")
+    with torch.inference_mode():
+        return loaded(batch).numpy()
+
+
+def export_onnx(model: torch.nn.Module, example: torch.Tensor, meta: dict[str, Any], out: Path) -> None:
+    import onnx
+
+    batch = torch.export.Dim("batch", min=1)
+    torch.onnx.export(model, (example,), str(out), input_names=["images"], output_names=["logits"],
+                      dynamic_shapes={"x": {0: batch}}, external_data=False, verbose=False)
+    exported = onnx.load(str(out))
+    onnx.helper.set_model_props(exported, {META_KEY: json.dumps(meta)})
+    onnx.save(exported, str(out))
+
+
+def run_onnx(path: Path, batch: torch.Tensor) -> np.ndarray:
+    """onnxruntime when installed, else ONNX's reference evaluator (slow, exact enough)."""
+    try:
+        import onnxruntime
+    except ImportError:
+        import onnx
+        from onnx.reference import ReferenceEvaluator
+
+        return ReferenceEvaluator(onnx.load(str(path))).run(None, {"images": batch.numpy()})[0]
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"images": batch.numpy()})[0]
+
+
+def export(run: str, fmt: str, out: Path) -> float:
+    """Write the export, reload it, return the max abs logit difference to the checkpoint's model."""
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt!r}: choose from {', '.join(FORMATS)}")
+    model, meta = checkpoint.load_model(Path(run))
+    model = model.float().to(memory_format=torch.contiguous_format)
+    batch = check_batch(meta)  # checked on another batch size than the traced one: the batch is dynamic
+    with torch.inference_mode():
+        expected = model(batch).numpy()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        (export_torchscript if fmt == "torchscript" else export_onnx)(model, check_batch(meta, 2), meta, out)
+    except OSError as e:
+        raise UserError(f"--out {out}: {e.strerror or e}") from None
+    actual = (run_torchscript if fmt == "torchscript" else run_onnx)(out, batch)
+    if actual.shape != expected.shape:
+        raise UserError(f"export check failed: {out} returns logits of shape {actual.shape}, "
+                        f"expected {expected.shape}")
+    diff = float(np.abs(actual - expected).max())
+    if not diff <= TOLERANCE:
+        raise UserError(f"export check failed: {out} differs from the checkpoint by {diff:.3g} (> {TOLERANCE})")
+    return diff

@@ -1,0 +1,147 @@
+"""`predict`: top-5 species of image files with a run's best model; everything else comes from the checkpoint.
+
+Images are read with PIL as the pipeline reads them (EXIF orientation applied; grayscale, CMYK, palette,
+16-bit and alpha converted to RGB), then go through the eval transform stored with the run (resize the
+short side, centre crop) and its normalisation. A file that cannot be read is reported on stderr and the
+others are still predicted; the exit status is 1 when any failed.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from pipeline.encode import to_rgb
+from train import augment, checkpoint
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+TOP_K = 5
+
+
+@dataclass(frozen=True)
+class Failure:
+    image: str
+    reason: str
+
+
+def expand(inputs: list[str]) -> tuple[list[str], list[Failure]]:
+    """Files as given; folders -> their image files (recursively, sorted); globs -> their matches (sorted).
+    An input that names nothing is a failure."""
+    files: list[str] = []
+    failures: list[Failure] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            files += found
+            if not found:
+                failures.append(Failure(item, "folder holds no image files"))
+        elif path.exists() or not glob.has_magic(item):
+            files.append(item)  # a missing file fails when it is read, in its place in the output
+        else:
+            found = sorted(p for p in glob.glob(item, recursive=True) if Path(p).is_file())
+            files += found
+            if not found:
+                failures.append(Failure(item, "no file matches this pattern"))
+    return files, failures
+
+
+def load_rgb(path: str) -> np.ndarray:
+    """HWC uint8 RGB; OSError / ValueError with a short reason for anything that is not a whole image."""
+    try:
+        with Image.open(path) as image:
+            image.load()  # decode now: a truncated file fails here
+            return np.asarray(to_rgb(ImageOps.exif_transpose(image)))
+    except UnidentifiedImageError:
+        raise ValueError("not an image (or in a format PIL cannot read)") from None
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        raise OSError(e.strerror or type(e).__name__) from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"cannot decode: {e}") from None
+
+
+def normalize_with(images: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
+    """uint8 NCHW -> float (x / 255 - mean) / std, with the statistics stored in the checkpoint."""
+    shape = (1, 3, 1, 1)
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=images.device).view(shape)
+    std_t = torch.tensor(std, dtype=torch.float32, device=images.device).view(shape)
+    return (images.float() / 255.0 - mean_t) / std_t
+
+
+class Predictor:
+    def __init__(self, run: str, device: str | None = None) -> None:
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model, self.meta = checkpoint.load_model(Path(run))
+        self.model = model.to(self.device)
+        self.transform = augment.Augment(augment.eval_transform(self.meta["image_size"], self.meta["crop_pct"]))
+
+    def prepare(self, path: str) -> np.ndarray:
+        return self.transform(load_rgb(path), 0)
+
+    @torch.inference_mode()
+    def top_k(self, images: list[np.ndarray], k: int = TOP_K) -> list[list[dict[str, Any]]]:
+        batch = torch.from_numpy(np.stack(images)).to(self.device)
+        probs = self.model(normalize_with(batch, self.meta["mean"], self.meta["std"])).float().softmax(dim=1)
+        values, indices = probs.topk(min(k, probs.shape[1]), dim=1)
+        classes = self.meta["classes"]
+        return [[{"class": classes[i], "prob": p} for i, p in zip(row_i, row_p, strict=True)]
+                for row_i, row_p in zip(indices.tolist(), values.tolist(), strict=True)]
+
+
+def _batches(predictor: Predictor, files: list[str], batch_size: int,
+             err: TextIO) -> Iterator[tuple[list[str], list[np.ndarray]]]:
+    """Loaded and transformed images, `batch_size` at a time; failures reported as they are met."""
+    names: list[str] = []
+    images: list[np.ndarray] = []
+    for path in files:
+        try:
+            images.append(predictor.prepare(path))
+        except (OSError, ValueError) as e:
+            report_failure(Failure(path, str(e)), err)
+            continue
+        names.append(path)
+        if len(names) == batch_size:
+            yield names, images
+            names, images = [], []
+    if names:
+        yield names, images
+
+
+def report_failure(failure: Failure, err: TextIO) -> None:
+    print(f"error: {failure.image}: {failure.reason}", file=err, flush=True)
+
+
+def format_table(image: str, top: list[dict[str, Any]]) -> str:
+    width = max(len(entry["class"]) for entry in top)
+    lines = [image] + [f"  {rank}. {entry['class']:<{width}}  {entry['prob']:7.2%}"
+                       for rank, entry in enumerate(top, start=1)]
+    return "\n".join(lines)
+
+
+def predict(run: str, inputs: list[str], *, as_json: bool = False, batch_size: int = 32,
+            out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """Print the top-5 of every readable image (stdout), failures on stderr; returns how many failed."""
+    out, err = out or sys.stdout, err or sys.stderr
+    predictor = Predictor(run)
+    files, failures = expand(inputs)
+    for failure in failures:
+        report_failure(failure, err)
+    done = 0
+    for names, images in _batches(predictor, files, batch_size, err):
+        for name, top in zip(names, predictor.top_k(images), strict=True):
+            print(json.dumps({"image": name, "top5": top}) if as_json else format_table(name, top), file=out,
+                  flush=True)
+        done += len(names)
+    failed = len(failures) + len(files) - done
+    if failed:
+        print(f"{done} image(s) predicted, {failed} failed", file=err)
+    return failed
