@@ -45,11 +45,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("out", type=Path)
 
     p = commands.add_parser("verify", help="exit 0 only if every shard's sha256, members and JPEGs are good")
-    p.add_argument("location", help="shards/NAME or an http(s) base URL")
+    p.add_argument("location", help="shards/NAME, an http(s) base URL, or 'pipe:COMMAND {}' (e.g. "
+                   "'pipe:aws s3 cp s3://BUCKET/PREFIX/{} -')")
     p.add_argument("--quiet", action="store_true")
 
     p = commands.add_parser("inspect", help="per split: samples, shards, bytes, classes")
-    p.add_argument("location", help="shards/NAME or an http(s) base URL")
+    p.add_argument("location", help="shards/NAME, an http(s) base URL, or 'pipe:COMMAND {}' (e.g. "
+                   "'pipe:aws s3 cp s3://BUCKET/PREFIX/{} -')")
     return parser
 
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
+import shlex
+import subprocess
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -24,12 +27,26 @@ class ManifestError(UserError):
     """The manifest is missing, unreadable or not a cubstream shard set this code understands."""
 
 
+PIPE_EXAMPLE = "pipe:aws s3 cp s3://BUCKET/PREFIX/{} -"
+
+
 def is_url(location: str) -> bool:
     return location.startswith(("http://", "https://"))
 
 
+def is_pipe(location: str) -> bool:
+    """A `pipe:COMMAND` location: COMMAND with `{}` where the file name goes prints that file to stdout."""
+    return location.startswith("pipe:")
+
+
 def join(location: str, name: str) -> str:
-    """Path or URL of `name` inside a shard-set location (a directory or an http(s) base URL)."""
+    """Path, URL or pipe: command of `name` inside a shard-set location (a directory, an http(s) base URL,
+    or a `pipe:` command template such as 'pipe:aws s3 cp s3://BUCKET/PREFIX/{} -')."""
+    if is_pipe(location):
+        if "{}" not in location:
+            raise UserError(f"{location}: a pipe: location needs {{}} where the file name goes, e.g. "
+                            f"'{PIPE_EXAMPLE}'")
+        return location.replace("{}", shlex.quote(name))
     if is_url(location):
         return location.rstrip("/") + "/" + name
     return str(Path(location) / name)
@@ -38,6 +55,8 @@ def join(location: str, name: str) -> str:
 def read_bytes(location: str, name: str) -> bytes:
     """Read one file of a shard set, local or remote; a failure is one line naming the file or URL."""
     target = join(location, name)
+    if is_pipe(location):
+        return _read_pipe(target)
     if is_url(location):
         try:
             with urllib.request.urlopen(target, timeout=URL_TIMEOUT_S) as response:
@@ -47,12 +66,23 @@ def read_bytes(location: str, name: str) -> bytes:
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
             raise UserError(f"{target}: unreachable ({reason})") from None
+        except http.client.HTTPException as e:  # IncompleteRead: the connection closed mid-body
+            raise UserError(f"{target}: transfer cut short ({type(e).__name__}: {e})") from None
     try:
         return Path(target).read_bytes()
     except FileNotFoundError:
         raise UserError(f"{target}: no such file") from None
     except OSError as e:
         raise UserError(f"{target}: {e.strerror}") from None
+
+
+def _read_pipe(target: str) -> bytes:
+    """stdout of a pipe: command (run by the shell, as webdataset does for shards); exit status 0 or an error."""
+    result = subprocess.run(target[len("pipe:"):], shell=True, capture_output=True)
+    if result.returncode != 0:
+        detail = result.stderr.decode(errors="replace").strip().splitlines()
+        raise UserError(f"{target}: exit status {result.returncode}" + (f" ({detail[-1]})" if detail else ""))
+    return result.stdout
 
 
 def load_manifest(location: str) -> dict[str, Any]:

@@ -56,7 +56,9 @@ log = logging.getLogger(__name__)
 Transform = Callable[[np.ndarray, int], np.ndarray]
 Batch = dict[str, Any]
 
-SHARD_POLICY = "shards are not retried; the run stops; resume with --resume auto"
+SHARD_POLICY = "shards are not retried or skipped; the run stops; resume with --resume auto"
+# What curl (webdataset's reader for http(s)) retries by itself before a shard counts as unreadable.
+CURL_RETRIES = "curl retries only timeouts and HTTP 408/429/5xx, 30 times 2 s apart"
 # Errors that mean "these bytes are not an image we can read" (PIL raises SyntaxError for some files).
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 # Errors that mean "this shard cannot be read": I/O (missing file, curl exit status), broken tar, or
@@ -332,7 +334,7 @@ def _read_shard(shard: Shard) -> Iterator[dict[str, Any]]:
         _close_quietly(stream)
         raise
     except READ_ERRORS as e:
-        reason = _failure_reason(stream, e)
+        reason = _failure_reason(stream, e, shard.url)
         _close_quietly(stream)
         raise ShardError(_unreadable(shard.url, reason)) from None
     if count != shard.num_samples:
@@ -348,7 +350,8 @@ def _open(url: str) -> Any:
 
 
 def _unreadable(url: str, reason: str) -> str:
-    return f"cannot read shard {url}: {reason}; {SHARD_POLICY}"
+    retries = f" ({CURL_RETRIES})" if url.startswith(("http://", "https://")) else ""
+    return f"cannot read shard {url}: {reason}; {SHARD_POLICY}{retries}"
 
 
 def _close_quietly(stream: Any) -> None:
@@ -356,13 +359,15 @@ def _close_quietly(stream: Any) -> None:
     stream.close()
 
 
-def _failure_reason(stream: Any, error: Exception) -> str:
+def _failure_reason(stream: Any, error: Exception, url: str) -> str:
     """Why a shard read failed; for http(s), curl's exit status says more than the tar reader's error."""
     if isinstance(stream, Pipe):
         try:
             status = stream.proc.wait(timeout=5)  # curl is exiting when its output ended early
         except subprocess.TimeoutExpired:
             return _first_line(error)  # curl still transferring: the tar itself is broken
+        if status not in (0, 23, 141) and url.startswith("pipe:"):
+            return f"command exit status {status}"  # a pipe: location's own command (aws, gcloud, ...)
         if status not in (0, 23, 141):
             return f"curl exit {status}: {CURL_EXIT.get(status, 'transfer failed')}"
     return _first_line(error)
