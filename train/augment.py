@@ -25,6 +25,10 @@ import torch
 
 from pipeline.errors import UserError
 
+# OpenCV's thread pool does not survive fork(): a DataLoader worker forked after this process ran a
+# multi-threaded cv2 call can hang on its first cv2 call. Parallelism comes from loader workers instead.
+cv2.setNumThreads(1)
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

@@ -38,7 +38,6 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import cv2
 import numpy as np
 import simplejpeg
 import torch
@@ -255,12 +254,7 @@ def _rng(*parts: object) -> random.Random:
 
 def _data_loader(jobs: list[_TrainJob] | list[_EvalJob], workers: int) -> DataLoader:
     return DataLoader(_WorkerJobs(jobs), batch_size=None, num_workers=workers,
-                      pin_memory=torch.cuda.is_available(), worker_init_fn=_single_threaded)
-
-
-def _single_threaded(worker_id: int) -> None:
-    """One OpenCV thread per loader process: W workers on W cores, not W x cores threads."""
-    cv2.setNumThreads(1)
+                      pin_memory=torch.cuda.is_available())
 
 
 class _WorkerJobs(IterableDataset):
