@@ -33,7 +33,7 @@ def ceiling(cub, resize_short: int) -> float:
 def build_rate(source: Path, out: Path, resize_short: int, workers: int, num_images: int) -> float:
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
-    build(source, out, BuildOptions(resize_short=resize_short, shard_samples=32), workers=workers, progress=False)
+    build(source, out, BuildOptions(resize_short=resize_short), workers=workers, progress=False)
     return num_images / (time.perf_counter() - start)
 
 
