@@ -9,7 +9,7 @@ from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations checks online for updates otherwise
 
-from pipeline.errors import UserError  # noqa: E402
+from pipeline.errors import UserError, report_errors  # noqa: E402
 from pipeline.manifest import load_manifest  # noqa: E402
 from train import config as cfgmod  # noqa: E402
 
@@ -138,14 +138,12 @@ def _export(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    return report_errors(lambda: _run_reporting_lost_peers(parser, args))
+
+
+def _run_reporting_lost_peers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         return run(parser, args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
     except RuntimeError as e:
         line = _lost_peer(e)
         if line is None:
