@@ -1,6 +1,6 @@
 """Shard-build throughput against the per-core ceiling measured in the same run.
 
-    python bench/shards.py [--classes 25 --per-class 40] [--work DIR]
+    python bench/shards.py [--classes 25 --per-class 80] [--work DIR]
 
 The ceiling is `encode_image` on the same images in a plain loop, bytes already in memory (no file I/O,
 no tar, no hashing, no processes). Goals (issue 2): per worker >= 0.8x the ceiling; 2 workers >= 1.7x one.
@@ -19,28 +19,36 @@ from pipeline.encode import EncodeOptions, encode_image
 from pipeline.synth import synth
 from pipeline.writer import BuildOptions, build
 
+REPEATS = 3  # best of: both rates are taken the same way, so noise from other processes cancels less badly
+
 
 def ceiling(cub, resize_short: int) -> float:
     """Images/s of decode + fix + resize + encode on one core, no I/O."""
     images = [(cub.image_path(r).read_bytes(), r.bbox) for r in cub.records]
     options = EncodeOptions(resize_short=resize_short)
-    start = time.perf_counter()
-    for data, bbox in images:
-        encode_image(data, bbox, options)
-    return len(images) / (time.perf_counter() - start)
+    best = 0.0
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        for data, bbox in images:
+            encode_image(data, bbox, options)
+        best = max(best, len(images) / (time.perf_counter() - start))
+    return best
 
 
 def build_rate(source: Path, out: Path, resize_short: int, workers: int, num_images: int) -> float:
-    shutil.rmtree(out, ignore_errors=True)
-    start = time.perf_counter()
-    build(source, out, BuildOptions(resize_short=resize_short), workers=workers, progress=False)
-    return num_images / (time.perf_counter() - start)
+    best = 0.0
+    for _ in range(REPEATS):
+        shutil.rmtree(out, ignore_errors=True)
+        start = time.perf_counter()
+        build(source, out, BuildOptions(resize_short=resize_short), workers=workers, progress=False)
+        best = max(best, num_images / (time.perf_counter() - start))
+    return best
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--classes", type=int, default=25)
-    parser.add_argument("--per-class", type=int, default=40)
+    parser.add_argument("--per-class", type=int, default=80)
     parser.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temp dir)")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="cubstream-bench-"))

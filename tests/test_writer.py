@@ -196,3 +196,17 @@ def test_bad_arguments(cub_source: Path, tmp_path: Path) -> None:
         extra = ["--num-jobs", "3"] if flag == "--job-index" else []
         result = run_cli("pipeline", "build", "--source", source, "--out", str(tmp_path / "o"), flag, value, *extra)
         assert_one_line_error(result, message)
+
+
+def test_tar_bytes_equal_what_tarfile_writes() -> None:
+    import os
+
+    from pipeline.writer import _tarinfo, tar_bytes
+
+    members = [(f"{i:05d}.{ext}", os.urandom(i * 37 + 1)) for i in range(40) for ext in ("cls", "jpg", "json")]
+    expected = io.BytesIO()
+    with tarfile.open(fileobj=expected, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+    assert tar_bytes(members) == expected.getvalue()
+    assert tar_bytes([]) == tarfile.NUL * tarfile.RECORDSIZE
