@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from pipeline.archive import CUB_DIRNAME, find_cub_root, safe_extract
 from pipeline.errors import UserError
+from pipeline.manifest import replace_dir
 
 DEFAULT_URL = "https://data.caltech.edu/records/65de6-vzh51/files/CUB_200_2011.tgz?download=1"
 CUB_MD5 = "97eceeb196236b17998738112f37df78"
@@ -145,7 +146,7 @@ def _unpack(tgz: Path, out: Path) -> Path:
         extracted = tmp / "archive"
         safe_extract(tgz, extracted)
         root = find_cub_root(extracted)  # `extracted` itself when the archive has no top-level directory
-        _replace_dir(root, final)
+        replace_dir(root, final)
         if root != extracted:
             for extra in sorted(extracted.iterdir()):
                 if not (out / extra.name).exists():
@@ -153,14 +154,6 @@ def _unpack(tgz: Path, out: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
-
-
-def _replace_dir(src: Path, final: Path) -> None:
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(src, final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _make_dir(path: Path) -> None:

@@ -7,6 +7,7 @@ import http.client
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import urllib.error
 import urllib.request
@@ -149,6 +150,16 @@ def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def replace_dir(src: Path, final: Path) -> None:
+    """Rename the finished directory `src` to `final`; an old `final` is moved aside first, then deleted,
+    so `final` is always either the old or the new whole directory."""
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(src, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from pipeline.archive import CUB_DIRNAME, pack_tgz
 from pipeline.errors import UserError
+from pipeline.manifest import replace_dir
 
 README_MARKER = "CUB_200_2011 (cubstream synthetic)"
 JPEG_QUALITY = 90
@@ -90,7 +91,7 @@ def synth(out: Path, classes: int = 20, per_class: int = 40, seed: int = 0, tgz:
         _write_dataset(tmp, classes, per_class, seed, progress)
         if tgz:
             pack_tgz(tmp, out / f"{CUB_DIRNAME}.tgz", arcname=CUB_DIRNAME)
-        _swap_into_place(tmp, final)
+        replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -119,15 +120,6 @@ def _check_replaceable(final: Path) -> None:
 def _is_synthetic(root: Path) -> bool:
     readme = root / "README"
     return readme.is_file() and readme.read_text(encoding="utf-8").startswith(README_MARKER)
-
-
-def _swap_into_place(tmp: Path, final: Path) -> None:
-    """Rename `tmp` to `final`; an old `final` is moved aside first, then deleted."""
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- the listing files

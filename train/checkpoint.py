@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pipeline.errors import UserError
-from pipeline.manifest import write_json_atomic
+from pipeline.manifest import replace_dir, write_json_atomic
 
 TRAINER_STATE = "trainer.json"
 BEST = "best"
@@ -68,11 +68,7 @@ def save_best(run_dir: Path, model: torch.nn.Module, meta: dict[str, Any]) -> No
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(tmp / "model.safetensors"))
     write_json_atomic(tmp / "meta.json", meta)
-    old = best.with_name(f".old-{BEST}")
-    if best.exists():
-        os.replace(best, old)
-    os.replace(tmp, best)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, best)
 
 
 def load_best(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
