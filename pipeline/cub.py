@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -127,7 +129,7 @@ def _check_same_ids(images: dict, name: str, table: dict) -> None:
 
 def _image_path(row: tuple[int, list[str]]) -> str:
     number, (path,) = row
-    if path.startswith("/") or ".." in Path(path).parts:
+    if path.startswith("/") or ".." in path.split("/"):
         raise UserError(f"images.txt:{number}: path {path!r} leaves images/")
     return path
 
@@ -158,17 +160,25 @@ def _bbox(row: tuple[int, list[str]]) -> tuple[float, float, float, float]:
     return x, y, w, h
 
 
-def missing_images(cub: Cub) -> list[Record]:
-    return [r for r in cub.records if not cub.image_path(r).is_file()]
+def image_sizes(cub: Cub) -> list[int]:
+    """Each listed image's size in bytes, -1 where it is missing or not a regular file (one stat each)."""
+    images = os.path.join(cub.root, "images")
+    sizes = []
+    for record in cub.records:
+        try:
+            info = os.stat(os.path.join(images, record.path))
+        except OSError:
+            sizes.append(-1)
+            continue
+        sizes.append(info.st_size if stat.S_ISREG(info.st_mode) else -1)
+    return sizes
 
 
-def fingerprint(cub: Cub) -> str:
+def fingerprint(cub: Cub, sizes: list[int]) -> str:
     """sha256 over the listing files and every image's path and size: equal for a directory and its .tgz."""
     digest = hashlib.sha256()
     for name in LISTING_FILES:
         digest.update(name.encode() + b"\0" + (cub.root / name).read_bytes() + b"\0")
-    for record in cub.records:
-        path = cub.image_path(record)
-        size = path.stat().st_size if path.is_file() else -1
+    for record, size in zip(cub.records, sizes, strict=True):
         digest.update(f"{record.path}\0{size}\0".encode())
     return digest.hexdigest()

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from conftest import SMALL, assert_one_line_error, run_cli
 
-from pipeline.cub import fingerprint, open_source, read_cub
+from pipeline.cub import Cub, fingerprint, image_sizes, open_source, read_cub
 from pipeline.errors import UserError
 
 
@@ -24,7 +24,7 @@ def test_directory_and_tgz_read_the_same(cub_source: Path) -> None:
     directory = read_cub(cub_source / "CUB_200_2011")
     with open_source(cub_source / "CUB_200_2011.tgz") as root:
         packed = read_cub(root)
-        assert fingerprint(packed) == fingerprint(directory)
+        assert _fingerprint(packed) == _fingerprint(directory)
     assert packed.records == directory.records and packed.classes == directory.classes
     with open_source(cub_source) as root:  # the folder holding CUB_200_2011/ works too
         assert root.name == "CUB_200_2011"
@@ -80,7 +80,22 @@ def test_malformed_line_via_cli(cub_copy: Path, tmp_path: Path) -> None:
 
 
 def test_fingerprint_changes_with_source(cub_copy: Path, cub_source: Path) -> None:
-    before = fingerprint(read_cub(cub_copy))
+    before = _fingerprint(read_cub(cub_copy))
     image = next((cub_copy / "images").rglob("*.jpg"))
     image.write_bytes(image.read_bytes() + b"\0")
-    assert fingerprint(read_cub(cub_copy)) != before
+    assert _fingerprint(read_cub(cub_copy)) != before
+
+
+def test_image_sizes_mark_missing_and_non_files(cub_copy: Path) -> None:
+    cub = read_cub(cub_copy)
+    first, second = cub.image_path(cub.records[0]), cub.image_path(cub.records[1])
+    first.unlink()
+    second.unlink()
+    second.mkdir()
+    sizes = image_sizes(cub)
+    assert sizes[:2] == [-1, -1]
+    assert sizes[2:] == [cub.image_path(r).stat().st_size for r in cub.records[2:]]
+
+
+def _fingerprint(cub: Cub) -> str:
+    return fingerprint(cub, image_sizes(cub))

@@ -109,6 +109,17 @@ def test_merge_names_the_missing_job(cub_source: Path, tmp_path: Path) -> None:
     assert not (out / "manifest.json").exists()
 
 
+def test_merge_rehashes_every_shard(shard_set: Path, tmp_path: Path) -> None:
+    out = Path(shutil.copytree(shard_set, tmp_path / "set"))
+    manifest = (out / "manifest.json").read_bytes()
+    shard = sorted(out.glob("*.tar"))[1]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: only the hash can tell
+    shard.write_bytes(bytes(data))
+    assert_one_line_error(run_cli("pipeline", "merge", str(out)), shard.name, "sha256 does not match")
+    assert (out / "manifest.json").read_bytes() == manifest
+
+
 def test_other_options_refused_unless_overwrite(cub_source: Path, shard_set: Path, tmp_path: Path) -> None:
     out = Path(shutil.copytree(shard_set, tmp_path / "set"))
     args = ["pipeline", "build", "--source", str(cub_source / "CUB_200_2011"), "--out", str(out),
@@ -204,9 +215,12 @@ def test_tar_bytes_equal_what_tarfile_writes() -> None:
     from pipeline.writer import _tarinfo, tar_bytes
 
     members = [(f"{i:05d}.{ext}", os.urandom(i * 37 + 1)) for i in range(40) for ext in ("cls", "jpg", "json")]
+    members += [("n" * 100, b"longest name"), ("empty.cls", b"")]
     expected = io.BytesIO()
     with tarfile.open(fileobj=expected, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for name, data in members:
             tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
     assert tar_bytes(members) == expected.getvalue()
     assert tar_bytes([]) == tarfile.NUL * tarfile.RECORDSIZE
+    with pytest.raises(ValueError, match="too long"):
+        tar_bytes([("n" * 101, b"")])
