@@ -34,9 +34,9 @@ def image() -> np.ndarray:
 
 
 @pytest.mark.parametrize("preset", ["standard", "notebook", "none"])
-def test_presets_give_chw_uint8_of_requested_size(image, preset):
+def test_presets_give_hwc_uint8_of_requested_size(image, preset):
     out = Augment(train_transform(preset, SIZE))(image, seed=3)
-    assert out.shape == (3, SIZE, SIZE)
+    assert out.shape == (SIZE, SIZE, 3)
     assert out.dtype == np.uint8
     assert out.flags.c_contiguous
 
@@ -80,8 +80,8 @@ def test_flip_and_colour_jitter_are_drawn_independently():
     flipped, jittered = [], []
     for seed in range(100):
         out = augment(image, seed=seed).astype(int)
-        flipped.append(out[0, :, : SIZE // 2].mean() > out[0, :, SIZE // 2 :].mean())
-        jittered.append(np.abs(out[2] - 128).max() > 1)  # channel 2 is flat 128 unless colours change
+        flipped.append(out[:, : SIZE // 2, 0].mean() > out[:, SIZE // 2 :, 0].mean())
+        jittered.append(np.abs(out[..., 2] - 128).max() > 1)  # channel 2 is flat 128 unless colours change
     flipped, jittered = np.array(flipped), np.array(jittered)
     assert 0.3 < flipped.mean() < 0.7
     assert 0.3 < jittered.mean() < 0.7
@@ -97,13 +97,13 @@ def test_eval_transform_is_deterministic_centre_crop():
     image = np.concatenate([columns[:, :, :2], rows[:, :, :1]], axis=2)
     augment = Augment(eval_transform(SIZE, crop_pct=0.5))
     out = augment(image, seed=1)
-    assert out.shape == (3, SIZE, SIZE)
+    assert out.shape == (SIZE, SIZE, 3)
     assert augment(image, seed=999).tobytes() == out.tobytes()
     # scale 1.28: output column j of the crop maps to source column (96 + j + 0.5) / 1.28 - 0.5
     expected_cols = (96 + np.arange(SIZE) + 0.5) / 1.28 - 0.5
     expected_rows = (32 + np.arange(SIZE) + 0.5) / 1.28 - 0.5
-    np.testing.assert_allclose(out[0, SIZE // 2, :], expected_cols, atol=1.0)
-    np.testing.assert_allclose(out[2, :, SIZE // 2], expected_rows, atol=1.0)
+    np.testing.assert_allclose(out[SIZE // 2, :, 0], expected_cols, atol=1.0)
+    np.testing.assert_allclose(out[:, SIZE // 2, 2], expected_rows, atol=1.0)
 
 
 def test_eval_transform_rejects_bad_crop_pct():
@@ -115,10 +115,10 @@ def test_grayscale_input_becomes_three_equal_channels(image):
     gray = image[:, :, 0].copy()
     for preset in ("standard", "notebook", "none"):
         out = Augment(train_transform(preset, SIZE))(gray, seed=5)
-        assert out.shape == (3, SIZE, SIZE)
+        assert out.shape == (SIZE, SIZE, 3)
         assert out.dtype == np.uint8
-        if preset != "standard":  # colour jitter (hue/saturation) may legitimately be a no-op on gray
-            assert (out[0] == out[1]).all() and (out[1] == out[2]).all()
+        if preset != "standard":  # colour jitter (saturation) may legitimately be a no-op on gray
+            assert (out[..., 0] == out[..., 1]).all() and (out[..., 1] == out[..., 2]).all()
 
 
 def test_unknown_preset_lists_valid_ones():

@@ -104,11 +104,11 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def tiny_transform(image: np.ndarray, seed: int) -> np.ndarray:
-    """8x8 CHW uint8; seed-dependent flip, and the seed's low 3 bytes written into pixel (0, 0)."""
-    out = np.ascontiguousarray(cv2.resize(image, (8, 8), interpolation=cv2.INTER_AREA).transpose(2, 0, 1))
+    """8x8 HWC uint8; seed-dependent flip, and the seed's low 3 bytes written into pixel (0, 0)."""
+    out = cv2.resize(image, (8, 8), interpolation=cv2.INTER_AREA)
     if seed & 1:
-        out = np.ascontiguousarray(out[:, :, ::-1])
-    out[:, 0, 0] = list(seed.to_bytes(4, "little")[:3])
+        out = np.ascontiguousarray(out[:, ::-1])
+    out[0, 0, :] = list(seed.to_bytes(4, "little")[:3])
     return out
 
 
@@ -142,6 +142,7 @@ def flat(batches: list[dict]) -> list[tuple[str, bytes, int]]:
 def check_batch(batch: dict, batch_size: int | None = None) -> None:
     """Types and shapes of the batch contract, labels agreeing with the decoded colours."""
     assert batch["image"].dtype == torch.uint8 and batch["image"].shape[1:] == (3, 8, 8)
+    assert batch["image"].is_contiguous(memory_format=torch.channels_last)
     assert batch["label"].dtype == torch.int64 and len(batch["key"]) == len(batch["label"]) == len(batch["image"])
     assert isinstance(batch["bad"], int)
     if batch_size is not None:
@@ -248,6 +249,12 @@ def test_eval_reads_every_sample_exactly_once(shards: Path, workers: int) -> Non
                     [derive_seed(0, 0, key) & 0xFFFFFF for key in batch["key"]]
             keys += [key for batch in batches for key in batch["key"]]
         assert sorted(keys) == expected, (world_size, workers)
+
+
+@pytest.mark.parametrize("shape", [(3, 8, 8), (8, 8)])
+def test_transform_must_return_hwc_rgb(shards: Path, shape: tuple[int, ...]) -> None:
+    with pytest.raises(TypeError, match="HWC uint8 images"):
+        train(shards, transform=lambda image, seed: np.zeros(shape, np.uint8))
 
 
 # ---------------------------------------------------------------- corrupt samples

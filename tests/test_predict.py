@@ -63,7 +63,7 @@ def test_probabilities_are_the_full_softmax(fitted_run: Path, images: Path) -> N
     (top,) = predictor.top_k([predictor.prepare(path)])
     model, meta = checkpoint.load_model(fitted_run)
     rgb = np.asarray(Image.open(path).convert("RGB"))
-    batch = torch.from_numpy(predictor.transform(rgb, 0)[None])
+    batch = torch.from_numpy(predictor.transform(rgb, 0)[None]).permute(0, 3, 1, 2)  # HWC -> NCHW view
     assert batch.shape == (1, 3, meta["image_size"], meta["image_size"])
     with torch.no_grad():
         full = model(predict.normalize_with(batch, meta["mean"], meta["std"])).softmax(dim=1)[0]

@@ -165,7 +165,7 @@ def test_pipe_location_verify_inspect_and_loader(shard_set: Path, tmp_path: Path
     manifest = load_manifest(location)
 
     def keys(where: str) -> list[str]:
-        loader = eval_loader(where, manifest, "test", transform=lambda image, seed: image[:4, :4].transpose(2, 0, 1),
+        loader = eval_loader(where, manifest, "test", transform=lambda image, seed: image[:4, :4],
                              batch_size=4, workers=2, rank=0, world_size=1)
         return sorted(key for batch in loader for key in batch["key"])
 

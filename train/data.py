@@ -1,13 +1,13 @@
 """Shard streams -> uint8 batches, for training (exact batch counts on every rank) and evaluation (every
 sample exactly once).
 
-A batch is a dict: {"image": uint8 tensor [B, 3, H, W], "label": int64 tensor [B], "key": list[str],
+A batch is a dict: {"image": uint8 tensor [B, 3, H, W] in channels_last memory, "label": int64 tensor [B], "key": list[str],
 "bad": int}, where "bad" counts the corrupt samples the producing worker dropped since its previous batch.
 Batches are assembled inside the DataLoader workers (the DataLoader runs with batch_size=None over an
 IterableDataset that yields whole batches) and stay uint8 until the device normalises them (DESIGN 5).
 
 Each DataLoader worker runs a chain of small generators:
-    shard paths/URLs -> tar members (webdataset gopen + tar reading) -> samples (grouped by key)
+    shard paths/URLs -> tar members (webdataset gopen + train.tar_reader) -> samples (webdataset group_by_keys)
     -> [train: seeded shuffle buffer -> resume skip] -> decode + augment -> batches
 
 Train: the shard order is shuffled by (seed, epoch), the same on every rank, and dealt round robin to the
@@ -42,13 +42,14 @@ import numpy as np
 import simplejpeg
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 from webdataset.gopen import Pipe, gopen, set_options
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import group_by_keys
 
 from pipeline.errors import UserError
 from pipeline.manifest import FORBIDDEN_EXTENSIONS, shard_locations
 from train.augment import sample_seed
+from train.tar_reader import tar_members
 
 log = logging.getLogger(__name__)
 
@@ -320,7 +321,8 @@ def _read_shard(shard: Shard) -> Iterator[dict[str, Any]]:
     stream = _open(shard.url)
     count = 0
     try:
-        for sample in group_by_keys(tar_file_expander([{"url": shard.url, "stream": stream}])):
+        members = ({"fname": name, "data": data, "__url__": shard.url} for name, data in tar_members(stream))
+        for sample in group_by_keys(members):
             count += 1
             yield sample
         stream.close()  # for curl: raises if curl exited with an error
@@ -423,7 +425,7 @@ def _skipped(samples: Iterable[dict[str, Any]], count: int, num_classes: int) ->
 
 def _decoded(samples: Iterable[dict[str, Any]], transform: Transform, num_classes: int, seed: int,
              epoch: int, max_bad_run: int | None = None) -> Iterator[tuple[str, np.ndarray, int] | None]:
-    """(key, augmented CHW uint8 image, label) per sample; None for a dropped corrupt sample (one warning
+    """(key, augmented HWC uint8 image, label) per sample; None for a dropped corrupt sample (one warning
     line), so that the batch stage can count it."""
     bad_run = 0
     for sample in samples:
@@ -529,9 +531,13 @@ def _batched(items: Iterable[tuple[str, np.ndarray, int] | None], batch_size: in
 
 
 def _batch(keys: list[str], images: list[np.ndarray], labels: list[int], bad: int) -> Batch:
-    stacked = np.stack(images)
-    if stacked.dtype != np.uint8 or stacked.ndim != 4 or stacked.shape[1] != 3:
-        raise TypeError(f"the transform must return CHW uint8 images with 3 channels, got "
-                        f"{stacked.dtype} {images[0].shape}")
-    return {"image": torch.from_numpy(stacked), "label": torch.tensor(labels, dtype=torch.int64),
+    shape = images[0].shape
+    if any(image.dtype != np.uint8 or image.shape != shape for image in images) or len(shape) != 3 \
+            or shape[2] != 3:
+        raise TypeError(f"the transform must return HWC uint8 images of one size with 3 channels, got "
+                        f"{images[0].dtype} {shape}")
+    # default_collate stacks straight into shared memory inside a DataLoader worker, so the batch reaches
+    # the main process without another copy; NHWC viewed as NCHW is channels_last.
+    stacked = default_collate([torch.from_numpy(image) for image in images])
+    return {"image": stacked.permute(0, 3, 1, 2), "label": torch.tensor(labels, dtype=torch.int64),
             "key": keys, "bad": bad}

@@ -89,7 +89,7 @@ class Predictor:
 
     @torch.inference_mode()
     def top_k(self, images: list[np.ndarray], k: int = TOP_K) -> list[list[dict[str, Any]]]:
-        batch = torch.from_numpy(np.stack(images)).to(self.device)
+        batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).to(self.device)  # HWC images
         probs = self.model(normalize_with(batch, self.meta["mean"], self.meta["std"])).float().softmax(dim=1)
         values, indices = probs.topk(min(k, probs.shape[1]), dim=1)
         classes = self.meta["classes"]
