@@ -35,6 +35,7 @@ from train import augment, data  # noqa: E402
 
 BATCH = 64
 REPEATS = 3
+WORKERS = (0, 1, 2)  # 0: everything in the main process, the stream's own per-core speed without IPC
 
 
 def rate(make_batches: Callable[[int], Iterable], seconds: float) -> float:
@@ -80,7 +81,7 @@ def compare(work: Path, size: int, seconds: float, per_class: int) -> float:
     print(f"train split: {len(train_images)} images; {REPEATS} turns of {seconds:.0f} s per row, best of each\n")
     best: dict[tuple[str, int], float] = {}
     for _ in range(REPEATS):
-        for workers in (1, 2):
+        for workers in WORKERS:
             pipelines = {"notebook": notebook_batches(source / "images", train_images, size, workers)}
             pipelines |= {str(r): our_batches(str(work / f"shards-{r}"), size, workers) for r in options}
             for name, make_batches in pipelines.items():
@@ -88,7 +89,7 @@ def compare(work: Path, size: int, seconds: float, per_class: int) -> float:
     print("| shards | workers | notebook img/s | ours img/s | ratio |\n|---|---:|---:|---:|---:|")
     for resize_short in options:
         label = f"resize-short {resize_short}" if resize_short else "original size"
-        for workers in (1, 2):
+        for workers in WORKERS:
             ours, baseline = best[str(resize_short), workers], best["notebook", workers]
             print(f"| {label} | {workers} | {baseline:.0f} | {ours:.0f} | {ours / baseline:.2f}x |")
     return ours
