@@ -7,8 +7,8 @@ baseline: torchvision ImageFolder + PIL + the notebook's transforms (Resize 224,
           RandomCrop 224 pad 10, ToTensor, Normalize) over the original JPEGs of the train split.
 ours:     `train.data.train_loader` over the same train split (tar shards, simplejpeg, Albumentations
           "standard", uint8 out).
-Same worker counts side by side, taking turns; the ratio is per core. Goals (issue 3): >= 4.5x on shards resized to 256,
->= 2.5x on original-size shards. Prints `loader img/s: X` (ours, last row) for scripts.
+Same worker counts side by side, taking turns; the ratio is per core. Goals (issue 3): >= 4.5x on shards
+resized to 256, >= 2.5x on original-size shards. Prints `loader img/s: X` (ours, last row) for scripts.
 """
 
 from __future__ import annotations

@@ -1,13 +1,14 @@
 """Shard streams -> uint8 batches, for training (exact batch counts on every rank) and evaluation (every
 sample exactly once).
 
-A batch is a dict: {"image": uint8 tensor [B, 3, H, W] in channels_last memory, "label": int64 tensor [B], "key": list[str],
-"bad": int}, where "bad" counts the corrupt samples the producing worker dropped since its previous batch.
+A batch is a dict: {"image": uint8 tensor [B, 3, H, W] in channels_last memory, "label": int64 tensor [B],
+"key": list[str], "bad": int}, where "bad" counts the corrupt samples the producing worker dropped since its
+previous batch.
 Batches are assembled inside the DataLoader workers (the DataLoader runs with batch_size=None over an
 IterableDataset that yields whole batches) and stay uint8 until the device normalises them (DESIGN 5).
 
 Each DataLoader worker runs a chain of small generators:
-    shard paths/URLs -> tar members (webdataset gopen + train.tar_reader) -> samples (webdataset group_by_keys)
+    shard paths/URLs -> tar members (webdataset gopen, train.tar_reader) -> samples (webdataset group_by_keys)
     -> [train: seeded shuffle buffer -> resume skip] -> decode + augment -> batches
 
 Train: the shard order is shuffled by (seed, epoch), the same on every rank, and dealt round robin to the
