@@ -13,13 +13,14 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 from pipeline.cub import read_cub
 from pipeline.encode import EncodeOptions, encode_image
 from pipeline.synth import synth
 from pipeline.writer import BuildOptions, build
 
-REPEATS = 3  # best of, with ceiling and builds interleaved so that both sample the same machine state
+TURNS = 5  # each turn measures the ceiling, then the builds: ratios are taken within a turn, then the median
 
 
 def ceiling_rate(images: list[tuple[bytes, tuple]], resize_short: int) -> float:
@@ -51,19 +52,22 @@ def main() -> None:
     cub = read_cub(source)
     n = len(cub.records)
     print(f"{n} synth images, {work}")
+    print(f"medians of {TURNS} turns (range of the ratio in brackets)")
     print("| resize-short | per-core ceiling img/s | workers | build img/s | per worker / ceiling | vs 1 worker |")
     print("|---:|---:|---:|---:|---:|---:|")
     images = [(cub.image_path(r).read_bytes(), r.bbox) for r in cub.records]
     for resize_short in (0, 256):
-        best = {"ceiling": 0.0, 1: 0.0, 2: 0.0}
-        for _ in range(REPEATS):
-            best["ceiling"] = max(best["ceiling"], ceiling_rate(images, resize_short))
+        turns = []
+        for _ in range(TURNS):
+            turn = {"ceiling": ceiling_rate(images, resize_short)}
             for workers in (1, 2):
-                rate = build_rate(source, work / f"out-{resize_short}", resize_short, workers, n)
-                best[workers] = max(best[workers], rate)
+                turn[workers] = build_rate(source, work / f"out-{resize_short}", resize_short, workers, n)
+            turns.append(turn)
         for workers in (1, 2):
-            print(f"| {resize_short} | {best['ceiling']:.0f} | {workers} | {best[workers]:.0f} "
-                  f"| {best[workers] / workers / best['ceiling']:.2f}x | {best[workers] / best[1]:.2f}x |")
+            efficiency = sorted(t[workers] / workers / t["ceiling"] for t in turns)
+            print(f"| {resize_short} | {median(t['ceiling'] for t in turns):.0f} | {workers} "
+                  f"| {median(t[workers] for t in turns):.0f} | {median(efficiency):.2f}x "
+                  f"({efficiency[0]:.2f}-{efficiency[-1]:.2f}) | {median(t[workers] / t[1] for t in turns):.2f}x |")
     if args.work is None:
         shutil.rmtree(work)
 
