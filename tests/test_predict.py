@@ -14,7 +14,7 @@ from conftest import run_cli
 from helpers import ONE_THREAD, run_main
 from PIL import Image
 
-from train import checkpoint, predict
+from train import augment, checkpoint, predict
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_probabilities_are_the_full_softmax(fitted_run: Path, images: Path) -> N
     batch = torch.from_numpy(predictor.transform(rgb, 0)[None]).permute(0, 3, 1, 2)  # HWC -> NCHW view
     assert batch.shape == (1, 3, meta["image_size"], meta["image_size"])
     with torch.no_grad():
-        full = model(predict.normalize_with(batch, meta["mean"], meta["std"])).softmax(dim=1)[0]
+        full = model(augment.normalize(batch, meta["mean"], meta["std"])).softmax(dim=1)[0]
     assert float(full.sum()) == pytest.approx(1.0, abs=1e-6)
     expected = full.topk(5)
     assert [entry["class"] for entry in top] == [meta["classes"][i] for i in expected.indices.tolist()]

@@ -140,23 +140,26 @@ def sample_seed(seed: int, epoch: int, key: str) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
-def _stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
-    return mean, std
+Stats = tuple[float, float, float] | list[float]
 
 
-def normalize(images: torch.Tensor) -> torch.Tensor:
+def _stats(images: torch.Tensor, mean: Stats, std: Stats) -> tuple[torch.Tensor, torch.Tensor]:
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    return mean_t, std_t
+
+
+def normalize(images: torch.Tensor, mean: Stats = IMAGENET_MEAN, std: Stats = IMAGENET_STD) -> torch.Tensor:
     """uint8 NCHW batch (any memory format) -> float32 (x / 255 - mean) / std, channels_last, computed on
-    images.device."""
+    images.device. `predict` passes the statistics stored in the checkpoint."""
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"expected a uint8 N x 3 x H x W batch, got {images.dtype} {tuple(images.shape)}")
-    mean, std = _stats(images)
+    mean, std = _stats(images, mean, std)
     x = images.to(dtype=torch.float32, memory_format=torch.channels_last)
     return x.div_(255.0).sub_(mean).div_(std)
 
 
 def denormalize(images: torch.Tensor) -> torch.Tensor:
-    """Inverse of `normalize`: float NCHW -> float32 in [0, 1] (for plotting)."""
-    mean, std = _stats(images)
+    """Inverse of `normalize` with ImageNet statistics: float NCHW -> float32 in [0, 1] (for plotting)."""
+    mean, std = _stats(images, IMAGENET_MEAN, IMAGENET_STD)
     return (images.float() * std + mean).clamp_(0.0, 1.0)

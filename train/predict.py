@@ -69,14 +69,6 @@ def load_rgb(path: str) -> np.ndarray:
         raise ValueError(f"cannot decode: {e}") from None
 
 
-def normalize_with(images: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
-    """uint8 NCHW -> float (x / 255 - mean) / std, with the statistics stored in the checkpoint."""
-    shape = (1, 3, 1, 1)
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=images.device).view(shape)
-    std_t = torch.tensor(std, dtype=torch.float32, device=images.device).view(shape)
-    return (images.float() / 255.0 - mean_t) / std_t
-
-
 class Predictor:
     def __init__(self, run: str, device: str | None = None) -> None:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -90,7 +82,7 @@ class Predictor:
     @torch.inference_mode()
     def top_k(self, images: list[np.ndarray], k: int = TOP_K) -> list[list[dict[str, Any]]]:
         batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).to(self.device)  # HWC images
-        probs = self.model(normalize_with(batch, self.meta["mean"], self.meta["std"])).float().softmax(dim=1)
+        probs = self.model(augment.normalize(batch, self.meta["mean"], self.meta["std"])).float().softmax(dim=1)
         values, indices = probs.topk(min(k, probs.shape[1]), dim=1)
         classes = self.meta["classes"]
         return [[{"class": classes[i], "prob": p} for i, p in zip(row_i, row_p, strict=True)]
