@@ -58,6 +58,19 @@ def eval_transform(config: Config) -> augment.Augment:
     return augment.Augment(augment.eval_transform(config.image_size, config.crop_pct))
 
 
+def train_transform(config: Config) -> augment.Augment:
+    return augment.Augment(augment.train_transform(config.augment, config.image_size, tuple(config.crop_scale)))
+
+
+def train_batches(accelerator: Accelerator, manifest: dict[str, Any], config: Config, transform: augment.Augment,
+                  epoch: int, start_batch: int = 0) -> data.Batches:
+    """This process's train batches of `epoch`, from `start_batch` on: what fit and lr-find both read."""
+    return data.train_loader(
+        config.shards, manifest, transform=transform, batch_size=config.batch_size, workers=config.workers,
+        seed=config.seed, epoch=epoch, rank=accelerator.process_index, world_size=accelerator.num_processes,
+        start_batch=start_batch, shuffle_buffer=config.shuffle_buffer)
+
+
 def model_meta(config: Config, manifest: dict[str, Any]) -> dict[str, Any]:
     """What predict / evaluate / export need to use a checkpoint with no other flags."""
     return {"arch": config.arch, "classes": manifest["classes"], "image_size": config.image_size,
@@ -164,7 +177,7 @@ def fit(config: Config) -> dict[str, Any]:
             "dir": str(run_dir), "mode": wandb_mode(config.wandb), "name": run_dir.name,
             "id": info.get("wandb_id"), "resume": "allow"}})
 
-    train_aug = augment.Augment(augment.train_transform(config.augment, config.image_size, tuple(config.crop_scale)))
+    train_aug = train_transform(config)
     for epoch in range(progress.epoch, config.epochs):
         progress.epoch = epoch
         train_metrics = train_epoch(accelerator, model, optimizer, scheduler, manifest, config, train_aug, progress,
@@ -217,10 +230,8 @@ def train_epoch(accelerator: Accelerator, model: torch.nn.Module, optimizer: Any
                 steps_per_epoch: int, log: MetricsLog, run_dir: Path) -> dict[str, Any]:
     """One epoch (or the rest of one, after a resume); returns exact train metrics over all ranks."""
     epoch = progress.epoch
-    loader = data.train_loader(
-        config.shards, manifest, transform=transform, batch_size=config.batch_size, workers=config.workers,
-        seed=config.seed, epoch=epoch, rank=accelerator.process_index, world_size=accelerator.num_processes,
-        start_batch=progress.step_in_epoch * config.grad_accum, shuffle_buffer=config.shuffle_buffer)
+    start_batch = progress.step_in_epoch * config.grad_accum
+    loader = train_batches(accelerator, manifest, config, transform, epoch, start_batch)
     remaining = (steps_per_epoch - progress.step_in_epoch) * config.grad_accum
     totals = Totals(accelerator.device)
     if accelerator.is_main_process:
@@ -383,12 +394,9 @@ def write_evaluation_report(accelerator: Accelerator, result: dict[str, Any], cl
 
 def _train_stream(accelerator: Accelerator, manifest: dict[str, Any], config: Config) -> Iterator[dict[str, Any]]:
     """fit's train batches (same augmentation, order, rank split), epoch after epoch, endlessly."""
-    transform = augment.Augment(augment.train_transform(config.augment, config.image_size, tuple(config.crop_scale)))
+    transform = train_transform(config)
     for epoch in itertools.count():
-        yield from data.train_loader(
-            config.shards, manifest, transform=transform, batch_size=config.batch_size, workers=config.workers,
-            seed=config.seed, epoch=epoch, rank=accelerator.process_index, world_size=accelerator.num_processes,
-            shuffle_buffer=config.shuffle_buffer)
+        yield from train_batches(accelerator, manifest, config, transform, epoch)
 
 
 def lr_find(accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, manifest: dict[str, Any],
