@@ -4,9 +4,10 @@
     python bench/loader.py --shards shards/cub256 --workers 16 --seconds 20   # ours only, any shard set
 
 baseline: torchvision ImageFolder + PIL + the notebook's transforms (Resize 224, RandomRotation 5, flip,
-          RandomCrop 224 pad 10, ToTensor, Normalize) over the original JPEGs of the train split.
+          RandomCrop 224 pad 10, ToTensor, Normalize) over the original JPEGs of the train split; one
+          DataLoader iterated epoch after epoch, as the notebook does (its workers start each epoch).
 ours:     `train.data.train_loader` over the same train split (tar shards, simplejpeg, Albumentations
-          "standard", uint8 out).
+          "standard", uint8 out); one loader over many epochs, as `fit` reads it (workers start once).
 Same worker counts side by side, taking turns; the ratio is per core. Goals (issue 3): >= 4.5x on shards
 resized to 256, >= 2.5x on original-size shards. Prints `loader img/s: X` (ours, last row) for scripts.
 """
@@ -14,11 +15,13 @@ resized to 256, >= 2.5x on original-size shards. Prints `loader img/s: X` (ours,
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterator
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -35,37 +38,37 @@ from train import augment, data  # noqa: E402
 
 BATCH = 64
 REPEATS = 3
+EPOCHS = 1000  # more than any measurement reads
 WORKERS = (0, 1, 2)  # 0: everything in the main process, the stream's own per-core speed without IPC
 
 
-def rate(make_batches: Callable[[int], Iterable], seconds: float) -> float:
-    """Images/s over `seconds`, after the first batch (worker start-up) and across epochs."""
-    images, start, epoch = 0, None, 0
-    while True:
-        for batch in make_batches(epoch):
-            if start is None:
-                start = time.perf_counter()
-                continue
+def rate(batches: Iterator, seconds: float) -> float:
+    """Images/s over `seconds`, after the first batch (worker start-up), across epochs."""
+    with contextlib.closing(batches):  # stops the workers
+        next(batches)
+        images, start = 0, time.perf_counter()
+        for batch in batches:
             images += len(batch[1] if isinstance(batch, list) else batch["label"])
             if time.perf_counter() - start >= seconds:
-                return images / (time.perf_counter() - start)
-        epoch += 1
+                break
+        return images / (time.perf_counter() - start)
 
 
-def notebook_batches(images_dir: Path, keep: set[str], size: int, workers: int) -> Callable[[int], Iterable]:
+def notebook_batches(images_dir: Path, keep: set[str], size: int, workers: int) -> Iterator:
     tf = transforms.Compose([
         transforms.Resize((size, size)), transforms.RandomRotation(5), transforms.RandomHorizontalFlip(),
         transforms.RandomCrop(size, padding=10), transforms.ToTensor(),
         transforms.Normalize(augment.IMAGENET_MEAN, augment.IMAGENET_STD)])
     dataset = datasets.ImageFolder(str(images_dir), transform=tf, is_valid_file=lambda path: path in keep)
-    return lambda epoch: torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=workers)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=workers)
+    return (batch for _ in itertools.count() for batch in loader)
 
 
-def our_batches(shards: str, size: int, workers: int) -> Callable[[int], Iterable]:
+def our_batches(shards: str, size: int, workers: int) -> Iterator:
     manifest = load_manifest(shards)
     transform = augment.Augment(augment.train_transform("standard", size))
-    return lambda epoch: data.train_loader(shards, manifest, transform=transform, batch_size=BATCH, workers=workers,
-                                           seed=0, epoch=epoch, rank=0, world_size=1)
+    return iter(data.train_loader(shards, manifest, transform=transform, batch_size=BATCH, workers=workers,
+                                  seed=0, epoch=0, rank=0, world_size=1, epochs=EPOCHS))
 
 
 def compare(work: Path, size: int, seconds: float, per_class: int) -> float:
@@ -84,8 +87,8 @@ def compare(work: Path, size: int, seconds: float, per_class: int) -> float:
         for workers in WORKERS:
             pipelines = {"notebook": notebook_batches(source / "images", train_images, size, workers)}
             pipelines |= {str(r): our_batches(str(work / f"shards-{r}"), size, workers) for r in options}
-            for name, make_batches in pipelines.items():
-                best[name, workers] = max(best.get((name, workers), 0.0), rate(make_batches, seconds))
+            for name, batches in pipelines.items():  # each starts its workers when rate() first reads it
+                best[name, workers] = max(best.get((name, workers), 0.0), rate(batches, seconds))
     print("| shards | workers | notebook img/s | ours img/s | ratio |\n|---|---:|---:|---:|---:|")
     for resize_short in options:
         label = f"resize-short {resize_short}" if resize_short else "original size"

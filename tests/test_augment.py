@@ -15,6 +15,7 @@ from train.augment import (
     denormalize,
     eval_transform,
     normalize,
+    pcg64_state,
     sample_seed,
     train_transform,
 )
@@ -68,6 +69,20 @@ def test_different_seeds_differ_for_standard(image):
     augment = Augment(train_transform("standard", SIZE))
     outputs = {augment(image, seed=s).tobytes() for s in range(10)}
     assert len(outputs) == 10
+
+
+def test_numpy_generator_state_is_seeded_apart():
+    """Augment sets PCG64 states itself (splitmix64): nearby seeds must give unrelated, uniform draws."""
+    draws = []
+    for seed in range(2000):
+        generator = np.random.Generator(np.random.PCG64())
+        generator.bit_generator.state = pcg64_state(seed)
+        draws.append(generator.random(2))
+    draws = np.array(draws)
+    assert len({tuple(d) for d in draws}) == 2000
+    assert abs(draws.mean() - 0.5) < 0.02 and abs(draws.std() - 12 ** -0.5) < 0.02
+    assert abs(np.corrcoef(draws[:-1, 0], draws[1:, 0])[0, 1]) < 0.1  # seed s vs seed s + 1
+    assert pcg64_state(7) == pcg64_state(7) and pcg64_state(7)["state"]["inc"] % 2 == 1
 
 
 def test_flip_and_colour_jitter_are_drawn_independently():

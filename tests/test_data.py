@@ -232,6 +232,20 @@ def test_resume_continues_the_uninterrupted_epoch(shards: Path, world_size: int,
     assert flat(resumed) == flat(full[start:])
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")
+@pytest.mark.parametrize(("workers", "start"), [(0, 0), (3, 0), (3, 5), (2, 7)])
+def test_one_loader_over_epochs_equals_one_loader_per_epoch(shards: Path, workers: int, start: int) -> None:
+    """35 samples in batches of 4: 8 batches an epoch, which 3 workers do not divide (their roles rotate)."""
+    args = {"workers": workers, "seed": 3}
+    per_epoch = train(shards, epoch=2, start_batch=start, **args) + train(shards, epoch=3, **args) + \
+        train(shards, epoch=4, **args)
+    together = train(shards, epoch=2, start_batch=start, epochs=3, **args)
+    assert len(together) == 3 * 8 - start
+    assert flat(together) == flat(per_epoch)
+    with pytest.raises(ValueError, match="epochs must be >= 1"):
+        train(shards, epochs=0)
+
+
 # ---------------------------------------------------------------- eval coverage
 
 
@@ -249,6 +263,25 @@ def test_eval_reads_every_sample_exactly_once(shards: Path, workers: int) -> Non
                     [derive_seed(0, 0, key) & 0xFFFFFF for key in batch["key"]]
             keys += [key for batch in batches for key in batch["key"]]
         assert sorted(keys) == expected, (world_size, workers)
+
+
+def test_ring_buffers_are_reused_but_never_overwrite_what_the_consumer_keeps(shards: Path) -> None:
+    """Workers stack batches into RING_SLOTS reusable shared buffers; a slot is reused only once nothing in
+    the main process refers to its memory (kept batches and views of them included)."""
+    expected = flat(train(shards, batch_size=2))  # no workers: no shared buffers
+    loader = train_loader(str(shards), load_manifest(str(shards)), transform=tiny_transform, batch_size=2,
+                          workers=1, seed=0, epoch=0, rank=0, world_size=1, shuffle_buffer=8)
+    assert len(loader) > 2 * data.RING_SLOTS
+
+    streamed = [row for batch in loader for row in flat([batch])]  # each batch dropped after use
+    assert streamed == expected and loader.ring_misses == 0
+
+    kept = list(loader)  # every batch kept: the ring fills, later batches come in fresh shared memory
+    assert flat(kept) == expected and loader.ring_misses == len(loader) - data.RING_SLOTS
+
+    views = [batch["image"][0] for batch in loader]  # a view keeps its slot just as the batch does
+    assert [v.numpy().tobytes() for v in views] == [row[1] for row in expected[::2]]
+    assert loader.ring_misses == 2 * (len(loader) - data.RING_SLOTS)
 
 
 @pytest.mark.parametrize("shape", [(3, 8, 8), (8, 8)])

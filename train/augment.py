@@ -8,10 +8,11 @@ exactly the channels_last layout the model runs in, so no worker ever transposes
 Determinism: `Augment(image, seed)` is a pure function of (image, seed). Albumentations 2.x gives every
 transform its own `random_generator` (numpy) and `py_random` (python) attributes; `Compose.set_random_seed`
 would seed each transform's generators with the *same* seed, so every transform would see the same first
-draws (flip and colour jitter, both p=0.5, would always happen together). Instead each call builds one
-fresh pair of generators from the seed and shares it across the whole pipeline with
-`Compose.set_random_state`, so the draws are sequential, independent of earlier calls, and identical in
-any process.
+draws (flip and colour jitter, both p=0.5, would always happen together). Instead one pair of generators is
+shared across the whole pipeline (`Compose.set_random_state`) and re-seeded from the seed on every call, so
+the draws are sequential, independent of earlier calls, and identical in any process. The numpy generator
+gets its PCG64 state straight from splitmix64 of the seed: seeding it through numpy's SeedSequence would
+cost 20 us an image, 2% of the whole train stream.
 """
 
 from __future__ import annotations
@@ -109,11 +110,30 @@ class Augment:
 
     def __init__(self, transform: A.Compose) -> None:
         self.transform = transform
+        self.numpy_random = np.random.Generator(np.random.PCG64())
+        self.py_random = random.Random()
+        transform.set_random_state(self.numpy_random, self.py_random)
 
     def __call__(self, image: np.ndarray, seed: int) -> np.ndarray:
         image = _as_rgb_uint8(image)
-        self.transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
+        self.py_random.seed(seed)
+        self.numpy_random.bit_generator.state = pcg64_state(seed)
         return np.ascontiguousarray(self.transform(image=image)["image"])
+
+
+MASK64 = (1 << 64) - 1
+
+
+def pcg64_state(seed: int) -> dict[str, object]:
+    """numpy's PCG64 state dict (128-bit state, odd increment) from four splitmix64 outputs of `seed`."""
+    x, words = seed & MASK64, []
+    for _ in range(4):
+        x = (x + 0x9E3779B97F4A7C15) & MASK64
+        z = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+        words.append(z ^ (z >> 31))
+    return {"bit_generator": "PCG64", "has_uint32": 0, "uinteger": 0,
+            "state": {"state": words[0] << 64 | words[1], "inc": words[2] << 64 | words[3] | 1}}
 
 
 def _as_rgb_uint8(image: np.ndarray) -> np.ndarray:

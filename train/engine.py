@@ -7,7 +7,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -58,17 +58,15 @@ def eval_transform(config: Config) -> augment.Augment:
     return augment.Augment(augment.eval_transform(config.image_size, config.crop_pct))
 
 
-def train_transform(config: Config) -> augment.Augment:
-    return augment.Augment(augment.train_transform(config.augment, config.image_size, tuple(config.crop_scale)))
-
-
-def train_batches(accelerator: Accelerator, manifest: dict[str, Any], config: Config, transform: augment.Augment,
-                  epoch: int, start_batch: int = 0) -> data.Batches:
-    """This process's train batches of `epoch`, from `start_batch` on: what fit and lr-find both read."""
-    return data.train_loader(
+def train_batches(accelerator: Accelerator, manifest: dict[str, Any], config: Config, epoch: int,
+                  start_batch: int, epochs: int) -> Generator[dict[str, Any], None, None]:
+    """This process's train batches of `epochs` epochs from batch `start_batch` of `epoch` on, as one stream
+    (workers start once): what fit and lr-find both read. Close it to stop its workers."""
+    transform = augment.Augment(augment.train_transform(config.augment, config.image_size, tuple(config.crop_scale)))
+    return iter(data.train_loader(
         config.shards, manifest, transform=transform, batch_size=config.batch_size, workers=config.workers,
         seed=config.seed, epoch=epoch, rank=accelerator.process_index, world_size=accelerator.num_processes,
-        start_batch=start_batch, shuffle_buffer=config.shuffle_buffer)
+        start_batch=start_batch, epochs=epochs, shuffle_buffer=config.shuffle_buffer))
 
 
 def model_meta(config: Config, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -177,10 +175,12 @@ def fit(config: Config) -> dict[str, Any]:
             "dir": str(run_dir), "mode": wandb_mode(config.wandb), "name": run_dir.name,
             "id": info.get("wandb_id"), "resume": "allow"}})
 
-    train_aug = train_transform(config)
+    stream = train_batches(accelerator, manifest, config, progress.epoch,
+                           start_batch=progress.step_in_epoch * config.grad_accum,
+                           epochs=max(config.epochs - progress.epoch, 1))  # workers start on the first batch
     for epoch in range(progress.epoch, config.epochs):
         progress.epoch = epoch
-        train_metrics = train_epoch(accelerator, model, optimizer, scheduler, manifest, config, train_aug, progress,
+        train_metrics = train_epoch(accelerator, model, optimizer, scheduler, stream, config, progress,
                                     steps_per_epoch, log, run_dir)
         valid = evaluate(accelerator, model, config.shards, manifest, "valid", eval_transform(config),
                          config.eval_batch_size or config.batch_size, config.workers)
@@ -197,6 +197,7 @@ def fit(config: Config) -> dict[str, Any]:
         progress.epoch, progress.step_in_epoch = epoch + 1, 0
         progress.partial, progress.partial_bad = [0.0] * 4, 0
         checkpoint.save_checkpoint(accelerator, run_dir, progress.__dict__, config.keep_checkpoints)
+    stream.close()
 
     results = final_results(accelerator, model, manifest, config, progress, run_dir)
     log.write({"kind": "test", "step": progress.global_step, "test": results["test"]})
@@ -226,12 +227,11 @@ class Throughput:
 
 
 def train_epoch(accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, scheduler: Any,
-                manifest: dict[str, Any], config: Config, transform: augment.Augment, progress: Progress,
-                steps_per_epoch: int, log: MetricsLog, run_dir: Path) -> dict[str, Any]:
-    """One epoch (or the rest of one, after a resume); returns exact train metrics over all ranks."""
+                stream: Iterator[dict[str, Any]], config: Config, progress: Progress, steps_per_epoch: int,
+                log: MetricsLog, run_dir: Path) -> dict[str, Any]:
+    """One epoch (or the rest of one, after a resume) from `stream`; returns exact train metrics over all
+    ranks."""
     epoch = progress.epoch
-    start_batch = progress.step_in_epoch * config.grad_accum
-    loader = train_batches(accelerator, manifest, config, transform, epoch, start_batch)
     remaining = (steps_per_epoch - progress.step_in_epoch) * config.grad_accum
     totals = Totals(accelerator.device)
     if accelerator.is_main_process:
@@ -242,7 +242,7 @@ def train_epoch(accelerator: Accelerator, model: torch.nn.Module, optimizer: Any
     rank_batches = 0  # batches this rank ran; gathered at the end, so a user sees every rank took the same
     with tqdm(total=steps_per_epoch, initial=progress.step_in_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
               disable=not accelerator.is_main_process, dynamic_ncols=True) as bar:
-        for batch in throughput.timed(itertools.islice(loader, remaining)):
+        for batch in throughput.timed(itertools.islice(stream, remaining)):
             logits, labels, loss = _train_step(accelerator, model, optimizer, batch, config)
             totals.add(logits, labels, loss * labels.numel())
             bad += batch["bad"]
@@ -392,18 +392,15 @@ def write_evaluation_report(accelerator: Accelerator, result: dict[str, Any], cl
     accelerator.print(f"{title} report: {out}/ (metrics.json, predictions.csv, {', '.join(report.PLOTS)})")
 
 
-def _train_stream(accelerator: Accelerator, manifest: dict[str, Any], config: Config) -> Iterator[dict[str, Any]]:
-    """fit's train batches (same augmentation, order, rank split), epoch after epoch, endlessly."""
-    transform = train_transform(config)
-    for epoch in itertools.count():
-        yield from train_batches(accelerator, manifest, config, transform, epoch)
-
-
 def lr_find(accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, manifest: dict[str, Any],
             config: Config) -> lr_finder.RangeTest:
     """The LR range test (config.lr_find_*) with fit's data stream, train step (precision, accumulation,
     clipping) and param groups; model, optimizer, gradient scaler and accumulation counter are restored."""
-    stream = _train_stream(accelerator, manifest, config)
+    per_epoch = data.train_batches_per_epoch(manifest["splits"]["train"]["num_samples"], config.batch_size,
+                                             accelerator.num_processes)
+    # fit's train batches (same augmentation, order, rank split) from epoch 0, enough for every step
+    epochs = -(-config.lr_find_steps * config.grad_accum // per_epoch)
+    stream = train_batches(accelerator, manifest, config, 0, start_batch=0, epochs=epochs)
 
     def step() -> float:
         total = torch.zeros((), device=accelerator.device)
