@@ -71,6 +71,15 @@ def test_different_seeds_differ_for_standard(image):
     assert len(outputs) == 10
 
 
+def test_two_augments_sharing_one_compose_stay_deterministic(image):
+    shared = train_transform("standard", SIZE)
+    first, second = Augment(shared), Augment(shared)
+    alone = Augment(train_transform("standard", SIZE))
+    assert [first(image, seed=s).tobytes() for s in (1, 2)] == [alone(image, seed=s).tobytes() for s in (1, 2)]
+    second(image, seed=9)
+    assert first(image, seed=1).tobytes() == alone(image, seed=1).tobytes()
+
+
 def test_numpy_generator_state_is_seeded_apart():
     """Augment sets PCG64 states itself (splitmix64): nearby seeds must give unrelated, uniform draws."""
     draws = []

@@ -112,10 +112,11 @@ class Augment:
         self.transform = transform
         self.numpy_random = np.random.Generator(np.random.PCG64())
         self.py_random = random.Random()
-        transform.set_random_state(self.numpy_random, self.py_random)
 
     def __call__(self, image: np.ndarray, seed: int) -> np.ndarray:
         image = _as_rgb_uint8(image)
+        if self.transform.py_random is not self.py_random:  # first call, or another Augment shares the Compose
+            self.transform.set_random_state(self.numpy_random, self.py_random)
         self.py_random.seed(seed)
         self.numpy_random.bit_generator.state = pcg64_state(seed)
         return np.ascontiguousarray(self.transform(image=image)["image"])
