@@ -10,7 +10,7 @@ from accelerate.utils import set_seed
 
 from pipeline.errors import UserError
 from pipeline.manifest import load_manifest
-from train import augment, checkpoint, data, engine, report
+from train import augment, checkpoint, engine, report
 from train.config import Config
 
 
@@ -18,8 +18,7 @@ def lr_find(config: Config, out: Path) -> float:
     """The LR range test on fit's stream, model, groups and precision; lr_find.{json,png} in `out`."""
     accelerator = engine.make_accelerator(config, with_tracker=False)
     manifest = load_manifest(config.shards)
-    data.train_batches_per_epoch(manifest["splits"]["train"]["num_samples"], config.batch_size,
-                                 accelerator.num_processes)  # one-line error when a batch does not fit
+    engine.batches_per_epoch(accelerator, manifest, config)  # one-line error when a batch does not fit
     set_seed(config.seed)
     model, optimizer = engine.build_model_and_optimizer(accelerator, config, manifest)
     model, optimizer = accelerator.prepare(model, optimizer)

@@ -58,6 +58,12 @@ def eval_transform(config: Config) -> augment.Augment:
     return augment.Augment(augment.eval_transform(config.image_size, config.crop_pct))
 
 
+def batches_per_epoch(accelerator: Accelerator, manifest: dict[str, Any], config: Config) -> int:
+    """Train batches each process runs per epoch; a one-line error when one global batch does not fit."""
+    return data.train_batches_per_epoch(manifest["splits"]["train"]["num_samples"], config.batch_size,
+                                        accelerator.num_processes)
+
+
 def train_batches(accelerator: Accelerator, manifest: dict[str, Any], config: Config, epoch: int,
                   start_batch: int, epochs: int) -> Generator[dict[str, Any], None, None]:
     """This process's train batches of `epochs` epochs from batch `start_batch` of `epoch` on, as one stream
@@ -146,7 +152,7 @@ def fit(config: Config) -> dict[str, Any]:
 
     model, optimizer = build_model_and_optimizer(accelerator, config, manifest)
     world = accelerator.num_processes
-    batches = data.train_batches_per_epoch(manifest["splits"]["train"]["num_samples"], config.batch_size, world)
+    batches = batches_per_epoch(accelerator, manifest, config)
     steps_per_epoch = batches // config.grad_accum
     if steps_per_epoch < 1:
         raise UserError(f"--grad-accum {config.grad_accum} exceeds the {batches} batches of an epoch")
@@ -396,10 +402,8 @@ def lr_find(accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, ma
             config: Config) -> lr_finder.RangeTest:
     """The LR range test (config.lr_find_*) with fit's data stream, train step (precision, accumulation,
     clipping) and param groups; model, optimizer, gradient scaler and accumulation counter are restored."""
-    per_epoch = data.train_batches_per_epoch(manifest["splits"]["train"]["num_samples"], config.batch_size,
-                                             accelerator.num_processes)
     # fit's train batches (same augmentation, order, rank split) from epoch 0, enough for every step
-    epochs = -(-config.lr_find_steps * config.grad_accum // per_epoch)
+    epochs = -(-config.lr_find_steps * config.grad_accum // batches_per_epoch(accelerator, manifest, config))
     stream = train_batches(accelerator, manifest, config, 0, start_batch=0, epochs=epochs)
 
     def step() -> float:
