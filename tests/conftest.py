@@ -2,45 +2,19 @@
 
 from __future__ import annotations
 
-import functools
-import http.server
-import os
+import contextlib
 import shutil
-import subprocess
-import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support import ROOT, assert_one_line_error, run_cli, serve  # noqa: F401 - re-exported for test modules
 
 from pipeline.synth import synth
 from pipeline.writer import BuildOptions, build
 
-ROOT = Path(__file__).resolve().parents[1]
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-
 SMALL = {"classes": 6, "per_class": 10, "seed": 0}
 SMALL_OPTIONS = BuildOptions(resize_short=96, shard_samples=7)
-
-
-def run_cli(*args: str, timeout: float = 300, env: dict[str, str] | None = None,
-            cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run `python -m ...` as a user would; output captured as text."""
-    full_env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout,
-                          env=full_env, cwd=cwd or ROOT)
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
-    """A user error: non-zero exit, no traceback, one `error:` line naming the problem."""
-    assert result.returncode != 0, result.stdout
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="session")
@@ -65,27 +39,11 @@ def shard_set(cub_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return out
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args: object) -> None:
-        """Keep test output clean."""
-
-
 @pytest.fixture
 def http_root() -> Iterator[callable]:
-    """Start a loopback HTTP server over a directory; returns a function dir -> base URL. Stopped after the test."""
-    servers = []
-
-    def serve(directory: Path) -> str:
-        handler = functools.partial(_QuietHandler, directory=str(directory))
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.server_address[1]}"
-
-    yield serve
-    for server in servers:
-        server.shutdown()
-        server.server_close()
+    """Start loopback HTTP servers over directories; returns a function dir -> base URL. Stopped after the test."""
+    with contextlib.ExitStack() as stack:
+        yield lambda directory: stack.enter_context(serve(directory)).url
 
 
 TRAIN_SYNTH = {"classes": 6, "per_class": 24, "seed": 1}

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,24 +15,14 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import psutil
-from conftest import ROOT
+from support import ROOT, free_port, launch_env  # noqa: F401 - free_port re-exported
 
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 TAG = "CUBSTREAM_TEST_GROUP"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def env(tmp: Path, **extra: str) -> dict[str, str]:
-    """CPU-only, one thread per process (2 shared cores), no W&B, and no user-level accelerate config
-    (HF_HOME points into the test's directory)."""
-    return {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
-            "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "true", "WANDB_MODE": "disabled",
-            "WANDB_SILENT": "true", "HF_HOME": str(tmp / "hf_home"), "PYTHONUNBUFFERED": "1", **extra}
+    return launch_env(tmp, **extra)
 
 
 def launch_args(num_processes: int, port: int, num_machines: int = 1, machine_rank: int = 0) -> list[str]:
