@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# torch first, pinned: an unpinned torch would make pip fetch several GB (see DESIGN 5).
+# torch first, pinned: an unpinned torch would make pip fetch several GB of CUDA wheels.
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
 export NO_ALBUMENTATIONS_UPDATE := 1
@@ -14,7 +14,7 @@ DEMO_DATA ?= data/demo
 DEMO_SHARDS ?= shards/demo
 DEMO_RUN ?= runs/demo
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test test-fast test-slow lint demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,13 @@ lint: install
 
 test: install lint
 	$(PY) -m pytest -q tests
+
+# Everything but the multi-process, multi-node and end-to-end tests marked slow; then only those.
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-slow: install
+	$(PY) -m pytest -q -m slow tests
 
 # synth -> shards -> fit (resnet18 from scratch, CPU-friendly) -> test top-1/top-5.
 demo: install

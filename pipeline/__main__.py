@@ -1,16 +1,25 @@
-"""`python -m pipeline {synth,download,build,merge,verify,inspect}` (DESIGN 4)."""
+"""`python -m pipeline {synth,download,build,merge,verify,inspect}`: CUB-200-2011 to checked WebDataset shards."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from pipeline.errors import UserError, report_errors
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the house error format: the usage, then one `error:` line naming the option."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"error: {self.prog}: {message}\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
+    parser = _Parser(prog="python -m pipeline", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("synth", help="make a small CUB-layout dataset of drawn, learnable birds")
@@ -24,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--url", default=None, help="a mirror (default: the official Caltech address)")
     p.add_argument("--md5", default=None, help="expected MD5 of the archive (default: the official one)")
+    _add_extract_limits(p)
+    _add_io_timeout(p)
 
     p = commands.add_parser("build", help="write WebDataset shards + manifest.json from CUB")
     p.add_argument("--source", type=Path, required=True, help="the CUB_200_2011 directory or CUB_200_2011.tgz")
@@ -40,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad", action="store_true", help="leave out bad images, recorded in manifest.skipped")
     p.add_argument("--overwrite", action="store_true", help="replace a shard set built with other options")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_extract_limits(p)
 
     p = commands.add_parser("merge", help="after J build jobs: check every part and shard, write manifest.json")
     p.add_argument("out", type=Path)
@@ -48,14 +60,46 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("location", help="shards/NAME, an http(s) base URL, or 'pipe:COMMAND {}' (e.g. "
                    "'pipe:aws s3 cp s3://BUCKET/PREFIX/{} -')")
     p.add_argument("--quiet", action="store_true")
+    _add_io_timeout(p)
 
     p = commands.add_parser("inspect", help="per split: samples, shards, bytes, classes")
     p.add_argument("location", help="shards/NAME, an http(s) base URL, or 'pipe:COMMAND {}' (e.g. "
                    "'pipe:aws s3 cp s3://BUCKET/PREFIX/{} -')")
+    _add_io_timeout(p)
     return parser
 
 
+def _add_io_timeout(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--io-timeout", type=float, default=None, metavar="SECONDS",
+                   help="a remote read that makes no progress for this long stops with an error "
+                        "(default: $CUBSTREAM_IO_TIMEOUT, else 60)")
+
+
+def _add_extract_limits(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-extract-gb", type=float, default=None, metavar="GB",
+                   help="refuse a .tgz that unpacks to more (default: $CUBSTREAM_MAX_EXTRACT_GB, else 5)")
+    p.add_argument("--max-extract-files", type=int, default=None, metavar="N",
+                   help="refuse a .tgz with more members (default: $CUBSTREAM_MAX_EXTRACT_FILES, else 50000)")
+
+
+def _set_limits(args: argparse.Namespace) -> None:
+    """--io-timeout and --max-extract-* become environment variables, read where files are opened or
+    unpacked (and inherited by every process started from here)."""
+    import os
+
+    from pipeline.archive import MAX_EXTRACT_FILES_ENV, MAX_EXTRACT_GB_ENV, extract_limits
+    from pipeline.remote import set_io_timeout
+
+    set_io_timeout(getattr(args, "io_timeout", None))
+    for option, name in (("max_extract_gb", MAX_EXTRACT_GB_ENV), ("max_extract_files", MAX_EXTRACT_FILES_ENV)):
+        value = getattr(args, option, None)
+        if value is not None:
+            os.environ[name] = str(value)
+    extract_limits()  # a bad value is refused before any work
+
+
 def run(args: argparse.Namespace) -> int:
+    _set_limits(args)
     if args.command == "synth":
         from pipeline.synth import synth
 
@@ -67,8 +111,10 @@ def run(args: argparse.Namespace) -> int:
         kwargs = {k: v for k, v in (("url", args.url), ("md5", args.md5)) if v}
         print(f"wrote {download.download(args.out, **kwargs)}")
     elif args.command == "build":
-        from pipeline.writer import BuildOptions, build
+        from pipeline.writer import BuildOptions, build, check_job_args, check_out
 
+        check_job_args(args.num_jobs, args.job_index, args.workers)  # every option checked before any work
+        check_out(args.out)
         options = BuildOptions(args.valid_fraction, args.seed, args.resize_short, args.crop_bbox, args.quality,
                                args.shard_samples)
         manifest = build(args.source, args.out, options, workers=args.workers, num_jobs=args.num_jobs,

@@ -8,16 +8,26 @@ to write outside the destination, through `..`, absolute names, links (also chai
 from __future__ import annotations
 
 import gzip
+import math
 import os
+import shutil
 import stat
 import tarfile
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from pipeline.errors import UserError
 
 CUB_DIRNAME = "CUB_200_2011"
+# CUB_200_2011.tgz (1.1 GB) unpacks to about 1.2 GB in about 12,000 members: the default limits leave about
+# four times that, and stop an archive that would fill the disk or its inodes (a few MB of gzip can claim
+# hundreds of GB of zeros).
+DEFAULT_MAX_EXTRACT_GB = 5.0
+DEFAULT_MAX_EXTRACT_FILES = 50_000
+MAX_EXTRACT_GB_ENV = "CUBSTREAM_MAX_EXTRACT_GB"
+MAX_EXTRACT_FILES_ENV = "CUBSTREAM_MAX_EXTRACT_FILES"
 ROOT_MARKER = "images.txt"
 MAX_LINK_DEPTH = 40
 
@@ -78,30 +88,142 @@ def _add_normalized(tar: tarfile.TarFile, path: Path, name: str) -> None:
 # ---------------------------------------------------------------- extraction
 
 
-def safe_extract(tgz_path: Path, dest: Path) -> None:
+@dataclass(frozen=True)
+class ExtractLimits:
+    """The most an archive may unpack to, checked from the member headers before anything is written."""
+
+    max_bytes: int
+    max_members: int
+
+
+def extract_limits() -> ExtractLimits:
+    """The limits from MAX_EXTRACT_GB_ENV / MAX_EXTRACT_FILES_ENV (set by --max-extract-gb and
+    --max-extract-files), else the defaults."""
+    gb = _env_number(MAX_EXTRACT_GB_ENV, "--max-extract-gb", DEFAULT_MAX_EXTRACT_GB)
+    files = _env_number(MAX_EXTRACT_FILES_ENV, "--max-extract-files", DEFAULT_MAX_EXTRACT_FILES)
+    if files != int(files):
+        raise UserError(f"--max-extract-files ({MAX_EXTRACT_FILES_ENV}) must be a whole number, got {files:g}")
+    return ExtractLimits(int(gb * 1e9), int(files))
+
+
+def _env_number(name: str, option: str, default: float) -> float:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise UserError(f"{option} ({name}) must be a number > 0, got {text!r}")
+    return value
+
+
+def safe_extract(tgz_path: Path, dest: Path, limits: ExtractLimits | None = None) -> None:
     """Extract a .tgz/.tar into `dest` after checking ALL members; refuse the archive if one is unsafe.
 
     Refused (UserError naming the member): absolute names, `..` components, links whose target lands
-    outside `dest` (resolving links inside the archive too), devices and fifos. A corrupt or truncated
-    archive is a UserError naming the file.
+    outside `dest` (resolving links inside the archive too), devices and fifos. Refused too (one line
+    naming the archive and the limit): more members or more bytes written than `limits` (default:
+    `extract_limits()`), or more bytes than the free space at `dest`. All of it is judged from the member
+    headers before anything is written; reading stops at the first header past a limit, so a small archive
+    claiming terabytes is not inflated to count them. A corrupt or truncated archive is a UserError naming
+    the file. On any failure nothing extracted is left behind.
     """
     tgz_path, dest = Path(tgz_path), Path(dest)
+    limits = limits or extract_limits()
     if not tgz_path.is_file():
         raise UserError(f"{tgz_path}: no such archive")
+    created = _Created(dest)
     try:
         with tarfile.open(tgz_path, mode="r:*") as tar:
-            members = tar.getmembers()
+            members, total = _read_headers(tar, tgz_path, limits)
             _check_members(members)
-            dest.mkdir(parents=True, exist_ok=True)
+            _check_space(tgz_path, dest, total)
+            created.make_dest()
             tar.extractall(dest, members=members, filter="data")
-    except UserError:
+    except BaseException as e:
+        created.remove()
+        if isinstance(e, UserError | KeyboardInterrupt):
+            raise
+        if isinstance(e, tarfile.FilterError):
+            raise UserError(f"{tgz_path}: unsafe member refused while extracting: {_one_line(e)}") from None
+        if isinstance(e, tarfile.TarError | EOFError | zlib.error | gzip.BadGzipFile):
+            raise UserError(f"{tgz_path}: corrupt, truncated or not a tar archive ({_one_line(e)})") from None
+        if isinstance(e, OSError):
+            raise UserError(f"{tgz_path}: extracting into {dest} failed ({e})") from None
         raise
-    except tarfile.FilterError as e:
-        raise UserError(f"{tgz_path}: unsafe member refused while extracting: {_one_line(e)}") from None
-    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
-        raise UserError(f"{tgz_path}: corrupt, truncated or not a tar archive ({_one_line(e)})") from None
-    except OSError as e:
-        raise UserError(f"{tgz_path}: extracting into {dest} failed ({e})") from None
+
+
+class _Created:
+    """What an extraction adds to `dest`, so that a failed one can take exactly that away again."""
+
+    def __init__(self, dest: Path) -> None:
+        self.dest = dest
+        self.dest_existed = dest.exists()
+        self.before = set(os.listdir(dest)) if dest.is_dir() else set()
+
+    def make_dest(self) -> None:
+        self.dest.mkdir(parents=True, exist_ok=True)
+
+    def remove(self) -> None:
+        if not self.dest.is_dir():
+            return
+        if not self.dest_existed:
+            shutil.rmtree(self.dest, ignore_errors=True)
+            return
+        for name in set(os.listdir(self.dest)) - self.before:
+            path = self.dest / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def _read_headers(tar: tarfile.TarFile, tgz_path: Path, limits: ExtractLimits) -> tuple[list[tarfile.TarInfo], int]:
+    """Every member header and the bytes the members unpack to; a UserError as soon as a limit is passed."""
+    members: list[tarfile.TarInfo] = []
+    sizes: dict[str, int] = {}
+    total = 0
+    while (member := tar.next()) is not None:
+        members.append(member)
+        if len(members) > limits.max_members:
+            raise UserError(f"{tgz_path}: more than {limits.max_members} members, over the limit; if the "
+                            f"archive is trusted, raise it with --max-extract-files ({MAX_EXTRACT_FILES_ENV})")
+        size = _unpacked_size(member, sizes)
+        sizes[_normalized(member.name)] = size
+        total += size
+        if total > limits.max_bytes:
+            raise UserError(f"{tgz_path}: unpacks to more than {_gb(limits.max_bytes)}, over the limit; if the "
+                            f"archive is trusted, raise it with --max-extract-gb ({MAX_EXTRACT_GB_ENV})")
+    return members, total
+
+
+def _unpacked_size(member: tarfile.TarInfo, sizes: dict[str, int]) -> int:
+    """The bytes extracting `member` writes. A sparse file writes each piece of its map at its offset, and
+    the map, not the size field, says how much: a map of gigabytes under a "10 byte" header would fill the
+    disk before the file is truncated to its size. A hard link counts as a copy of its target, which is
+    what it becomes where the file system has no hard links."""
+    if member.islnk():
+        return sizes.get(_normalized(member.linkname), 0)
+    if not member.isfile():
+        return 0
+    if member.sparse:
+        pieces = sum(size for _, size in member.sparse)
+        end = max((offset + size for offset, size in member.sparse), default=0)
+        return max(member.size, pieces, end)
+    return member.size
+
+
+def _check_space(tgz_path: Path, dest: Path, total: int) -> None:
+    existing = next(p for p in (dest, *dest.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if total > free:
+        raise UserError(f"{tgz_path}: unpacks to {_gb(total)} but {existing} has only {_gb(free)} free")
+
+
+def _gb(size: int) -> str:
+    return f"{size / 1e9:.3g} GB"
 
 
 def _one_line(error: BaseException, limit: int = 200) -> str:

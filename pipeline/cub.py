@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import stat
 import tempfile
@@ -56,20 +57,36 @@ def open_source(source: Path) -> Iterator[Path]:
 
 
 def _rows(root: Path, name: str, num_fields: int) -> Iterator[tuple[int, int, list[str]]]:
-    """Yield (line number, id, fields) of a listing file, with one-line errors naming file and line."""
+    """Yield (line number, id, fields) of a listing file, with one-line errors naming file and line.
+
+    Listing files are UTF-8 (a leading UTF-8 byte-order mark is allowed); any other encoding is refused at
+    its first undecodable line. Whitespace around every field is dropped (trailing spaces, tabs, CRLF line
+    ends); the last field keeps its inner spaces.
+    """
     path = root / name
     if not path.is_file():
         raise UserError(f"not CUB's layout: {path} is missing")
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
+    raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
+    for number, line in enumerate(raw.splitlines(), 1):  # bytes split on \n, \r and \r\n only
+        text = _decode_line(name, number, line).strip()
+        if not text:
             continue
-        fields = line.split(maxsplit=num_fields)
+        fields = text.split(maxsplit=num_fields)
         if len(fields) != num_fields + 1:
-            raise UserError(f"{name}:{number}: expected {num_fields + 1} fields, got {line!r}")
+            raise UserError(f"{name}:{number}: expected {num_fields + 1} fields, got {text!r}")
         try:
             yield number, int(fields[0]), fields[1:]
         except ValueError:
             raise UserError(f"{name}:{number}: id {fields[0]!r} is not an integer") from None
+
+
+def _decode_line(name: str, number: int, line: bytes) -> str:
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        bad = line[e.start:e.end]
+        raise UserError(f"{name}:{number}: not UTF-8 (bytes {bad!r} at byte {e.start + 1} of the line); "
+                        "listing files must be UTF-8: convert it, e.g. `iconv -f latin1 -t utf-8`") from None
 
 
 def _read_map(root: Path, name: str, num_fields: int) -> dict[int, tuple[int, list[str]]]:
@@ -155,6 +172,8 @@ def _bbox(row: tuple[int, list[str]]) -> tuple[float, float, float, float]:
         x, y, w, h = (float(v) for v in values)
     except ValueError:
         raise UserError(f"bounding_boxes.txt:{number}: expected 4 numbers, got {' '.join(values)!r}") from None
+    if not all(math.isfinite(v) for v in (x, y, w, h)):
+        raise UserError(f"bounding_boxes.txt:{number}: box values must be finite numbers, got {' '.join(values)!r}")
     if w <= 0 or h <= 0:
         raise UserError(f"bounding_boxes.txt:{number}: box width and height must be positive")
     return x, y, w, h

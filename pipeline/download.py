@@ -22,11 +22,11 @@ from tqdm import tqdm
 from pipeline.archive import CUB_DIRNAME, find_cub_root, safe_extract
 from pipeline.errors import UserError
 from pipeline.manifest import replace_dir
+from pipeline.remote import IO_TIMEOUT_ENV, io_timeout
 
 DEFAULT_URL = "https://data.caltech.edu/records/65de6-vzh51/files/CUB_200_2011.tgz?download=1"
 CUB_MD5 = "97eceeb196236b17998738112f37df78"
 TGZ_NAME = f"{CUB_DIRNAME}.tgz"
-SOCKET_TIMEOUT_S = 60
 CHUNK_BYTES = 1 << 20
 USER_AGENT = "cubstream-download/1"
 
@@ -98,15 +98,20 @@ def _open(url: str, offset: int) -> HTTPResponse | None:
     if offset:
         headers["Range"] = f"bytes={offset}-"
     request = urllib.request.Request(url, headers=headers)
+    timeout = io_timeout()  # per socket operation: no byte for this long is a stall
     try:
-        return urllib.request.urlopen(request, timeout=SOCKET_TIMEOUT_S)
+        return urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as e:
         e.close()
         if e.code == 416 and offset:
             return None
         raise UserError(f"{url}: HTTP {e.code} {e.reason}") from None
     except (urllib.error.URLError, OSError) as e:
-        raise UserError(f"{url}: unreachable ({getattr(e, 'reason', e)})") from None
+        reason = getattr(e, "reason", e)
+        if isinstance(reason, TimeoutError):
+            raise UserError(f"{url}: stalled: no answer for {timeout:g} s ({IO_TIMEOUT_ENV} or --io-timeout "
+                            "sets the limit)") from None
+        raise UserError(f"{url}: unreachable ({reason})") from None
 
 
 def _content_range_start(response: HTTPResponse) -> int | None:
@@ -121,11 +126,14 @@ def _copy(response: HTTPResponse, part: Path, mode: str, offset: int, total: int
     with open(part, mode) as f, tqdm(total=total, initial=offset, unit="B", unit_scale=True,
                                      unit_divisor=1024, desc=TGZ_NAME, disable=not progress) as bar:
         try:
-            while chunk := response.read(CHUNK_BYTES):
+            while chunk := response.read1(CHUNK_BYTES):  # what has arrived: a stall keeps it
                 f.write(chunk)
                 size += len(chunk)
                 bar.update(len(chunk))
-        except OSError as e:  # timeouts, resets and http.client.IncompleteRead
+        except TimeoutError:  # the socket timeout of `_open`: no byte for that long
+            raise UserError(f"{url}: stalled: no data for {io_timeout():g} s after {size} bytes "
+                            f"({IO_TIMEOUT_ENV} or --io-timeout sets the limit); rerun to resume") from None
+        except OSError as e:  # resets and other transfer errors
             raise UserError(f"{url}: download interrupted after {size} bytes ({e}); rerun to resume") from None
     if total is not None and size < total:
         raise UserError(f"{url}: download interrupted after {size} of {total} bytes; rerun to resume")

@@ -32,17 +32,33 @@ class Encoded:
 
 
 def encode_image(data: bytes, bbox: Box, options: EncodeOptions) -> Encoded:
-    """Deterministic: the same bytes and options always give the same output bytes."""
+    """Deterministic: the same bytes and options always give the same output bytes.
+
+    Every step that reads the file (header, EXIF, pixels, conversions) runs inside one guard: a truncated or
+    malformed file is a BadImage, whichever step notices it (PIL reads PNG metadata lazily, so a cut PNG
+    fails as early as its EXIF lookup).
+    """
     image = _open(data)
+    try:
+        return _encode(image, data, bbox, options)
+    except BadImage:
+        raise
+    except MemoryError:
+        raise
+    except Exception as e:  # PIL raises many types for corrupt data, from any step that reads it
+        raise BadImage(f"cannot decode ({type(e).__name__}: {_one_line(e)})") from None
+
+
+def _encode(image: Image.Image, data: bytes, bbox: Box, options: EncodeOptions) -> Encoded:
     original_size = image.size
     orientation = image.getexif().get(0x0112, 1)
     if _can_keep_bytes(image, orientation, options):
-        _load(image)
+        image.load()
         return Encoded(data, original_size, original_size, bbox)
 
     if options.resize_short and not options.crop_bbox and orientation == 1:
         image.draft(None, _target_size(image.size, options.resize_short))  # JPEG DCT-domain downscale
-    _load(image)
+    image.load()
     # draft() may have shrunk the decode: express the box in the decoded grid.
     box = _scale_box(bbox, image.size[0] / original_size[0], image.size[1] / original_size[1])
     if orientation != 1:
@@ -61,15 +77,15 @@ def encode_image(data: bytes, bbox: Box, options: EncodeOptions) -> Encoded:
 def _open(data: bytes) -> Image.Image:
     try:
         return Image.open(io.BytesIO(data))
+    except MemoryError:
+        raise
     except Exception as e:  # PIL raises many types for garbage input
-        raise BadImage(f"not an image ({type(e).__name__}: {e})") from None
+        raise BadImage(f"not an image ({type(e).__name__}: {_one_line(e)})") from None
 
 
-def _load(image: Image.Image) -> None:
-    try:
-        image.load()
-    except Exception as e:
-        raise BadImage(f"cannot decode ({type(e).__name__}: {e})") from None
+def _one_line(error: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _can_keep_bytes(image: Image.Image, orientation: int, options: EncodeOptions) -> bool:

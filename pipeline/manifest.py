@@ -1,27 +1,28 @@
-"""The shard-set contract (DESIGN 3): manifest schema, loading from a directory or URL, atomic writes."""
+"""The shard-set contract: manifest schema, loading from a directory or URL, atomic writes."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import http.client
 import json
 import os
+import re
 import shlex
 import shutil
-import subprocess
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UserError
+from pipeline.remote import read_all
 
 FORMAT = "cubstream-shards"
 VERSION = 1
 MANIFEST = "manifest.json"
 SPLITS = ("train", "valid", "test")
 FORBIDDEN_EXTENSIONS = (".pyd", ".pth", ".pickle", ".pkl")
-URL_TIMEOUT_S = 30
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+TEMPORARY_MARK = ".tmp-"  # `.NAME.tmp-PID`: what write_atomic and the shard writer write before renaming
 
 
 class ManifestError(UserError):
@@ -54,36 +55,9 @@ def join(location: str, name: str) -> str:
 
 
 def read_bytes(location: str, name: str) -> bytes:
-    """Read one file of a shard set, local or remote; a failure is one line naming the file or URL."""
-    target = join(location, name)
-    if is_pipe(location):
-        return _read_pipe(target)
-    if is_url(location):
-        try:
-            with urllib.request.urlopen(target, timeout=URL_TIMEOUT_S) as response:
-                return response.read()
-        except urllib.error.HTTPError as e:
-            raise UserError(f"{target}: HTTP {e.code} {e.reason}") from None
-        except (urllib.error.URLError, OSError) as e:
-            reason = getattr(e, "reason", e)
-            raise UserError(f"{target}: unreachable ({reason})") from None
-        except http.client.HTTPException as e:  # IncompleteRead: the connection closed mid-body
-            raise UserError(f"{target}: transfer cut short ({type(e).__name__}: {e})") from None
-    try:
-        return Path(target).read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"{target}: no such file") from None
-    except OSError as e:
-        raise UserError(f"{target}: {e.strerror}") from None
-
-
-def _read_pipe(target: str) -> bytes:
-    """stdout of a pipe: command (run by the shell, as webdataset does for shards); exit status 0 or an error."""
-    result = subprocess.run(target[len("pipe:"):], shell=True, capture_output=True)
-    if result.returncode != 0:
-        detail = result.stderr.decode(errors="replace").strip().splitlines()
-        raise UserError(f"{target}: exit status {result.returncode}" + (f" ({detail[-1]})" if detail else ""))
-    return result.stdout
+    """Read one file of a shard set, local or remote; a failure is one line naming the file or URL.
+    pipeline.remote does the reading (the same stall timeout and retries as the trainer's shard streams)."""
+    return read_all(join(location, name))
 
 
 def load_manifest(location: str) -> dict[str, Any]:
@@ -101,6 +75,7 @@ def load_manifest(location: str) -> dict[str, Any]:
 
 
 def validate(manifest: Any, where: str) -> None:
+    """Check every field this code or its readers use, with its type; one line naming the first problem."""
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ManifestError(f"{where}: not a {FORMAT} manifest")
     if manifest.get("version") != VERSION:
@@ -108,24 +83,72 @@ def validate(manifest: Any, where: str) -> None:
             f"{where}: format version {manifest.get('version')!r} is not supported (this code reads {VERSION})"
         )
     classes = manifest.get("classes")
-    if not isinstance(classes, list) or not classes:
-        raise ManifestError(f"{where}: 'classes' must be a non-empty list")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes):
+        raise ManifestError(f"{where}: 'classes' must be a non-empty list of names")
+    if len(set(classes)) != len(classes):
+        duplicate = next(c for i, c in enumerate(classes) if c in classes[:i])
+        raise ManifestError(f"{where}: class {duplicate!r} is listed twice")
+    for key in ("options", "source", "tool"):
+        if not isinstance(manifest.get(key, {}), dict):
+            raise ManifestError(f"{where}: {key!r} must be an object, got {type(manifest[key]).__name__}")
+    _validate_skipped(manifest.get("skipped", []), where)
     splits = manifest.get("splits")
     if not isinstance(splits, dict):
         raise ManifestError(f"{where}: 'splits' missing")
+    listed: dict[str, str] = {}  # shard name -> split: a name listed twice would be read twice
     for split in SPLITS:
-        info = splits.get(split)
-        if not isinstance(info, dict) or not isinstance(info.get("shards"), list):
-            raise ManifestError(f"{where}: split {split!r} missing or has no shard list")
-        total = 0
-        for shard in info["shards"]:
-            if not isinstance(shard, dict) or not {"name", "num_samples", "bytes", "sha256"} <= shard.keys():
-                raise ManifestError(f"{where}: split {split!r} has a malformed shard entry")
-            if "/" in shard["name"] or shard["name"].startswith("."):
-                raise ManifestError(f"{where}: shard name {shard['name']!r} is not a plain file name")
-            total += shard["num_samples"]
-        if total != info.get("num_samples"):
-            raise ManifestError(f"{where}: split {split!r} num_samples {info.get('num_samples')} != sum of shards {total}")
+        _validate_split(splits.get(split), split, len(classes), listed, where)
+
+
+def _validate_split(info: Any, split: str, num_classes: int, listed: dict[str, str], where: str) -> None:
+    if not isinstance(info, dict) or not isinstance(info.get("shards"), list):
+        raise ManifestError(f"{where}: split {split!r} missing or has no shard list")
+    if not is_count(info.get("num_samples")):
+        raise ManifestError(f"{where}: split {split!r} num_samples must be an integer >= 0, got "
+                            f"{info.get('num_samples')!r}")
+    for index, shard in enumerate(info["shards"]):
+        _validate_shard(shard, f"{where}: {split} shard {index}", where)
+        if shard["name"] in listed:
+            raise ManifestError(f"{where}: shard {shard['name']!r} is listed twice (in {listed[shard['name']]} "
+                                f"and {split})")
+        listed[shard["name"]] = split
+    total = sum(shard["num_samples"] for shard in info["shards"])
+    if total != info["num_samples"]:
+        raise ManifestError(f"{where}: split {split!r} num_samples {info['num_samples']} != sum of shards {total}")
+    counts = info.get("class_counts", [])  # absent or empty: not recorded (inspect then shows no balance)
+    if counts != [] and not (isinstance(counts, list) and len(counts) == num_classes
+                             and all(map(is_count, counts)) and sum(counts) == total):
+        raise ManifestError(f"{where}: split {split!r} class_counts must be {num_classes} integers >= 0 "
+                            f"summing to {total} (or empty)")
+
+
+def _validate_shard(shard: Any, at: str, where: str) -> None:
+    if not isinstance(shard, dict):
+        raise ManifestError(f"{at}: must be an object, got {type(shard).__name__}")
+    missing = [k for k in ("name", "num_samples", "bytes", "sha256") if k not in shard]
+    if missing:
+        raise ManifestError(f"{at}: missing {', '.join(missing)}")
+    name = shard["name"]
+    if not isinstance(name, str) or not PLAIN_NAME.fullmatch(name):
+        raise ManifestError(f"{where}: shard name {name!r} is not a plain file name "
+                            "(letters, digits, '.', '_', '-'; not starting with '.')")
+    for key in ("num_samples", "bytes"):
+        if not is_count(shard[key]):
+            raise ManifestError(f"{at} ({name}): {key} must be an integer >= 0, got {shard[key]!r}")
+    if not isinstance(shard["sha256"], str) or not SHA256_HEX.fullmatch(shard["sha256"]):
+        raise ManifestError(f"{at} ({name}): sha256 must be 64 lowercase hex digits, got {shard['sha256']!r:.80}")
+
+
+def _validate_skipped(skipped: Any, where: str) -> None:
+    if not isinstance(skipped, list) or not all(
+            isinstance(s, dict) and isinstance(s.get("path"), str) and isinstance(s.get("reason"), str)
+            for s in skipped):
+        raise ManifestError(f"{where}: 'skipped' must be a list of objects with a path and a reason")
+
+
+def is_count(value: Any) -> bool:
+    """An integer >= 0 (JSON true/false are not counts, though Python's bool is an int)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def shard_locations(location: str, manifest: dict[str, Any], split: str) -> list[str]:
@@ -141,15 +164,36 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
+def temporary_name(path: Path) -> Path:
+    """The name a file is written under before it is renamed to `path` (hidden, tagged with this pid)."""
+    return path.with_name(f".{path.name}{TEMPORARY_MARK}{os.getpid()}")
+
+
+def is_temporary(name: str) -> bool:
+    return name.startswith(".") and TEMPORARY_MARK in name
+
+
 def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write `data` to a temporary name in the same directory, fsync, then rename over `path`."""
+    """Write `data` to a temporary name in the same directory, fsync, then rename over `path`. A failed
+    write (a full disk, a quota) removes the temporary and raises one line naming `path` and the reason."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = temporary_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"{path}: cannot write ({e.strerror or e})") from None
+    finally:  # gone after the rename; otherwise whatever stopped the write (an error, Ctrl-C) leaves none
+        remove_quietly(tmp)
+
+
+def remove_quietly(path: Path) -> None:
+    """Best-effort removal of a temporary while another error is being reported: that error is the news."""
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
 
 
 def replace_dir(src: Path, final: Path) -> None:
@@ -158,7 +202,12 @@ def replace_dir(src: Path, final: Path) -> None:
     old = final.with_name(f".{final.name}.old-{os.getpid()}")
     if final.exists():
         os.replace(final, old)
-    os.replace(src, final)
+    try:
+        os.replace(src, final)
+    except OSError:
+        if old.exists():
+            os.replace(old, final)  # put the old one back rather than leave nothing
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 

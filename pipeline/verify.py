@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import tarfile
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -36,9 +37,11 @@ def _check_shard(location: str, shard: dict[str, Any], num_classes: int) -> str:
     if hashlib.sha256(data).hexdigest() != shard["sha256"]:
         return "sha256 mismatch"
     try:
-        samples = _samples(data)
+        samples, problem = _samples(data)
     except (tarfile.TarError, ValueError) as e:
         return f"not a readable tar ({e})"
+    if problem:
+        return problem
     if len(samples) != shard["num_samples"]:
         return f"{len(samples)} samples, manifest says {shard['num_samples']}"
     for key, members in samples.items():
@@ -48,15 +51,24 @@ def _check_shard(location: str, shard: dict[str, Any], num_classes: int) -> str:
     return ""
 
 
-def _samples(data: bytes) -> dict[str, dict[str, bytes]]:
+def _samples(data: bytes) -> tuple[dict[str, dict[str, bytes]], str]:
+    """Members grouped by key, and the first grouping problem: a member that appears twice, or a sample
+    whose members are split by another's (readers group consecutive members, so they would see it twice
+    or read only its first part)."""
     samples: dict[str, dict[str, bytes]] = {}
+    previous = None
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
         for member in tar:
             if not member.isfile():
                 raise ValueError(f"member {member.name} is not a regular file")
             key, _, ext = member.name.partition(".")
-            samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
-    return samples
+            if key != previous and key in samples:
+                return samples, f"sample {key}: duplicate sample ({member.name} after sample {previous})"
+            if ext in samples.setdefault(key, {}):
+                return samples, f"sample {key}: duplicate member {member.name}"
+            samples[key][ext] = tar.extractfile(member).read()
+            previous = key
+    return samples, ""
 
 
 def _check_sample(members: dict[str, bytes], num_classes: int) -> str:
@@ -95,4 +107,17 @@ def inspect(location: str) -> str:
     skipped = manifest.get("skipped", [])
     if skipped:
         lines.append(f"skipped: {len(skipped)} image(s), e.g. {skipped[0]['path']} ({skipped[0]['reason']})")
+    left = _temporaries(location)
+    if left:
+        lines.append(f"temporary files: {len(left)} left by an interrupted build ({', '.join(left[:3])}"
+                     f"{', ...' if len(left) > 3 else ''}); the next build or merge into {location} removes them")
     return "\n".join(lines)
+
+
+def _temporaries(location: str) -> list[str]:
+    """Temporaries in a local shard set (remote stores are listed by their own tools)."""
+    if mf.is_url(location) or mf.is_pipe(location) or not Path(location).is_dir():
+        return []
+    from pipeline.writer import temporaries
+
+    return temporaries(Path(location))

@@ -6,8 +6,9 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import PIL
 from tqdm import tqdm
 
+from pipeline import lock
 from pipeline import manifest as mf
 from pipeline.cub import Cub, Record, fingerprint, image_sizes, open_source, read_cub
 from pipeline.encode import BadImage, EncodeOptions, encode_image
@@ -22,6 +24,7 @@ from pipeline.errors import UserError
 from pipeline.splits import assign_splits
 
 STATE_DIR = ".build"  # build state: options + plan, one record per finished shard, one marker per job
+LOCK = "lock"  # in STATE_DIR: held by every build job and merge for their whole run (see pipeline.lock)
 DEFAULT_SHARD_SAMPLES = 160  # CUB's train split (~5,400 images) gets at least 32 shards
 MAX_LISTED_BAD = 20
 TAR_MTIME = 0
@@ -86,9 +89,12 @@ def job_shards(plan: list[ShardPlan], num_jobs: int, job_index: int) -> list[Sha
 def build(source: Path, out: Path, options: BuildOptions, *, workers: int = 0, num_jobs: int = 1,
           job_index: int = 0, skip_bad: bool = False, overwrite: bool = False,
           progress: bool = True) -> dict[str, Any] | None:
-    """Write this job's shards; with one job also merge and return the manifest."""
-    if num_jobs < 1 or not 0 <= job_index < num_jobs:
-        raise UserError(f"--job-index must be in 0..{num_jobs - 1} (--num-jobs {num_jobs}), got {job_index}")
+    """Write this job's shards; with one job also merge and return the manifest.
+
+    The whole build holds the lock on `out`: jobs of one `num_jobs` build with the same options and source
+    share it (they may run at once, on several hosts); any other build or a merge is refused meanwhile."""
+    check_job_args(num_jobs, job_index, workers)
+    check_out(out)
     workers = workers or os.cpu_count() or 1
     with open_source(source) as root:
         cub = read_cub(root)
@@ -98,15 +104,45 @@ def build(source: Path, out: Path, options: BuildOptions, *, workers: int = 0, n
             raise UserError(_bad_files_line([(r, "missing") for r in missing], cub))
         plan = plan_shards(assign_splits(cub.records, options.valid_fraction, options.seed), options.shard_samples)
         state = _state(cub, sizes, options, plan)
-        _prepare_out(out, state, overwrite)
-        todo = [s for s in job_shards(plan, num_jobs, job_index) if not _complete(out, s.name)]
-        bad = _write_shards(out, cub, todo, options, workers, skip_bad, progress)
-    if bad and not skip_bad:
-        raise UserError(_bad_files_line(bad, cub) + " (no manifest written; --skip-bad leaves them out)")
-    mf.write_json_atomic(out / STATE_DIR / f"job-{job_index:03d}-of-{num_jobs:03d}.json",
-                         {"shards": [s.name for s in job_shards(plan, num_jobs, job_index)]})
-    # This run hashed every shard it wrote, and every one it kept: merge need not read them again.
-    return merge(out, rehash=False) if num_jobs == 1 else None
+        identity = {"options": state["options"], "source": state["source"]["fingerprint"], "num_jobs": num_jobs}
+        with lock.acquire(out / STATE_DIR / LOCK, "shared" if num_jobs > 1 else "exclusive", identity,
+                          what=str(out), when_alone=lambda: _prepare_out(out, state, overwrite, num_jobs)):
+            mine = job_shards(plan, num_jobs, job_index)
+            bad = _write_shards(out, cub, [s for s in mine if not _complete(out, s.name)], options, workers,
+                                skip_bad, progress)
+            if bad and not skip_bad:
+                raise UserError(_bad_files_line(bad, cub) + " (no manifest written; --skip-bad leaves them out)")
+            mf.write_json_atomic(out / STATE_DIR / _marker_name(job_index, num_jobs), {"shards": [s.name for s in mine]})
+            # This run hashed every shard it wrote, and every one it kept: merge need not read them again.
+            return _merge_locked(out, rehash=False) if num_jobs == 1 else None
+
+
+def check_job_args(num_jobs: int, job_index: int, workers: int) -> None:
+    """Range checks of the options that are not BuildOptions (those check themselves)."""
+    if num_jobs < 1:
+        raise UserError(f"--num-jobs must be >= 1, got {num_jobs}")
+    if not 0 <= job_index < num_jobs:
+        raise UserError(f"--job-index must be in 0..{num_jobs - 1} (--num-jobs {num_jobs}), got {job_index}")
+    if workers < 0:
+        raise UserError(f"--workers must be >= 0 (0 = all cores), got {workers}")
+
+
+def check_out(out: Path) -> None:
+    """Refuse an --out that can never hold a shard set before any work: a file, or a path through a file, or
+    a place this user cannot write. Nothing is created here."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a directory")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"--out {out}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: {existing} is not writable")
+
+
+def _marker_name(job_index: int, num_jobs: int) -> str:
+    return f"job-{job_index:03d}-of-{num_jobs:03d}.json"
 
 
 def _bad_files_line(bad: list[tuple[Record, str]], cub: Cub) -> str:
@@ -124,27 +160,68 @@ def _state(cub: Cub, sizes: list[int], options: BuildOptions, plan: list[ShardPl
     }
 
 
-def _prepare_out(out: Path, state: dict[str, Any], overwrite: bool) -> None:
-    """Refuse an --out holding another shard set (other options or source) unless told to overwrite it."""
-    previous = _previous_state(out)
-    if previous is not None and (previous["options"], previous["source"]["fingerprint"]) != (
-            state["options"], state["source"]["fingerprint"]):
-        if not overwrite:
-            raise UserError(f"{out} holds a shard set built with {_difference(previous, state)}; "
-                            "pass --overwrite to replace it or choose another --out")
+def _prepare_out(out: Path, state: dict[str, Any], overwrite: bool, num_jobs: int) -> None:
+    """Runs with the lock held by this process alone. Refuse an --out holding another shard set (other
+    options or source) unless told to overwrite it; remove what dead builds left (their temporaries, and
+    part markers of a build with another --num-jobs: the shards are the same whatever the number of jobs,
+    and each is checked by sha256 before it is kept); record this build's state."""
+    previous = _previous_state(out, overwrite)
+    other = previous is not None and (previous["options"], previous["source"]["fingerprint"]) != (
+        state["options"], state["source"]["fingerprint"])
+    if other and not overwrite:
+        raise UserError(f"{out} holds a shard set built with {_difference(previous, state)}; "
+                        "pass --overwrite to replace it or choose another --out")
+    remove_temporaries(out)
+    if other:
         _remove_shard_set(out)
-    (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
+    for marker in _markers(out):
+        if marker.total != num_jobs:
+            marker.path.unlink()
     mf.write_json_atomic(out / STATE_DIR / "build.json", state)
 
 
-def _previous_state(out: Path) -> dict[str, Any] | None:
+def remove_temporaries(out: Path) -> list[str]:
+    """Delete the temporaries in `out` and its build state (only safe while holding the lock alone: then
+    no live build is writing any); returns their names."""
+    found = temporaries(out)
+    for name in found:
+        (out / name).unlink(missing_ok=True)
+    return found
+
+
+def temporaries(out: Path) -> list[str]:
+    """Names (relative to `out`) of temporaries a killed or failed build left in `out` and its build state."""
+    names = []
+    for directory in (out, out / STATE_DIR):
+        if directory.is_dir():
+            names += [str(p.relative_to(out)) for p in sorted(directory.iterdir()) if mf.is_temporary(p.name)]
+    return names
+
+
+def _previous_state(out: Path, overwrite: bool) -> dict[str, Any] | None:
+    """The options and source of what `out` holds: its build state, or the manifest of a set copied without
+    one. An unreadable one is an error unless it is to be overwritten anyway."""
     for path in (out / STATE_DIR / "build.json", out / mf.MANIFEST):
         if path.is_file():
-            try:
-                return json.loads(path.read_text())
-            except ValueError:
-                raise UserError(f"{path}: unreadable ({path.stat().st_size} bytes); remove it or use --overwrite") from None
+            state = _parse_state(path)
+            if state is not None:
+                return state
+            if overwrite:
+                return {"options": None, "source": {"fingerprint": None}}
+            raise UserError(f"{path}: not a readable build record ({path.stat().st_size} bytes); remove it or "
+                            "pass --overwrite")
     return None
+
+
+def _parse_state(path: Path) -> dict[str, Any] | None:
+    """A build state or manifest with options and a source fingerprint; None if it is anything else."""
+    try:
+        state = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        return None
+    readable = (isinstance(state, dict) and isinstance(state.get("options"), dict)
+                and isinstance(state.get("source"), dict) and isinstance(state["source"].get("fingerprint"), str))
+    return state if readable else None
 
 
 def _difference(previous: dict[str, Any], state: dict[str, Any]) -> str:
@@ -174,13 +251,44 @@ def _matches(path: Path, record: dict[str, Any], rehash: bool) -> bool:
 
 
 def _read_shard_record(out: Path, name: str) -> dict[str, Any] | None:
+    """The record a build wrote for shard `name`; None if there is none or it is unreadable or malformed
+    (a build then rewrites the shard)."""
+    try:
+        return _load_shard_record(out, name)
+    except UserError:
+        return None
+
+
+def _load_shard_record(out: Path, name: str) -> dict[str, Any] | None:
+    """None if absent; UserError naming the file if unreadable or malformed."""
     path = out / STATE_DIR / f"{name}.json"
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except ValueError:
-        return None
+        record = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: unreadable shard record ({e}); re-run its build job") from None
+    problem = _record_problem(record, name)
+    if problem:
+        raise UserError(f"{path}: malformed shard record ({problem}); re-run its build job")
+    return record
+
+
+def _record_problem(record: Any, name: str) -> str:
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not an object"
+    missing = [k for k in ("name", "num_samples", "bytes", "sha256", "class_counts", "skipped") if k not in record]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    if record["name"] != name:
+        return f"it names {record['name']!r}"
+    if not (mf.is_count(record["num_samples"]) and mf.is_count(record["bytes"])
+            and isinstance(record["sha256"], str) and mf.SHA256_HEX.fullmatch(record["sha256"])):
+        return "num_samples, bytes or sha256 of the wrong type"
+    if not (isinstance(record["class_counts"], list) and all(map(mf.is_count, record["class_counts"]))
+            and isinstance(record["skipped"], list)):
+        return "class_counts or skipped of the wrong type"
+    return ""
 
 
 @dataclass(frozen=True)
@@ -207,7 +315,7 @@ def _write_shards(out: Path, cub: Cub, shards: list[ShardPlan], options: BuildOp
     bad: dict[str, list[tuple[Record, str]]] = {}
     total = sum(len(job.tasks) for job in jobs)
     with tqdm(total=total, unit="img", desc=f"build {out.name}", disable=not progress) as bar, \
-            _mapped(write_shard, jobs, workers) as results:
+            _mapped(write_shard, jobs, workers, after=lambda pids: _remove_temporaries_of(out, pids)) as results:
         for job, shard_bad in zip(jobs, results, strict=True):
             bar.update(len(job.tasks))
             bad[job.shard.name] = shard_bad
@@ -258,16 +366,17 @@ def encode_sample(task: SampleTask) -> SampleResult:
     members = (
         (f"{record.key}.cls", str(record.label).encode()),
         (f"{record.key}.jpg", encoded.jpeg),
-        (f"{record.key}.json", json.dumps(meta, sort_keys=True).encode()),
+        (f"{record.key}.json", json.dumps(meta, sort_keys=True, allow_nan=False).encode()),  # strict JSON
     )
     return SampleResult(task, members)
 
 
 class _mapped:
-    """Context manager yielding fn(job) for each job in order, from a process pool or in-process."""
+    """Context manager yielding fn(job) for each job in order, from a process pool or in-process. On leaving,
+    `after(pids)` gets the pids of the pool's workers, which are then gone (terminated if still busy)."""
 
-    def __init__(self, fn: Any, jobs: list[Any], workers: int) -> None:
-        self.fn, self.jobs, self.workers, self.pool = fn, jobs, workers, None
+    def __init__(self, fn: Any, jobs: list[Any], workers: int, after: Callable[[list[int]], None] | None = None) -> None:
+        self.fn, self.jobs, self.workers, self.after, self.pool = fn, jobs, workers, after, None
 
     def __enter__(self) -> Iterator[Any]:
         if self.workers <= 1 or len(self.jobs) < 2:
@@ -279,8 +388,18 @@ class _mapped:
 
     def __exit__(self, *exc: object) -> None:
         if self.pool is not None:
+            pids = [worker.pid for worker in self.pool._pool]  # noqa: SLF001 - the only way to name them
             self.pool.terminate()
             self.pool.join()
+            if self.after is not None:
+                self.after(pids)
+
+
+def _remove_temporaries_of(out: Path, pids: list[int]) -> None:
+    """A failed build stops its workers mid-write (terminate is SIGTERM): their temporaries go with them."""
+    for pid in pids:
+        for path in out.glob(f".*{mf.TEMPORARY_MARK}{pid}"):
+            mf.remove_quietly(path)
 
 
 def _write_tar(out: Path, shard: ShardPlan, samples: Iterable[SampleResult], skipped: list[tuple[Record, str]],
@@ -292,11 +411,6 @@ def _write_tar(out: Path, shard: ShardPlan, samples: Iterable[SampleResult], ski
         members += sample.members
         class_counts[sample.task.record.label] += 1
     data = tar_bytes(members)
-    tmp = out / f".{shard.name}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
     record = {
         "name": shard.name,
         "num_samples": sum(class_counts),
@@ -305,8 +419,19 @@ def _write_tar(out: Path, shard: ShardPlan, samples: Iterable[SampleResult], ski
         "class_counts": class_counts,
         "skipped": [{"image_id": r.image_id, "path": f"images/{r.path}", "reason": reason} for r, reason in skipped],
     }
-    mf.write_json_atomic(out / STATE_DIR / f"{shard.name}.json", record)
-    os.replace(tmp, out / shard.name)
+    final = out / shard.name
+    tmp = mf.temporary_name(final)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        mf.write_json_atomic(out / STATE_DIR / f"{shard.name}.json", record)
+        os.replace(tmp, final)
+    except OSError as e:  # a full disk, a quota: one line naming the shard
+        raise UserError(f"{final}: cannot write ({e.strerror or e})") from None
+    finally:  # gone after the rename; otherwise whatever stopped the write (an error, Ctrl-C) leaves none
+        mf.remove_quietly(tmp)
 
 
 def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
@@ -351,20 +476,26 @@ def _ustar_header(name: str, size: int) -> bytes:
 
 def merge(out: Path, rehash: bool = True) -> dict[str, Any]:
     """Check every job's part and every shard's size and sha256 (size only without `rehash`), then write
-    manifest.json (last)."""
-    state_path = out / STATE_DIR / "build.json"
-    if not state_path.is_file():
-        raise UserError(f"{out}: no build state ({state_path} missing); run `pipeline build` first")
-    state = json.loads(state_path.read_text())
+    manifest.json (last). Takes the lock on `out` alone: refused while any build job is writing there."""
+    if not (out / STATE_DIR / "build.json").is_file():  # checked before the lock, which would create .build
+        raise UserError(f"{out}: no build state ({out / STATE_DIR / 'build.json'} missing); run `pipeline build` first")
+    with lock.acquire(out / STATE_DIR / LOCK, "exclusive", {"command": "merge"}, what=str(out),
+                      when_alone=lambda: remove_temporaries(out)):
+        return _merge_locked(out, rehash)
+
+
+def _merge_locked(out: Path, rehash: bool) -> dict[str, Any]:
+    state = _load_state(out / STATE_DIR / "build.json")
     _check_jobs(out)
+    num_classes = len(state["classes"])
     splits: dict[str, Any] = {}
     skipped: list[dict[str, Any]] = []
-    for split, names in state["plan"].items():
-        shards = [_checked_shard(out, name, rehash) for name in names]
+    for split in mf.SPLITS:
+        shards = [_checked_shard(out, name, rehash, num_classes) for name in state["plan"][split]]
         skipped += [s for shard in shards for s in shard["skipped"]]
         splits[split] = {
             "num_samples": sum(s["num_samples"] for s in shards),
-            "class_counts": [sum(s["class_counts"][c] for s in shards) for c in range(len(state["classes"]))],
+            "class_counts": [sum(s["class_counts"][c] for s in shards) for c in range(num_classes)],
             "shards": [{k: s[k] for k in ("name", "num_samples", "bytes", "sha256")} for s in shards],
         }
     manifest = {
@@ -382,24 +513,77 @@ def merge(out: Path, rehash: bool = True) -> dict[str, Any]:
     return manifest
 
 
+def _load_state(path: Path) -> dict[str, Any]:
+    """build.json, with every field merge uses checked; one line naming the file otherwise."""
+    state = _parse_state(path)
+    problem = "not JSON with options and a source fingerprint" if state is None else _state_problem(state)
+    if problem:
+        raise UserError(f"{path}: not a readable build state ({problem}); rebuild with --overwrite")
+    return state
+
+
+def _state_problem(state: dict[str, Any]) -> str:
+    classes, plan = state.get("classes"), state.get("plan")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        return "'classes' is not a list of names"
+    if not isinstance(plan, dict) or sorted(plan) != sorted(mf.SPLITS):
+        return f"'plan' is not an object with the splits {', '.join(mf.SPLITS)}"
+    for split, names in plan.items():
+        if not isinstance(names, list) or not all(isinstance(n, str) and mf.PLAIN_NAME.fullmatch(n) for n in names):
+            return f"plan of {split!r} is not a list of shard file names"
+    return ""
+
+
+@dataclass(frozen=True)
+class Marker:
+    """A finished job's part file, `job-III-of-JJJ.json`."""
+
+    path: Path
+    index: int
+    total: int
+
+
+MARKER = re.compile(r"job-(\d+)-of-(\d+)\.json")
+
+
+def _markers(out: Path) -> list[Marker]:
+    """Every part marker; a file named like one but not parseable is an error naming it."""
+    found = []
+    for path in sorted((out / STATE_DIR).glob("job-*")):
+        match = MARKER.fullmatch(path.name)
+        index, total = (int(match[1]), int(match[2])) if match else (-1, 0)
+        if not 0 <= index < total:
+            raise UserError(f"{path}: not a part marker of this tool (expected job-III-of-JJJ.json with "
+                            "III < JJJ); remove it and re-run the build job that should have written it")
+        found.append(Marker(path, index, total))
+    return found
+
+
 def _check_jobs(out: Path) -> None:
-    markers = sorted((out / STATE_DIR).glob("job-*-of-*.json"))
+    markers = _markers(out)
     if not markers:
         raise UserError(f"{out}: no finished build job found in {out / STATE_DIR}")
-    totals = {int(m.stem.split("-of-")[1]) for m in markers}
+    totals = {m.total for m in markers}
     if len(totals) != 1:
         raise UserError(f"{out}: parts from builds with different --num-jobs ({sorted(totals)}); rebuild one way")
     (total,) = totals
-    done = {int(m.stem.split("-")[1]) for m in markers}
-    missing = sorted(set(range(total)) - done)
+    missing = sorted(set(range(total)) - {m.index for m in markers})
     if missing:
         raise UserError(f"{out}: job(s) {', '.join(map(str, missing))} of {total} have not finished (no part file)")
 
 
-def _checked_shard(out: Path, name: str, rehash: bool) -> dict[str, Any]:
-    record = _read_shard_record(out, name)
+def _checked_shard(out: Path, name: str, rehash: bool, num_classes: int) -> dict[str, Any]:
+    record = _load_shard_record(out, name)
     if record is None or not (out / name).is_file():
         raise UserError(f"{out / name}: shard missing; re-run its build job")
+    if len(record["class_counts"]) != num_classes or not all(_skip_entry(s) for s in record["skipped"]):
+        raise UserError(f"{out / STATE_DIR / (name + '.json')}: malformed shard record (class_counts or skipped do "
+                        f"not fit {num_classes} classes); re-run its build job")
     if not _matches(out / name, record, rehash):
         raise UserError(f"{out / name}: size or sha256 does not match its build record; re-run its build job")
     return record
+
+
+def _skip_entry(entry: Any) -> bool:
+    return (isinstance(entry, dict) and mf.is_count(entry.get("image_id")) and isinstance(entry.get("path"), str)
+            and isinstance(entry.get("reason"), str))

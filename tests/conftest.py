@@ -1,4 +1,5 @@
-"""Shared fixtures: a small synth CUB (directory and .tgz), built shard sets, CLI runner, loopback server."""
+"""Shared fixtures: a small synth CUB (directory and .tgz), built shard sets, a fitted run, loopback servers
+over directories. Plain helpers (CLI runs, environments, ports, the server itself) are in support.py."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import ROOT, assert_one_line_error, run_cli, serve  # noqa: F401 - re-exported for test modules
+from support import run_cli, serve
 
 from pipeline.synth import synth
 from pipeline.writer import BuildOptions, build

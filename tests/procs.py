@@ -15,18 +15,15 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import psutil
-from support import ROOT, free_port, launch_env  # noqa: F401 - free_port re-exported
+from support import ROOT
 
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 TAG = "CUBSTREAM_TEST_GROUP"
 
 
-def env(tmp: Path, **extra: str) -> dict[str, str]:
-    return launch_env(tmp, **extra)
-
-
 def launch_args(num_processes: int, port: int, num_machines: int = 1, machine_rank: int = 0) -> list[str]:
-    """`accelerate launch` for CPU processes as DESIGN 5 says works (`--cpu` would run ONE process)."""
+    """`accelerate launch` for N CPU processes: `--multi_gpu` with ACCELERATE_USE_CPU (support.launch_env);
+    `--cpu --num_processes N` would silently run ONE process."""
     args = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", str(num_processes), "--num_machines",
             str(num_machines), "--main_process_port", str(port), "--mixed_precision", "no",
             "--dynamo_backend", "no"]

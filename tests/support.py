@@ -4,14 +4,15 @@ loopback HTTP servers that a test starts and stops itself. Fixtures live in conf
 from __future__ import annotations
 
 import contextlib
-import functools
 import http.server
 import os
+import re
 import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,11 +48,17 @@ def launch_env(tmp: Path, **extra: str) -> dict[str, str]:
                    WANDB_SILENT="true", HF_HOME=str(tmp / "hf_home"), PYTHONUNBUFFERED="1", **extra)
 
 
+def run_python(*args: str, timeout: float = 300, env: dict[str, str] | None = None,
+               cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run `python ARGS` (a script, or `-m MODULE`) in cli_env; output captured as text."""
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
+                          env=cli_env(**(env or {})), cwd=cwd or ROOT)
+
+
 def run_cli(*args: str, timeout: float = 300, env: dict[str, str] | None = None,
             cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run `python -m ...` as a user would; output captured as text."""
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout,
-                          env=cli_env(**(env or {})), cwd=cwd or ROOT)
+    """Run `python -m ARGS` as a user would; output captured as text."""
+    return run_python("-m", *args, timeout=timeout, env=env, cwd=cwd)
 
 
 def run_main(capsys: pytest.CaptureFixture[str], *args: str) -> subprocess.CompletedProcess:
@@ -96,10 +103,19 @@ def assert_png(path: Path, min_width: int = 200, min_height: int = 150) -> None:
 # ---------------------------------------------------------------- loopback HTTP
 
 
-class Handler(http.server.SimpleHTTPRequestHandler):
-    """Serves a directory, with faults by file name: `missing` answers 404, `cut` sends the full
-    Content-Length and hangs up after half the body, `stall` sends the headers and a few bytes, then nothing
-    until the server stops. Every requested path is recorded in the server's `requests`."""
+TAIL, TAIL_PAUSE_S = 512, 0.3
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    """GET of the server's in-memory `files` (URL path -> bytes) or else of a file under its `directory`;
+    `Range: bytes=N-` is answered with 206 (416 from the end on) unless the server's `honour_range` is off
+    (http.server's own file handler ignores Range). Faults by file name: `missing` answers 404, `cut` sends
+    the full Content-Length and hangs up after half the body, `stall` sends the headers and 16 bytes, then
+    nothing until the server stops, `slow_tail` sends the last TAIL bytes only after a pause (a tar ends in
+    zero padding, so a reader that stops at the end-of-archive block has stopped reading by then);
+    `unavailable[name] = N` answers the next N requests for it with 503;
+    `cut_after = N` sends only N body bytes of the next answer, then hangs up. Every request is recorded in
+    the server's `log` as (path, Range header, status)."""
 
     server: LoopbackServer
 
@@ -107,50 +123,111 @@ class Handler(http.server.SimpleHTTPRequestHandler):
         """Keep test output quiet."""
 
     def do_GET(self) -> None:  # noqa: N802 - the name http.server dispatches to
-        self.server.requests.append(self.path)
-        name = self.path.split("?")[0].rsplit("/", 1)[-1]
-        if name in self.server.missing:
+        path = urllib.parse.unquote(self.path.split("?", 1)[0])
+        name = path.rsplit("/", 1)[-1]
+        range_header = self.headers.get("Range")
+        if self.server.unavailable.get(name, 0) > 0:  # a transient failure that clients may retry
+            self.server.unavailable[name] -= 1
+            self._answer(path, range_header, 503)
+            self.send_error(503)
+            return
+        body = None if name in self.server.missing else self.server.body(path)
+        if body is None:
+            self._answer(path, range_header, 404)
             self.send_error(404)
             return
-        if name not in self.server.cut and name not in self.server.stall:
-            super().do_GET()
-            return
-        payload = Path(self.translate_path(self.path)).read_bytes()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(payload)))
+        start = 0
+        match = re.fullmatch(r"bytes=(\d+)-", range_header or "")
+        if match and self.server.honour_range:
+            start = int(match.group(1))
+            if start >= len(body):
+                self._answer(path, range_header, 416)
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(body)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+        self._answer(path, range_header, 206 if start else 200)
+        self.send_response(206 if start else 200)
+        if start:
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(body) - start))
         self.end_headers()
+        self._send_body(name, body[start:])
+
+    def do_CONNECT(self) -> None:  # noqa: N802 - the name http.server dispatches to
+        """As an https proxy that refuses every tunnel: the target is recorded, the answer is 502, so a client
+        told to use this server as its proxy (https_proxy) fails at once, on loopback."""
+        self._answer(self.path, None, 502)
+        self.send_error(502)
+
+    def _send_body(self, name: str, payload: bytes) -> None:
+        cut_after, self.server.cut_after = self.server.cut_after, None
         if name in self.server.cut:
-            self.wfile.write(payload[: len(payload) // 2])
+            cut_after = len(payload) // 2
+        if name in self.server.stall:
+            self.wfile.write(payload[:16])
             self.wfile.flush()
-            self.close_connection = True
-            return
-        self.wfile.write(payload[:16])
-        self.wfile.flush()
-        self.server.stopping.wait()  # the stall: nothing more until the test stops the server
-        self.close_connection = True
+            self.server.stopping.wait()  # the stall: nothing more until the test stops the server
+        elif name in self.server.slow_tail:
+            self.wfile.write(payload[:-TAIL])
+            self.wfile.flush()
+            self.server.stopping.wait(TAIL_PAUSE_S)
+            self.wfile.write(payload[-TAIL:])
+        else:
+            self.wfile.write(payload if cut_after is None else payload[:cut_after])
+            self.wfile.flush()
+        self.close_connection = cut_after is not None or name in self.server.stall
+
+    def _answer(self, path: str, range_header: str | None, status: int) -> None:
+        self.server.log.append((path, range_header, status))
 
 
 class LoopbackServer(http.server.ThreadingHTTPServer):
+    """See Handler. `url` is the base URL; `requests` the paths asked for so far, in order."""
+
     daemon_threads = True
 
-    def __init__(self, directory: Path, handler: type[Handler] = Handler) -> None:
-        super().__init__(("127.0.0.1", 0), functools.partial(handler, directory=str(directory)))
+    def __init__(self, directory: Path | None = None, files: dict[str, bytes] | None = None) -> None:
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.directory = None if directory is None else Path(directory).resolve()
+        self.files: dict[str, bytes] = dict(files or {})
         self.missing: set[str] = set()
         self.cut: set[str] = set()
         self.stall: set[str] = set()
-        self.requests: list[str] = []
+        self.slow_tail: set[str] = set()
+        self.unavailable: dict[str, int] = {}  # name -> how many more requests get 503 Service Unavailable
+        self.honour_range = True
+        self.cut_after: int | None = None
+        self.log: list[tuple[str, str | None, int]] = []
         self.stopping = threading.Event()
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}"
 
+    @property
+    def requests(self) -> list[str]:
+        return [path for path, _, _ in self.log]
+
+    def body(self, path: str) -> bytes | None:
+        """The bytes served at URL `path`, or None (404)."""
+        if path in self.files:
+            return self.files[path]
+        if self.directory is None:
+            return None
+        target = (self.directory / path.lstrip("/")).resolve()
+        if not target.is_relative_to(self.directory) or not target.is_file():
+            return None
+        return target.read_bytes()
+
 
 @contextlib.contextmanager
-def serve(directory: Path, handler: type[Handler] = Handler) -> Iterator[LoopbackServer]:
-    """A loopback HTTP server over `directory` for the duration of the `with`; stopped (stalled requests
-    released) and its port closed on exit."""
-    server = LoopbackServer(directory, handler)
+def serve(directory: Path | None = None, files: dict[str, bytes] | None = None) -> Iterator[LoopbackServer]:
+    """A loopback HTTP server over `directory` and/or the in-memory `files` for the duration of the `with`;
+    stopped (stalled requests released) and its port closed on exit."""
+    server = LoopbackServer(directory, files)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import os
@@ -10,7 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.archive import find_cub_root, pack_tgz, safe_extract
+from pipeline.archive import (
+    MAX_EXTRACT_FILES_ENV,
+    MAX_EXTRACT_GB_ENV,
+    ExtractLimits,
+    extract_limits,
+    find_cub_root,
+    pack_tgz,
+    safe_extract,
+)
 from pipeline.errors import UserError
 
 
@@ -153,3 +162,93 @@ def test_find_cub_root(tmp_path: Path) -> None:
         find_cub_root(tmp_path / "empty")
     with pytest.raises(UserError, match="no such directory"):
         find_cub_root(tmp_path / "missing")
+
+
+# ---------------------------------------------------------------- size and member limits
+
+SMALL_LIMITS = ExtractLimits(max_bytes=100_000, max_members=20)
+
+
+def test_archive_over_the_size_limit_is_refused_before_writing(tmp_path: Path) -> None:
+    tgz = _tar(tmp_path / "big.tgz", [_file("CUB_200_2011/images.txt", b"1 a.jpg\n"),
+                                       _file("CUB_200_2011/zeros", bytes(150_000))])
+    dest = tmp_path / "dest"
+    with pytest.raises(UserError) as caught:
+        safe_extract(tgz, dest, SMALL_LIMITS)
+    assert str(caught.value) == (f"{tgz}: unpacks to more than 0.0001 GB, over the limit; if the archive is "
+                                 f"trusted, raise it with --max-extract-gb ({MAX_EXTRACT_GB_ENV})")
+    assert not dest.exists()
+    safe_extract(tgz, dest, ExtractLimits(max_bytes=150_008, max_members=20))  # the limit is inclusive
+    assert (dest / "CUB_200_2011" / "zeros").stat().st_size == 150_000
+
+
+def test_header_claiming_a_huge_member_is_refused_without_inflating_it(tmp_path: Path) -> None:
+    """A bomb: the first header claims 1 TB; the check stops at that header, never reading the data."""
+    info = tarfile.TarInfo("CUB_200_2011/huge")
+    info.size = 10**12
+    tgz = tmp_path / "bomb.tgz"
+    with gzip.open(tgz, "wb") as f:
+        f.write(info.tobuf(tarfile.GNU_FORMAT) + bytes(4096))  # the data is missing: a bare claim
+    with pytest.raises(UserError, match="unpacks to more than"):
+        safe_extract(tgz, tmp_path / "dest")  # default limits
+    assert not (tmp_path / "dest").exists()
+
+
+def test_sparse_member_counts_its_map_not_its_size_field(tmp_path: Path) -> None:
+    """GNU sparse 1.0: the header says 10 bytes, the map writes 200 kB before the file is truncated."""
+    data = 200_000
+    sparse_map = f"1\n0\n{data}\n".encode().ljust(512, b"\0")
+    info = tarfile.TarInfo("GNUSparseFile.0/big")
+    info.pax_headers = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.name": "big",
+                        "GNU.sparse.realsize": "10"}
+    tgz = tmp_path / "sparse.tgz"
+    with tarfile.open(tgz, "w:gz", format=tarfile.PAX_FORMAT) as tar:
+        info.size = len(sparse_map) + data
+        tar.addfile(info, io.BytesIO(sparse_map + bytes(data)))
+    with tarfile.open(tgz) as tar:
+        [member] = tar.getmembers()
+    assert (member.name, member.size, member.sparse) == ("big", 10, [(0, data)])
+    with pytest.raises(UserError, match="unpacks to more than"):
+        safe_extract(tgz, tmp_path / "dest", SMALL_LIMITS)
+    assert not (tmp_path / "dest").exists()
+
+
+def test_too_many_members_is_refused(tmp_path: Path) -> None:
+    tgz = _tar(tmp_path / "many.tgz", [_file(f"d/{i:03d}", b"x") for i in range(21)])
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "kept").write_text("mine")
+    with pytest.raises(UserError, match=f"more than 20 members, over the limit.*{MAX_EXTRACT_FILES_ENV}"):
+        safe_extract(tgz, dest, SMALL_LIMITS)
+    assert [p.name for p in dest.iterdir()] == ["kept"]
+
+
+def test_failure_while_writing_leaves_nothing_behind(tmp_path: Path) -> None:
+    """Headers fine, a write fails half-way: what this extraction wrote is removed, what was there stays.
+    (A cut or corrupt archive already fails while its headers are read, before anything is written.)"""
+    tgz = _tar(tmp_path / "clash.tgz", [_file("a/one", b"1"), _file("b"), _file("kept/x")])
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "kept").write_text("a file, so kept/x cannot be written")
+    with pytest.raises(UserError, match=f"extracting into {dest} failed"):
+        safe_extract(tgz, dest)
+    assert [p.name for p in dest.iterdir()] == ["kept"] and (dest / "kept").read_text().startswith("a file")
+
+
+@pytest.mark.parametrize(("gb", "files", "expected"), [
+    ("", "", ExtractLimits(5_000_000_000, 50_000)),
+    ("0.5", "100", ExtractLimits(500_000_000, 100)),
+])
+def test_extract_limits_from_the_environment(monkeypatch: pytest.MonkeyPatch, gb: str, files: str,
+                                             expected: ExtractLimits) -> None:
+    monkeypatch.setenv(MAX_EXTRACT_GB_ENV, gb)
+    monkeypatch.setenv(MAX_EXTRACT_FILES_ENV, files)
+    assert extract_limits() == expected
+
+
+@pytest.mark.parametrize(("name", "value"), [(MAX_EXTRACT_GB_ENV, "0"), (MAX_EXTRACT_GB_ENV, "lots"),
+                                             (MAX_EXTRACT_GB_ENV, "nan"), (MAX_EXTRACT_FILES_ENV, "1.5")])
+def test_bad_extract_limit_is_a_user_error(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(UserError, match=name):
+        extract_limits()

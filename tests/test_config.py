@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -50,3 +51,89 @@ def test_changed_fields_ignore_resumable_options() -> None:
     saved = cfgmod.to_dict(cfgmod.Config(shards="a"))
     assert cfgmod.changed_fields(saved, cfgmod.Config(shards="http://mirror/a", workers=9, wandb="offline")) == []
     assert cfgmod.changed_fields(saved, cfgmod.Config(shards="a", lr=0.5, arch="resnet18")) == ["arch", "lr"]
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--lr", "inf"], "--lr must be > 0 and finite"),
+    (["--lr", "nan"], "--lr must be > 0 and finite"),
+    (["--weight-decay", "nan"], "--weight-decay must be a finite number"),
+    (["--clip-grad", "inf"], "--clip-grad must be a finite number"),
+    (["--lr-find-end", "inf"], "--lr-find-end/--end-lr must be a finite number"),
+    (["--log-every", "0"], "--log-every must be >= 1"),
+    (["--label-smoothing", "5"], "--label-smoothing must be in [0, 1)"),
+    (["--label-smoothing", "1"], "--label-smoothing must be in [0, 1)"),
+    (["--div-factor", "0"], "--div-factor must be >= 1"),
+    (["--final-div-factor", "-1"], "--final-div-factor must be >= 1"),
+    (["--pct-start", "0"], "--pct-start must be in (0, 1)"),
+    (["--pct-start", "1"], "--pct-start must be in (0, 1)"),
+    (["--shuffle-buffer", "-5"], "--shuffle-buffer must be >= 1"),
+    (["--crop-scale", "0.5", "5"], "--crop-scale needs two numbers 0 < min <= max <= 1"),
+    (["--crop-scale", "0.9", "0.5"], "--crop-scale needs two numbers 0 < min <= max <= 1"),
+    (["--crop-scale", "0", "1"], "--crop-scale needs two numbers 0 < min <= max <= 1"),
+    (["--crop-pct", "0"], "--crop-pct must be in (0, 1]"),
+    (["--crop-pct", "1.5"], "--crop-pct must be in (0, 1]"),
+    (["--momentum", "1"], "--momentum must be in [0, 1)"),
+    (["--lr-decay", "0"], "--lr-decay must be in (0, 1]"),
+    (["--lr-decay", "2"], "--lr-decay must be in (0, 1]"),
+    (["--dist-timeout", "0"], "--dist-timeout must be >= 1"),
+    (["--seed", "-1"], "--seed must be in [0, 4294967295]"),
+    (["--image-size", "8"], "--image-size must be in [16, 2048]"),
+    (["--image-size", "22400"], "--image-size must be in [16, 2048]"),
+    (["--eval-batch-size", "-1"], "--eval-batch-size must be >= 0"),
+    (["--lr-find-steps", "2"], "--lr-find-steps/--steps must be >= 3"),
+    (["--lr-find-start", "0"], "--lr-find-start/--start-lr must be > 0"),
+    (["--lr-find-start", "1", "--lr-find-end", "0.1"], "needs --start-lr < --end-lr"),
+    (["--run-dir", ""], "--run-dir must not be empty"),
+])
+def test_every_option_is_range_checked(argv: list[str], fragment: str) -> None:
+    problems = cfgmod.check(_parse("--shards", "s", *argv))
+    assert len(problems) == 1 and fragment in problems[0], problems
+
+
+@pytest.mark.parametrize("text,fragment", [
+    ("crop_scale: 5\n", "option crop_scale: expected two numbers [min, max], got 5"),
+    ("crop_scale: [0.5, 1, 1]\n", "option crop_scale: expected two numbers"),
+    ("crop_scale: [a, 1]\n", "option crop_scale: expected a number, got 'a'"),
+    ("epochs: 2.5\n", "option epochs: expected a whole number, got 2.5"),
+    ("epochs: true\n", "option epochs: expected a number, got True"),
+    ("lr: yes\n", "option lr: expected a number, got True"),
+    ("run_dir: 5\n", "option run_dir: expected text, got 5"),
+])
+def test_yaml_types_are_checked(tmp_path: Path, text: str, fragment: str) -> None:
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(UserError) as error:
+        _parse("--config", str(tmp_path / "c.yaml"))
+    assert fragment in str(error.value)
+
+
+@pytest.mark.parametrize("text,fragment", [
+    ("lr: .inf\n", "--lr must be > 0 and finite"),
+    ("weight_decay: .nan\n", "--weight-decay must be a finite number"),
+    ("momentum: inf\n", "--momentum must be a finite number"),
+    ("crop_scale: [0.5, .nan]\n", "--crop-scale needs two numbers"),
+    ("label_smoothing: 5\n", "--label-smoothing must be in [0, 1)"),
+    ("epochs: 3.0\n", None),  # a whole number written as a float is fine
+])
+def test_yaml_values_get_the_same_checks(tmp_path: Path, text: str, fragment: str | None) -> None:
+    (tmp_path / "c.yaml").write_text(text)
+    problems = cfgmod.check(_parse("--config", str(tmp_path / "c.yaml"), "--shards", "s"))
+    assert problems == [] if fragment is None else (len(problems) == 1 and fragment in problems[0]), problems
+
+
+def test_output_paths_are_checked_without_creating_anything(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    assert cfgmod.output_dir_problem(tmp_path / "new" / "run", "--run-dir") is None
+    assert "exists and is not a directory" in cfgmod.output_dir_problem(tmp_path / "file", "--run-dir")
+    assert "is not a directory" in cfgmod.output_dir_problem(tmp_path / "file" / "run", "--run-dir")
+    assert "cannot write in /sys" in cfgmod.output_dir_problem(Path("/sys/cubstream-run"), "--run-dir")
+    assert "is a directory" in cfgmod.output_file_problem(tmp_path, "--out")
+    assert "not a regular file" in cfgmod.output_file_problem(Path("/dev/full"), "--out")
+    assert cfgmod.output_file_problem(tmp_path / "file", "--out") is None  # replacing a file is fine
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # no probe or directory left behind
+
+
+def test_every_numeric_option_has_a_range() -> None:
+    """A new numeric option must get its range here too (nan and inf are refused through it)."""
+    numeric = {f.name for f in dataclasses.fields(cfgmod.Config)
+               if isinstance(f.default, int | float) and not isinstance(f.default, bool)}
+    assert numeric - {"lr"} == set(cfgmod.RANGES)

@@ -1,14 +1,17 @@
 """Every shipped config is loaded by the code that consumes it, so a typo or a bad value fails CI:
-configs/*.yaml by the trainer's loader and checks, accelerate_config.yaml by accelerate's own loader and its
-`accelerate launch` argument validation."""
+configs/*.yaml by the trainer's loader and checks, accelerate_config.yaml by `accelerate launch` itself (the
+processes it starts report what they were given)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
+import procs
 import pytest
-from conftest import ROOT
+import yaml
+from support import ROOT, free_port, launch_env
 
 from pipeline.errors import UserError
 from train import config as cfgmod
@@ -42,28 +45,44 @@ def test_a_typo_in_a_trainer_config_fails(tmp_path: Path) -> None:
     assert any("resnet5" in p for p in cfgmod.check(cfgmod.make_config(argparse.Namespace(config=bad))))
 
 
+def accelerate_launch(config: Path, tmp: Path) -> tuple[int, str, list[dict[str, str]]]:
+    """`accelerate launch --config_file CONFIG tests/launched_env.py`, as a user runs it (only the port is
+    chosen here, so that tests running at once do not collide): (exit status, output, what each rank got)."""
+    out = tmp / "launched"
+    out.mkdir(parents=True, exist_ok=True)
+    command = [procs.ACCELERATE, "launch", "--config_file", str(config), "--main_process_port", str(free_port()),
+               str(ROOT / "tests" / "launched_env.py"), str(out)]
+    with procs.group(tmp / "logs") as group:
+        group.start("launch", command, launch_env(tmp))
+        (code,) = group.finish(timeout=120)
+        output = group.output("launch")
+    ranks = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"), key=lambda p: int(p.stem[4:]))]
+    return code, output, ranks
+
+
 @pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=lambda p: p.name)
-def test_accelerate_config_loads(path: Path) -> None:
-    from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
-    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+def test_accelerate_config_launches(path: Path, tmp_path: Path) -> None:
+    """The launcher reads the file (unknown keys and bad values fail there) and starts the processes it
+    describes, each told the world size and the mixed precision the trainer's `--precision auto` takes."""
+    values = yaml.safe_load(path.read_text())
+    code, output, ranks = accelerate_launch(path, tmp_path)
+    assert code == 0, output[-3000:]
+    processes = values["num_processes"] // values.get("num_machines", 1)
+    assert [r["RANK"] for r in ranks] == [str(i) for i in range(processes)], output[-3000:]
+    assert {r["WORLD_SIZE"] for r in ranks} == {str(values["num_processes"])}
+    assert {r["ACCELERATE_MIXED_PRECISION"] for r in ranks} == {values["mixed_precision"]}
+    assert values["mixed_precision"] in cfgmod.PRECISIONS
 
-    loaded = load_config_from_file(str(path))  # unknown keys and bad enum values raise here
-    assert isinstance(loaded, ClusterConfig)
-    assert loaded.mixed_precision in cfgmod.PRECISIONS, loaded.mixed_precision
-    # What `accelerate launch --config_file PATH -m train fit` resolves before starting any process.
-    args = launch_command_parser().parse_args(["--config_file", str(path), "-m", "train", "fit"])
-    args, defaults, _ = _validate_launch_command(args)
-    assert args.num_processes >= 1 and args.num_machines >= 1 and 0 <= args.machine_rank < args.num_machines
-    assert args.mixed_precision == loaded.mixed_precision
 
-
-def test_a_typo_in_an_accelerate_config_fails(tmp_path: Path) -> None:
-    from accelerate.commands.config.config_args import load_config_from_file
-
-    typo = tmp_path / "accelerate.yaml"
-    typo.write_text((ROOT / "accelerate_config.yaml").read_text() + "\nnum_proceses: 2\n")
-    with pytest.raises(ValueError, match="num_proceses"):
-        load_config_from_file(str(typo))
+@pytest.mark.parametrize(("change", "named"), [("\nnum_proceses: 2\n", "num_proceses"),
+                                                ("\nmixed_precision: bf17\n", "bf17")],
+                         ids=["unknown-key", "bad-value"])
+def test_a_typo_in_an_accelerate_config_fails(tmp_path: Path, change: str, named: str) -> None:
+    bad = tmp_path / "accelerate.yaml"
+    bad.write_text((ROOT / "accelerate_config.yaml").read_text().replace("\nmixed_precision: bf16\n", "\n")
+                   + change)
+    code, output, ranks = accelerate_launch(bad, tmp_path)
+    assert code != 0 and named in output and ranks == [], output[-3000:]
 
 
 def test_gpu_smoke_script_calls_the_benchmarks_with_flags_they_define() -> None:

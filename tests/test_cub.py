@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import SMALL, assert_one_line_error, run_cli
+from conftest import SMALL
+from support import assert_one_line_error, run_cli
 
 from pipeline.cub import Cub, fingerprint, image_sizes, open_source, read_cub
 from pipeline.errors import UserError
@@ -99,3 +100,54 @@ def test_image_sizes_mark_missing_and_non_files(cub_copy: Path) -> None:
 
 def _fingerprint(cub: Cub) -> str:
     return fingerprint(cub, image_sizes(cub))
+
+
+# ---------------------------------------------------------------- encodings and whitespace
+
+
+def test_latin1_class_name_is_refused_with_file_line_and_bytes(cub_copy: Path) -> None:
+    lines = (cub_copy / "classes.txt").read_bytes().splitlines(keepends=True)
+    lines[2] = b"3 003.Gr\xe9be\n"  # Latin-1 e-acute
+    (cub_copy / "classes.txt").write_bytes(b"".join(lines))
+    with pytest.raises(UserError) as caught:
+        read_cub(cub_copy)
+    assert str(caught.value) == ("classes.txt:3: not UTF-8 (bytes b'\\xe9' at byte 9 of the line); listing files "
+                                 "must be UTF-8: convert it, e.g. `iconv -f latin1 -t utf-8`")
+
+
+def test_non_utf8_image_path_is_refused(cub_copy: Path) -> None:
+    lines = (cub_copy / "images.txt").read_bytes().splitlines(keepends=True)
+    lines[6] = lines[6].replace(b".jpg", b"\xff\xfe.jpg")
+    (cub_copy / "images.txt").write_bytes(b"".join(lines))
+    with pytest.raises(UserError, match=r"^images.txt:7: not UTF-8 \(bytes b'\\xff' at byte "):
+        read_cub(cub_copy)
+
+
+def test_utf8_bom_and_utf8_names_are_read(cub_copy: Path) -> None:
+    path = cub_copy / "classes.txt"
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes().replace(b"\n", b" Gr\xc3\xa9be\n", 1))
+    cub = read_cub(cub_copy)
+    assert cub.classes[0].endswith(" Gr\u00e9be") and " " in cub.classes[0]  # inner spaces of the last field kept
+    assert not cub.classes[0].startswith("\ufeff")
+
+
+def test_trailing_whitespace_tabs_and_crlf_are_ignored(cub_copy: Path) -> None:
+    clean = read_cub(cub_copy)
+    for name in ("classes.txt", "images.txt", "image_class_labels.txt", "train_test_split.txt",
+                 "bounding_boxes.txt"):
+        path = cub_copy / name
+        lines = path.read_text().splitlines()
+        path.write_text("".join(f" {line.replace(' ', chr(9) + ' ', 1)} \t \r\n" for line in lines))
+    padded = read_cub(cub_copy)
+    assert padded.classes == clean.classes and padded.records == clean.records
+    assert image_sizes(padded) == image_sizes(clean) and -1 not in image_sizes(padded)
+
+
+@pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-inf", "Infinity"])
+def test_non_finite_box_is_refused(cub_copy: Path, value: str) -> None:
+    lines = (cub_copy / "bounding_boxes.txt").read_text().splitlines()
+    fields = lines[4].split()
+    lines[4] = " ".join([fields[0], fields[1], value, *fields[3:]])
+    (cub_copy / "bounding_boxes.txt").write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError, match=r"^bounding_boxes.txt:5: box values must be finite numbers"):
+        read_cub(cub_copy)

@@ -3,35 +3,29 @@ corrupt samples, unreadable shards, http, and two real processes under torchrun.
 
 from __future__ import annotations
 
-import functools
-import http.server
 import io
 import json
-import os
 import pickle
-import signal
-import socket
-import subprocess
 import sys
 import tarfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
 import numpy as np
+import procs
 import pytest
 import simplejpeg
 import torch
 from PIL import Image
+from support import ROOT, LoopbackServer, free_port, launch_env, serve
 
 from pipeline.errors import UserError
-from pipeline.manifest import load_manifest
+from pipeline.manifest import load_manifest, sha256_file
 from train import data
 from train.augment import sample_seed as derive_seed
 from train.data import ShardError, eval_loader, train_batches_per_epoch, train_loader
 
-ROOT = Path(__file__).resolve().parents[1]
 COLOURS = [(220, 40, 40), (40, 200, 40), (40, 40, 220), (220, 220, 40)]  # class -> solid colour
 TRAIN_SIZES = [7, 3, 11, 5, 9]  # 35 samples, uneven
 VALID_SIZES = [5, 4, 2, 4]  # 15 samples: odd
@@ -91,7 +85,7 @@ def write_set(root: Path, splits: dict[str, list[Members]]) -> Path:
             write_tar(root / name, members)
             keys = {member.split(".", 1)[0] for member, _ in members}
             entries.append({"name": name, "num_samples": len(keys), "bytes": (root / name).stat().st_size,
-                            "sha256": "0" * 64})
+                            "sha256": sha256_file(root / name)})  # the loader checks streamed bytes
         manifest["splits"][split] = {"num_samples": sum(e["num_samples"] for e in entries),
                                      "class_counts": [], "shards": entries}
     (root / "manifest.json").write_text(json.dumps(manifest))
@@ -297,11 +291,11 @@ GARBAGE = b"\xff\xd8 not a jpeg at all" * 20
 
 
 @pytest.fixture(scope="module")
-def damaged(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def corrupt_set(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """In train and valid: 3 corrupt samples, each the first of its shard (garbage jpg, cls "seven", a
     pickle member that would create `marker` if anything unpickled it); valid also has odd-but-valid
     images (grayscale JPEG, PNG, CMYK JPEG)."""
-    tmp = tmp_path_factory.mktemp("damaged")
+    tmp = tmp_path_factory.mktemp("corrupt")
     marker = tmp / "unpickled"
 
     class Trap:
@@ -329,8 +323,8 @@ def encode(image: Image.Image, kind: str) -> bytes:
     return out.getvalue()
 
 
-def test_corrupt_samples_are_dropped_counted_and_named(damaged: tuple[Path, Path], caplog) -> None:
-    root, marker = damaged
+def test_corrupt_samples_are_dropped_counted_and_named(corrupt_set: tuple[Path, Path], caplog) -> None:
+    root, marker = corrupt_set
     batches = train(root, shuffle_buffer=1)
     assert len(batches) == 8 and all(len(b["key"]) == 4 for b in batches)
     assert sum(b["bad"] for b in batches) == 3  # 32 good samples: exactly one pass over the shards
@@ -341,8 +335,8 @@ def test_corrupt_samples_are_dropped_counted_and_named(damaged: tuple[Path, Path
     assert not marker.exists()
 
 
-def test_eval_drops_corrupt_and_decodes_png_gray_cmyk(damaged: tuple[Path, Path]) -> None:
-    root, _ = damaged
+def test_eval_drops_corrupt_and_decodes_png_gray_cmyk(corrupt_set: tuple[Path, Path]) -> None:
+    root, _ = corrupt_set
     batches = evaluate(root, workers=2, world_size=1)
     keys = sorted(key for batch in batches for key in batch["key"])
     assert keys == sorted({f"{i:05d}" for i in range(101, 116)} - {"00101", "00106", "00110"})
@@ -354,8 +348,8 @@ def test_eval_drops_corrupt_and_decodes_png_gray_cmyk(damaged: tuple[Path, Path]
     assert gray[0] == gray[1] == gray[2] and abs(gray[0] - 128) <= 2
 
 
-def test_resume_is_exact_across_corrupt_samples(damaged: tuple[Path, Path]) -> None:
-    root, _ = damaged
+def test_resume_is_exact_across_corrupt_samples(corrupt_set: tuple[Path, Path]) -> None:
+    root, _ = corrupt_set
     full = train(root, workers=2, batch_size=3, shuffle_buffer=4)
     assert sum(b["bad"] for b in full) >= 1
     resumed = train(root, workers=2, batch_size=3, shuffle_buffer=4, start_batch=5)
@@ -432,64 +426,32 @@ def test_pipe_urls_pass_through(shards: Path) -> None:
 # ---------------------------------------------------------------- http
 
 
-class _Handler(http.server.SimpleHTTPRequestHandler):
-    cut: set[str] = {"cut-000000.tar"}
-
-    def log_message(self, *args: object) -> None:
-        """Keep test output quiet."""
-
-    def do_GET(self) -> None:
-        name = self.path.rsplit("/", 1)[-1]
-        if name not in self.cut:
-            super().do_GET()
-            return
-        payload = Path(self.directory, "train-000002.tar").read_bytes()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload[: len(payload) // 2])  # then the connection closes mid-transfer
-        self.close_connection = True
-
-
 @pytest.fixture
-def served(shards: Path) -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, directory=str(shards)))
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+def served(shards: Path) -> Iterator[LoopbackServer]:
+    with serve(shards) as server:
+        yield server
 
 
-def test_http_matches_local(shards: Path, served: str) -> None:
-    assert flat(train(served, workers=2)) == flat(train(shards, workers=2))
-    keys = sorted(key for rank in (0, 1) for batch in evaluate(served, rank=rank, world_size=2)
+def test_http_matches_local(shards: Path, served: LoopbackServer) -> None:
+    assert flat(train(served.url, workers=2)) == flat(train(shards, workers=2))
+    keys = sorted(key for rank in (0, 1) for batch in evaluate(served.url, rank=rank, world_size=2)
                   for key in batch["key"])
     assert keys == [f"{i:05d}" for i in range(101, 116)]
 
 
-@pytest.mark.parametrize(("name", "reason"), [("gone-000000.tar", "curl exit 22"),
-                                              ("cut-000000.tar", "curl exit 18")])
-def test_http_unreadable_shard_names_the_url(served: str, name: str, reason: str) -> None:
-    manifest = load_manifest(served)
-    manifest["splits"]["valid"]["shards"][0]["name"] = name
+@pytest.mark.parametrize(("fault", "reason"), [("missing", "curl exit 22"), ("cut", "curl exit 18")])
+def test_http_unreadable_shard_names_the_url(served: LoopbackServer, fault: str, reason: str) -> None:
+    manifest = load_manifest(served.url)
+    victim = manifest["splits"]["valid"]["shards"][0]["name"]
+    getattr(served, fault).add(victim)
     with pytest.raises(ShardError) as caught:
-        list(eval_loader(served, manifest, "valid", transform=tiny_transform, batch_size=4, workers=0,
+        list(eval_loader(served.url, manifest, "valid", transform=tiny_transform, batch_size=4, workers=0,
                          rank=0, world_size=1))
     message = str(caught.value)
-    assert f"{served}/{name}" in message and reason in message and "not retried" in message
+    assert f"{served.url}/{victim}" in message and reason in message and "not retried" in message
 
 
 # ---------------------------------------------------------------- two real processes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -498,16 +460,9 @@ def test_two_processes_under_torchrun(shards: Path, tmp_path: Path) -> None:
     command = [str(torchrun), "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                "--master_port", str(free_port()), str(ROOT / "tests" / "data_ranks.py"),
                "--shards", str(shards), "--out", str(tmp_path), "--batch-size", "4", "--workers", "2"]
-    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"torchrun timed out:\n{output[-3000:]}")
-    assert proc.returncode == 0, output[-3000:]
+    with procs.group(tmp_path / "logs") as group:
+        group.start("torchrun", command, launch_env(tmp_path))
+        assert group.finish(timeout=120) == [0], group.output("torchrun")[-3000:]
     results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert [r["world_size"] for r in results] == [2, 2]
     assert [r["train_batches"] for r in results] == [train_batches_per_epoch(35, 4, 2)] * 2

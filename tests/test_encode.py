@@ -87,3 +87,20 @@ def test_exif_orientation_moves_the_box(orientation: int) -> None:
     x, y, w, h = transpose_box(box, size, orientation)
     assert encoded.bbox == pytest.approx((x, y, w, h))
     assert found == pytest.approx((x, y, x + w, y + h), abs=1)
+
+
+def _png_with_exif() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return _image_bytes("RGB", fmt="PNG", exif=exif)
+
+
+@pytest.mark.parametrize("options", [EncodeOptions(resize_short=0), EncodeOptions(resize_short=64),
+                                     EncodeOptions(resize_short=64, crop_bbox=True)], ids=["keep", "resize", "crop"])
+@pytest.mark.parametrize("make", [lambda: _image_bytes("RGB", fmt="PNG"), _png_with_exif], ids=["png", "png-exif"])
+def test_truncated_png_is_bad_whichever_step_reads_it(make, options: EncodeOptions) -> None:
+    """PIL reads PNG metadata lazily: a cut PNG fails in the EXIF lookup, before any pixel is decoded."""
+    data = make()
+    for cut in (60, 100, len(data) // 2):
+        with pytest.raises(BadImage, match="cannot decode|not an image"):
+            encode_image(data[:cut], (10, 10, 50, 50), options)

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
-import socket
-import sys
 from pathlib import Path
 from typing import Any
 
+import procs
 import pytest
 import wandb_log
-from conftest import ROOT, assert_one_line_error, run_cli
-from helpers import ONE_THREAD, assert_png, run_main
+from support import ONE_THREAD, assert_one_line_error, assert_png, free_port, launch_env, run_cli, run_main
 
 from pipeline.manifest import load_manifest
 
@@ -65,12 +62,6 @@ def test_fit_logs_the_report_to_wandb(fitted_run: Path, train_shards: Path) -> N
     assert logged["report/test/predictions/nrows"] == load_manifest(str(train_shards))["splits"]["test"]["num_samples"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def one_process_eval(fitted_run: Path, train_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("eval") / "one"
@@ -93,17 +84,14 @@ def test_evaluate_cli_equals_the_fit_report(one_process_eval: Path, fitted_run: 
 def test_evaluate_two_processes_equals_one(one_process_eval: Path, fitted_run: Path, train_shards: Path,
                                           tmp_path: Path) -> None:
     out = tmp_path / "two"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--main_process_port", str(_free_port()), "-m", "train", "evaluate",
-               "--checkpoint", str(fitted_run), "--shards", str(train_shards), "--split", "test", "--out", str(out),
-               "--workers", "0", "--batch-size", "16"]
-    import subprocess
-
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONPATH": str(ROOT),
-           "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "(2 process(es))" in result.stdout  # really two processes, not one (DESIGN 5)
+    command = [*procs.launch_args(2, free_port()), "-m", "train", "evaluate", "--checkpoint", str(fitted_run),
+               "--shards", str(train_shards), "--split", "test", "--out", str(out), "--workers", "0",
+               "--batch-size", "16"]
+    with procs.group(tmp_path / "logs") as group:
+        group.start("launch", command, launch_env(tmp_path))
+        assert group.finish(timeout=240) == [0], group.output("launch")[-3000:]
+        output = group.output("launch")
+    assert "(2 process(es))" in output  # really two processes, not one
     one = json.loads((one_process_eval / "metrics.json").read_text())
     two = json.loads((out / "metrics.json").read_text())
     assert two["num_samples"] == one["num_samples"]

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_one_line_error, run_cli
-from helpers import ONE_THREAD, run_main
+from support import ONE_THREAD, assert_one_line_error, run_cli, run_main
 
+from pipeline.errors import UserError
 from train import checkpoint, export
 
 
@@ -55,3 +55,22 @@ def test_export_of_a_non_run_is_one_line(capsys: pytest.CaptureFixture[str], tmp
     assert_one_line_error(result, "no such run directory")
     result = run_main(capsys, "export", "--checkpoint", str(tmp_path), "--format", "tflite", "--out", "m")
     assert result.returncode == 2 and "invalid choice" in result.stderr
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
+def test_nothing_half_written(fitted_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file appears at --out only once written and checked; a failed check leaves an older file as it
+    was and no temporary file; a target that is not a regular file in a writable folder is refused."""
+    out = tmp_path / "model.pt"
+    out.write_bytes(b"an older export")
+    monkeypatch.setattr(export, "TOLERANCE", -1.0)  # every check fails
+    with pytest.raises(UserError, match="export check failed: .* nothing written"):
+        export.export(str(fitted_run), "torchscript", out)
+    assert out.read_bytes() == b"an older export" and sorted(tmp_path.iterdir()) == [out]
+    monkeypatch.undo()
+    assert export.export(str(fitted_run), "torchscript", out) <= export.TOLERANCE
+    assert sorted(tmp_path.iterdir()) == [out] and out.read_bytes()[:2] == b"PK"  # a TorchScript zip
+    for target, message in ((tmp_path, "is a directory"), (Path("/dev/full"), "not a regular file"),
+                            (Path("/sys/model.pt"), "cannot write in /sys")):
+        with pytest.raises(UserError, match=message):
+            export.export(str(fitted_run), "torchscript", target)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,10 +15,11 @@ from pathlib import Path
 import pytest
 import wandb_log
 import yaml
-from conftest import FIT_ARGS, ROOT, TRAIN_SYNTH, assert_one_line_error, run_cli
+from conftest import FIT_ARGS, TRAIN_SYNTH
 from safetensors.torch import load_file
+from support import ROOT, assert_one_line_error, cli_env, free_port, launch_env, run_cli, run_main, wait_for
 
-from pipeline.manifest import load_manifest
+from pipeline.manifest import load_manifest, sha256_file
 from train.config import Config
 
 
@@ -67,6 +70,16 @@ def _fit_command(shards: Path, run_dir: Path, *extra: str) -> list[str]:
             *extra]
 
 
+def _records(run_dir: Path, kind: str) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def _without_rank_batches(record: dict) -> dict:
+    """An epoch record minus the per-rank batch counts (after a resume they count only the batches since)."""
+    return {**record, "train": {k: v for k, v in record["train"].items() if k != "rank_batches"}}
+
+
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(train_shards: Path, tmp_path: Path) -> None:
     extra = ("--epochs", "2", "--workers", "2", "--checkpoint-every", "3", "--keep-checkpoints", "10")
     reference = subprocess.run(_fit_command(train_shards, tmp_path / "a", *extra), cwd=ROOT, capture_output=True,
@@ -82,9 +95,28 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(train_shards: Path, 
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert first.exists() and not (tmp_path / "b" / "results.json").exists()
+    # what a kill can leave: the lock's holder record (the kernel dropped the lock itself), half-written
+    # temporaries, a partial last line in metrics.jsonl
+    assert json.loads((tmp_path / "b" / ".lock.holder").read_text())["pid"] == process.pid
+    leftovers = [tmp_path / "b" / "checkpoints" / ".tmp-step-00000099", tmp_path / "b" / "checkpoints" / ".tmp-best",
+                 tmp_path / "b" / "checkpoints" / ".best.old-4242"]
+    for leftover in leftovers:
+        leftover.mkdir(exist_ok=True)
+    with open(tmp_path / "b" / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "step", "step": 4, "epo')
+    damaged = Path(shutil.copytree(first.parent, tmp_path / "b" / "checkpoints" / "step-00000099"))
+    (damaged / "trainer.json").write_text((damaged / "trainer.json").read_text().replace(
+        '"global_step": 3', '"global_step": 99'))
+    whole = (damaged / "model.safetensors").read_bytes()
+    (damaged / "model.safetensors").write_bytes(whole[: len(whole) // 2])
     resumed = subprocess.run(command + ["--resume", "auto"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming" in resumed.stdout
+    skipped = [line for line in resumed.stderr.splitlines() if line.startswith("warning: skipping checkpoint")]
+    assert skipped == [f"warning: skipping checkpoint {damaged}: model.safetensors is truncated "
+                       f"({len(whole) // 2} of {len(whole)} bytes)"]
+    assert not any(leftover.exists() for leftover in leftovers)
+    assert not (tmp_path / "b" / ".lock.holder").exists()  # released at the end
 
     final = sorted((tmp_path / "a" / "checkpoints").glob("step-*"))[-1].name
     a = load_file(str(tmp_path / "a" / "checkpoints" / final / "model.safetensors"))
@@ -93,23 +125,167 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(train_shards: Path, 
     assert max((a[k].double() - b[k].double()).abs().max().item() for k in a) <= 1e-6
 
     def steps(run: str) -> list[tuple]:
-        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
-        return [(r["step"], r["loss"], r["lr"]["fc"]) for r in map(json.loads, lines) if r["kind"] == "step"]
+        return [(r["step"], r["loss"], r["lr"]["fc"]) for r in _records(tmp_path / run, "step")]
 
     assert steps("b") == steps("a")  # killed steps replayed, metrics.jsonl not duplicated
+    # the epoch the kill fell in: its train metrics cover the samples before the checkpoint too
+    epochs_a, epochs_b = _records(tmp_path / "a", "epoch"), _records(tmp_path / "b", "epoch")
+    assert [_without_rank_batches(r) for r in epochs_b] == [_without_rank_batches(r) for r in epochs_a]
+    assert len(epochs_a) == 2 and len(_records(tmp_path / "b", "test")) == 1
     assert json.loads((tmp_path / "b" / "results.json").read_text()) == json.loads(
         (tmp_path / "a" / "results.json").read_text())
 
 
-def test_resume_with_other_config_refused_unless_force(fitted_run: Path, train_shards: Path, tmp_path: Path) -> None:
+def _one_cycle_lr(total: int, position: int, peak: float = 0.003) -> float:
+    """The LR torch's OneCycleLR gives at `position` of a `total`-step schedule (fit's defaults)."""
+    import torch
+
+    weight = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([weight], lr=peak)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peak, total_steps=total)
+    for _ in range(position):
+        optimizer.step()
+        scheduler.step()
+    return optimizer.param_groups[0]["lr"]
+
+
+def _cos(start: float, end: float, pct: float) -> float:
+    return end + (start - end) / 2 * (math.cos(math.pi * pct) + 1)
+
+
+def _assert_anneals_from(lrs: dict[int, float], resumed: int, last: int, lr_there: float) -> None:
+    """fc LRs by step after a resume at step `resumed`: the old schedule's LR there, then a cosine down to
+    the final LR at step `last` (the LR of step k is the schedule's value at position k - 1)."""
+    final = 0.003 / 25 / 1e4
+    for step in range(resumed + 1, last + 1):
+        pct = (step - 1 - resumed) / (last - 1 - resumed)
+        assert lrs[step] == pytest.approx(_cos(lr_there, final, pct), rel=1e-9, abs=1e-15), step
+    assert lrs[last] == pytest.approx(final, rel=1e-9)
+
+
+def test_resume_force_changes_only_epochs_and_follows_them(capsys: pytest.CaptureFixture[str], fitted_run: Path,
+                                                           train_shards: Path, tmp_path: Path) -> None:
     import shutil
 
     run_dir = Path(shutil.copytree(fitted_run, tmp_path / "run"))
-    base = ["train", "fit", "--shards", str(train_shards), *FIT_ARGS, "--run-dir", str(run_dir)]
-    assert_one_line_error(run_cli(*base), "already holds a run", "--resume auto")
-    assert_one_line_error(run_cli(*base, "--resume", "auto", "--lr", "0.01"), "config differs in lr", "--force")
-    result = run_cli(*base, "--resume", "auto", "--lr", "0.01", "--force")
-    assert result.returncode == 0, result.stderr[-2000:]  # all epochs done: straight to the test evaluation
+    base = ["fit", "--shards", str(train_shards), *FIT_ARGS, "--run-dir", str(run_dir)]
+    before = {name: (run_dir / name).read_bytes() for name in ("config.yaml", "results.json", "metrics.jsonl")}
+    old_steps = {r["step"]: r["lr"]["fc"] for r in _records(run_dir, "step")}
+    steps_per_epoch = len(old_steps) // 5
+    total, last = 5 * steps_per_epoch, 6 * steps_per_epoch
+    rows = [
+        ([], "already holds a run"),
+        (["--resume", "auto", "--lr", "0.01"], "config differs in lr, which --force cannot change (it can change "
+                                               "epochs and the shard set)"),
+        (["--resume", "auto", "--lr", "0.01", "--force"], "config differs in lr, which --force cannot change"),
+        (["--resume", "auto", "--epochs", "6"], "config differs in epochs (pass --force to resume anyway)"),
+        (["--resume", "auto", "--epochs", "4", "--force"], f"is at step {total}, in epoch 6; --epochs must be at "
+                                                           "least 5"),
+    ]
+    for extra, fragment in rows:
+        assert_one_line_error(run_main(capsys, *base, *extra), fragment)
+        assert {name: (run_dir / name).read_bytes() for name in before} == before, extra  # nothing written
+
+    result = run_cli("train", *base, "--resume", "auto", "--epochs", "6", "--force")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"the LR schedule now ends at step {last} instead of {total}" in result.stdout
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["epochs"] == 6  # what ran
+    steps = {r["step"]: r["lr"]["fc"] for r in _records(run_dir, "step")}
+    assert list(steps) == list(range(1, last + 1))
+    assert {k: steps[k] for k in old_steps} == old_steps
+    _assert_anneals_from(steps, total, last, _one_cycle_lr(total, total))
+    assert [r["epoch"] for r in _records(run_dir, "epoch")] == [1, 2, 3, 4, 5, 6]
+    assert len(_records(run_dir, "test")) == 1
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["best_epoch"] in range(1, 7) and results["test"]["num_samples"] > 0
+
+
+def test_second_fit_on_a_run_dir_is_refused_and_a_killed_holder_does_not_block(train_shards: Path,
+                                                                               tmp_path: Path) -> None:
+    """Two real `fit` processes on one run dir: the second is refused before it writes anything, naming the
+    first; the first, SIGKILLed, is resumed with a shorter --epochs whose schedule continues its LR."""
+    import socket
+
+    run_dir = tmp_path / "run"
+    first = subprocess.Popen(_fit_command(train_shards, run_dir, "--epochs", "20", "--checkpoint-every", "2",
+                                          "--keep-checkpoints", "100"),
+                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cli_env())
+    checkpoint = run_dir / "checkpoints" / "step-00000002" / "trainer.json"  # the first one
+    try:
+        holder = run_dir / ".lock.holder"
+        wait_for(lambda: holder.is_file() and json.loads(holder.read_text())["pid"] == first.pid, 120,
+                 "the first fit to lock its run directory")
+        second = run_cli("train", "fit", "--shards", str(train_shards), *FIT_ARGS, "--epochs", "3",
+                         "--run-dir", str(run_dir))
+        assert_one_line_error(second, f"run directory {run_dir} is in use by pid {first.pid} on "
+                                      f"{socket.gethostname()}", "wait for it to finish")
+        assert first.poll() is None  # still training, its files untouched by the second
+        assert yaml.safe_load((run_dir / "config.yaml").read_text())["epochs"] == 20
+        wait_for(lambda: checkpoint.exists() or first.poll() is not None, 240, "the first checkpoint")
+    finally:
+        first.kill()
+        first.wait()
+    assert checkpoint.exists()
+    newest = json.loads(sorted((run_dir / "checkpoints").glob("step-*"))[-1].joinpath("trainer.json").read_text())
+    epochs = newest["epoch"] + 1  # down to the epoch in progress (or the next after an epoch end)
+    resumed = run_cli("train", "fit", "--shards", str(train_shards), *FIT_ARGS, "--run-dir", str(run_dir),
+                      "--resume", "auto", "--force", "--epochs", str(epochs))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"from step-{newest['global_step']:08d}" in resumed.stdout
+    steps_per_epoch, resumed_at = newest["steps_per_epoch"], newest["global_step"]
+    steps = {r["step"]: r["lr"]["fc"] for r in _records(run_dir, "step")}
+    assert list(steps) == list(range(1, epochs * steps_per_epoch + 1))
+    _assert_anneals_from(steps, resumed_at, epochs * steps_per_epoch, _one_cycle_lr(20 * steps_per_epoch, resumed_at))
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["epochs"] == epochs
+    assert [r["epoch"] for r in _records(run_dir, "epoch")] == list(range(1, epochs + 1))
+
+
+def test_every_process_of_a_launch_gets_the_same_refusal(train_shards: Path, tmp_path: Path) -> None:
+    """Only the main process takes the lock; the others learn its outcome and exit with the same line (no
+    hang waiting for a peer that stopped). The run directory is held here, by this test's process."""
+    import os
+
+    import procs
+
+    from train import rundir
+
+    run_dir = tmp_path / "run"
+    with rundir.locked(run_dir), procs.group(tmp_path / "logs") as group:
+        group.start("launch", [*procs.launch_args(2, free_port()), "-m", "train", "fit", "--shards",
+                               str(train_shards), *FIT_ARGS, "--run-dir", str(run_dir)], launch_env(tmp_path))
+        assert group.finish(timeout=240) != [0]
+    errors = [line for line in group.output("launch").splitlines() if line.startswith("error:")]
+    assert errors == [f"error: run directory {run_dir} is in use by pid {os.getpid()} on {_hostname()} "
+                      f"({errors[0].split(' (', 1)[1]}"] * 2, group.output("launch")[-3000:]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", ".lock.meta"]  # nothing written
+
+
+def _hostname() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+def test_diverging_run_stops_at_the_first_non_finite_loss(train_shards: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = run_cli("train", "fit", "--shards", str(train_shards), *FIT_ARGS, "--optimizer", "sgd", "--lr", "1e6",
+                     "--checkpoint-every", "1", "--keep-checkpoints", "100", "--run-dir", str(run_dir))
+    line = assert_one_line_error(result, "training diverged: the ")
+    steps = _records(run_dir, "step")
+    stopped = len(steps) + 1  # the step whose loss (or weights) went non-finite is not logged
+    assert f"at step {stopped} " in line or f"after step {stopped - 1} " in line, line
+    saved = _checkpoint_steps(run_dir)
+    assert saved == list(range(1, len(steps) + (0 if "weights" in line else 1))), (saved, line)
+    assert (f"the last good checkpoint is {run_dir / 'checkpoints' / f'step-{saved[-1]:08d}'}" in line
+            if saved else "no checkpoint was written before" in line), line
+    for step in saved:
+        weights = load_file(str(run_dir / "checkpoints" / f"step-{step:08d}" / "model.safetensors"))
+        assert all(t.isfinite().all() for t in weights.values()), step
+    assert not (run_dir / "results.json").exists() and _records(run_dir, "epoch") == []
+
+
+def _checkpoint_steps(run_dir: Path) -> list[int]:
+    return sorted(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*"))
 
 
 @pytest.mark.parametrize("flag,value,message", [
@@ -174,6 +350,11 @@ def _corrupt_one_sample(shards: Path, out: Path) -> str:
             import io
 
             tar.addfile(member, io.BytesIO(payload))
+    # the manifest describes the shard as it now is (as if built from a bad image): only the sample is bad
+    manifest = json.loads((out / "manifest.json").read_text())
+    record = manifest["splits"]["train"]["shards"][0]
+    record["bytes"], record["sha256"] = shard.stat().st_size, sha256_file(shard)
+    (out / "manifest.json").write_text(json.dumps(manifest))
     return victim.split(".")[0]
 
 

@@ -17,7 +17,8 @@ from typing import Any
 import procs
 import pytest
 import yaml
-from conftest import FIT_ARGS, ROOT
+from conftest import FIT_ARGS
+from support import ROOT, launch_env
 
 from pipeline.manifest import load_manifest
 from train.rundir import shard_set_id
@@ -37,7 +38,7 @@ def digests(directory: Path) -> dict[str, str]:
 
 
 def bash_env(tmp: Path, **extra: str) -> dict[str, str]:
-    return procs.env(tmp, PYTHON=sys.executable, SLURM_SUBMIT_DIR=str(ROOT), **extra)
+    return launch_env(tmp, PYTHON=sys.executable, SLURM_SUBMIT_DIR=str(ROOT), **extra)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +79,9 @@ def test_slurm_array_equals_single_build(cub_source: Path, single_build: Path, t
         group.start("merge", ["bash", str(SLURM_MERGE)], bash_env(tmp_path, **common))
         assert group.finish(JOB_TIMEOUT_S)[-1] == 0, group.output("merge")
     assert digests(out) == digests(single_build)
-    assert len(list(out.glob("*.tar"))) >= 3
+    shards = [s["name"] for split in load_manifest(str(out))["splits"].values() for s in split["shards"]]
+    assert sorted(p.name for p in out.glob("*.tar")) == sorted(shards)
+    assert len(shards) == 3  # 160-sample shards of 60 images: one per split, so most jobs had none to write
 
 
 def _k8s_expand(value: str, env: dict[str, str]) -> str:
@@ -131,7 +134,7 @@ def test_kubernetes_indexed_job_equals_single_build(cub_source: Path, single_bui
     (data / Path(source).name).symlink_to(cub_source / "CUB_200_2011.tgz")
     mounts = {m["mountPath"]: {"data": data, "shards": shards}.get(m["name"], tmp_path / m["name"])
               for m in container["volumeMounts"]}
-    env = procs.env(tmp_path)
+    env = launch_env(tmp_path)
     with procs.group(tmp_path / "logs") as group:  # every pod at once; `--workers 1` last: 2 cores here
         for index in range(num_jobs):
             pod = [_k8s_expand(a, {index_var: str(index)}) for a in _local(argv, mounts)]
@@ -149,7 +152,7 @@ def test_regeneration_next_to_a_set_in_training(train_shards: Path, tmp_path: Pa
     new = tmp_path / "shards" / "cub_r40_q80"
     before = digests(old)
     run_dir = tmp_path / "run"
-    env = procs.env(tmp_path)
+    env = launch_env(tmp_path)
     fit = [sys.executable, "-m", "train", "fit", "--shards", str(old), *FIT_ARGS, "--epochs", "1", "--workers", "2",
            "--run-dir", str(run_dir)]
     build = [sys.executable, "-m", "pipeline", "build", "--source", str(train_shards.parent / "CUB_200_2011"),

@@ -15,12 +15,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import FIT_ARGS, assert_one_line_error, run_cli
-from helpers import ONE_THREAD, assert_png
+from conftest import FIT_ARGS
+from support import ONE_THREAD, ROOT, assert_one_line_error, assert_png, run_cli, run_python
 from torch import nn
 
 from pipeline.errors import UserError
-from pipeline.manifest import load_manifest
 from train import config as cfgmod
 from train import lr_finder, rundir
 
@@ -106,37 +105,19 @@ def test_nan_from_the_first_step_and_too_short_sweeps_are_errors() -> None:
         lr_finder.exponential_lrs(1.0, 0.1, 10)
 
 
-def test_real_model_weights_untouched_and_nan_sweep_restores_too(train_shards: Path) -> None:
-    """engine.lr_find on fit's model, groups and stream (in this process): every tensor is restored."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    from train import engine
-
-    parser = argparse.ArgumentParser()
-    cfgmod.add_arguments(parser)
-    config = cfgmod.make_config(parser.parse_args(["--shards", str(train_shards), *FIT_ARGS, "--lr-scheme",
-                                                   "notebook", "--lr-find-start", "1e-4", "--lr-find-steps", "4"]))
-    manifest = load_manifest(str(train_shards))
-    accelerator = Accelerator(cpu=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # see helpers.ONE_THREAD
-    try:
-        model, optimizer = engine.build_model_and_optimizer(accelerator, config, manifest)
-        model, optimizer = accelerator.prepare(model, optimizer)
-        model_before, optimizer_before = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
-        result = engine.lr_find(accelerator, model, optimizer, manifest, config)
-        assert len(result.lrs) == 4 and result.lrs[0] <= result.suggested_lr <= result.lrs[-1]
-        assert _same(model.state_dict(), model_before) and _same(optimizer.state_dict(), optimizer_before)
-        assert accelerator.step == 0
-
-        config.lr_find_start, config.lr_find_end = 1e30, 1e31  # finite first loss, then nan
-        with pytest.raises(UserError, match="diverged after 1 step"):
-            engine.lr_find(accelerator, model, optimizer, manifest, config)
-        assert _same(model.state_dict(), model_before) and _same(optimizer.state_dict(), optimizer_before)
-    finally:
-        torch.set_num_threads(threads)
-        AcceleratorState._reset_state(reset_partial_state=True)
+def test_real_model_weights_untouched_and_nan_sweep_restores_too(train_shards: Path, tmp_path: Path) -> None:
+    """engine.lr_find on fit's model, groups and stream (tests/lr_find_restores.py, in its own process):
+    every model and optimizer tensor is restored, after a good sweep and after one that diverges."""
+    out = tmp_path / "report.json"
+    result = run_python(str(ROOT / "tests" / "lr_find_restores.py"), str(out), "--shards", str(train_shards),
+                        *FIT_ARGS, "--lr-scheme", "notebook", "--lr-find-start", "1e-4", "--lr-find-steps", "4",
+                        env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert len(report["lrs"]) == 4 and report["lrs"][0] <= report["suggested_lr"] <= report["lrs"][-1]
+    assert report["restored"] and report["accelerator_step"] == 0
+    assert "diverged after 1 step" in report["nan_error"]
+    assert report["restored_after_nan"]
 
 
 def test_lr_find_cli_writes_plot_and_values(train_shards: Path, tmp_path: Path) -> None:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from urllib.error import URLError
+import hashlib
+from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 import torch
 import torchvision
+from conftest import FIT_ARGS
+from support import ONE_THREAD, assert_one_line_error, free_port, run_cli, serve
 from torch import nn
 
 from pipeline.errors import UserError
@@ -233,22 +237,21 @@ def test_imagenet_loads_from_hub_cache(tmp_path, monkeypatch, resnet18_weights) 
     assert model.fc.weight.shape == (5, 512)
 
 
-def test_imagenet_offline_names_the_cache_file(tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    calls = []
-
-    def offline(url, dst, *args, **kwargs):
-        calls.append((url, dst))
-        raise URLError("[Errno -3] Temporary failure in name resolution")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    with pytest.raises(UserError) as exc:
-        build_model("resnet18", num_classes=5, pretrained="imagenet")
-    message = assert_one_line(exc)
+def test_imagenet_download_failure_is_one_line_naming_the_cache_file(train_shards, tmp_path) -> None:
+    """`fit --pretrained imagenet` with nothing cached and the network out of reach: torchvision's real
+    download goes through an https proxy on loopback that refuses the tunnel (so it fails at once and nothing
+    leaves this machine); the error names the file to put in the cache."""
+    url = torchvision.models.ResNet18_Weights.DEFAULT.url
+    with serve() as proxy:
+        result = run_cli("train", "fit", "--shards", str(train_shards), *FIT_ARGS, "--pretrained", "imagenet",
+                         "--run-dir", str(tmp_path / "run"), timeout=120,
+                         env={"TORCH_HOME": str(tmp_path), "https_proxy": proxy.url, "HTTPS_PROXY": proxy.url,
+                              "no_proxy": "", "NO_PROXY": "", **ONE_THREAD})
+    assert proxy.log == [(f"{urlparse(url).hostname}:443", None, 502)]  # the real download was attempted
     cache_file = imagenet_cache_file(tmp_path)
-    assert calls == [(torchvision.models.ResNet18_Weights.DEFAULT.url, cache_file)]
-    assert cache_file in message
-    assert "--pretrained PATH" in message
+    assert_one_line_error(result, "cannot download ImageNet weights for resnet18", url, cache_file,
+                          "--pretrained PATH")
+    assert list((tmp_path / "hub" / "checkpoints").iterdir()) == []
 
 
 def test_imagenet_corrupt_cache_file_says_so(tmp_path, monkeypatch) -> None:
@@ -261,6 +264,70 @@ def test_imagenet_corrupt_cache_file_says_so(tmp_path, monkeypatch) -> None:
         build_model("resnet18", num_classes=5, pretrained="imagenet")
     message = assert_one_line(exc)
     assert cache_file in message and "delete" in message
+
+
+# --- an http(s) URL: downloaded through torch hub into its cache, like torchvision's own weights -----
+
+
+def weights_bytes(state_dict: object, tmp_path: Path) -> bytes:
+    path = tmp_path / "saved.pth"
+    torch.save(state_dict, path)
+    return path.read_bytes()
+
+
+def cached(torch_home: Path) -> list[str]:
+    folder = torch_home / "hub" / "checkpoints"
+    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+
+def test_url_is_downloaded_into_the_hub_cache_once(tmp_path, monkeypatch, resnet18_weights) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
+    body = weights_bytes(resnet18_weights, tmp_path)
+    name = f"resnet18-{hashlib.sha256(body).hexdigest()[:8]}.pth"  # torchvision's naming: hash prefix checked
+    with serve(files={f"/weights/{name}": body}) as server:
+        url = f"{server.url}/weights/{name}"
+        model = build_model("resnet18", num_classes=5, pretrained=url)
+        assert_backbone_equals(model, resnet18_weights)
+        assert (tmp_path / "home" / "hub" / "checkpoints" / name).read_bytes() == body
+        again = build_model("resnet18", num_classes=5, pretrained=url)
+        assert server.requests == [f"/weights/{name}"]  # the second build read the cache
+    assert_backbone_equals(again, resnet18_weights)
+
+
+def test_url_failures_are_one_line_and_keep_nothing(tmp_path, monkeypatch, resnet18_weights) -> None:
+    home = tmp_path / "home"
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    good = weights_bytes(resnet18_weights, tmp_path)
+    files = {"/resnet18-0badc0de.pth": good, "/list.pth": weights_bytes([torch.zeros(2)], tmp_path),
+             "/page.pth": b"<html>not found</html>", "/cut.pth": good}
+    with serve(files=files) as server:
+        server.cut.add("cut.pth")
+        cases = [("/gone.pth", "HTTP Error 404"), ("/resnet18-0badc0de.pth", "invalid hash value"),
+                 ("/list.pth", "does not hold a state dict"), ("/page.pth", "not kept"), ("/cut.pth", "not kept")]
+        for path, reason in cases:
+            url = f"{server.url}{path}"
+            with pytest.raises(UserError) as exc:
+                build_model("resnet18", num_classes=5, pretrained=url)
+            message = assert_one_line(exc)
+            assert url in message and reason in message, message
+            assert cached(home) == [], path
+    url = f"http://127.0.0.1:{free_port()}/resnet18.pth"  # nothing listens there
+    with pytest.raises(UserError) as exc:
+        build_model("resnet18", num_classes=5, pretrained=url)
+    message = assert_one_line(exc)
+    assert "cannot download" in message and url in message and str(home / "hub" / "checkpoints") in message
+
+
+def test_unusable_cached_url_file_says_delete_it(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    cache_file = tmp_path / "hub" / "checkpoints" / "weights.pth"
+    cache_file.write_bytes(b"half a download from an older tool")
+    with pytest.raises(UserError) as exc:
+        build_model("resnet18", num_classes=5, pretrained="http://127.0.0.1:9/weights.pth")
+    message = assert_one_line(exc)
+    assert str(cache_file) in message and "delete it" in message
+    assert cache_file.exists()  # the user's file: not ours to delete
 
 
 # --- parameter groups --------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from train.optim import (
     group_lrs,
     lr_multipliers,
     param_groups,
+    reschedule,
 )
 
 BASE_LR = 1e-3
@@ -176,3 +177,102 @@ def test_group_lrs_has_six_names(model):
     assert list(lrs) == list(GROUPS)
     assert lrs["layer4"] == pytest.approx(5e-4)
     assert all(math.isfinite(v) for v in lrs.values())
+
+
+def _positions(optimizer, scheduler, start: int, end: int) -> list[tuple[float, float]]:
+    """(LR, momentum) of group 0 at schedule positions start..end-1 (the scheduler stands at `start`)."""
+    def momentum(group):
+        return group["betas"][0] if "betas" in group else group["momentum"]
+
+    values = [(optimizer.param_groups[0]["lr"], momentum(optimizer.param_groups[0]))]
+    for _ in range(start + 1, end):
+        optimizer.step()
+        scheduler.step()
+        values.append((optimizer.param_groups[0]["lr"], momentum(optimizer.param_groups[0])))
+    return values
+
+
+def _one_cycle(name: str, total: int, steps_done: int):
+    weight = nn.Parameter(torch.zeros(3))
+    optimizer = build_optimizer(name, [{"params": [weight], "lr": 0.1}], lr=0.1)
+    scheduler = build_scheduler(optimizer, total, pct_start=0.3, div_factor=25.0, final_div_factor=1e4)
+    _positions(optimizer, scheduler, 0, steps_done + 1)
+    return optimizer, scheduler
+
+
+def _cos(start: float, end: float, pct: float) -> float:
+    return end + (start - end) / 2 * (math.cos(math.pi * pct) + 1)
+
+
+MIN_LR = 0.1 / 25 / 1e4
+
+
+@pytest.mark.parametrize("name", ["adam", "sgd"])
+@pytest.mark.parametrize("new_total", [150, 70])
+def test_reschedule_after_warm_up_anneals_from_the_current_lr(name, new_total):
+    optimizer, scheduler = _one_cycle(name, 100, 50)
+    reference = _positions(*_one_cycle(name, 100, 50), 50, 100)
+    lr_now, momentum_now = optimizer.param_groups[0]["lr"], reference[0][1]
+    reschedule(scheduler, new_total)
+    values = _positions(optimizer, scheduler, 50, new_total)
+    assert values[0] == pytest.approx((lr_now, momentum_now), rel=1e-12)  # continuous at the resumed step
+    last = new_total - 1
+    for k in (51, 60, (50 + last) // 2, last):
+        pct = (k - 50) / (last - 50)
+        assert values[k - 50] == pytest.approx((_cos(lr_now, MIN_LR, pct), _cos(momentum_now, 0.95, pct)),
+                                               rel=1e-9), k
+    assert values[-1][0] == pytest.approx(MIN_LR, rel=1e-9)
+    optimizer.step()
+    scheduler.step()  # the scheduler step after the run's last optimizer step is allowed; one more is not
+    optimizer.step()
+    with pytest.raises(ValueError, match=f"total steps is {new_total}"):
+        scheduler.step()
+
+
+def test_reschedule_during_warm_up_keeps_its_end():
+    optimizer, scheduler = _one_cycle("adam", 100, 10)
+    reschedule(scheduler, 200)
+    values = [lr for lr, _ in _positions(optimizer, scheduler, 10, 200)]
+    original = [lr for lr, _ in _positions(*_one_cycle("adam", 100, 10), 10, 30)]
+    assert values[:20] == pytest.approx(original, rel=1e-12)  # the warm-up is the old one up to position 29
+    assert max(values) == pytest.approx(0.1) and values.index(max(values)) == 29 - 10
+    assert values[100 - 10] == pytest.approx(_cos(0.1, MIN_LR, (100 - 29) / (199 - 29)), rel=1e-9)
+    assert values[-1] == pytest.approx(MIN_LR, rel=1e-9)
+
+
+def test_reschedule_into_the_warm_up_anneals_from_the_current_lr():
+    optimizer, scheduler = _one_cycle("sgd", 100, 10)
+    lr_now = optimizer.param_groups[0]["lr"]
+    reschedule(scheduler, 20)  # the old warm-up would end at position 29, after the new last step (19)
+    values = [lr for lr, _ in _positions(optimizer, scheduler, 10, 20)]
+    assert values[0] == lr_now and values[-1] == pytest.approx(MIN_LR, rel=1e-9)
+    assert values == sorted(values, reverse=True)
+
+
+def test_rescheduled_state_survives_a_checkpoint_and_a_second_change():
+    optimizer, scheduler = _one_cycle("adam", 100, 50)
+    reschedule(scheduler, 150)
+    _positions(optimizer, scheduler, 50, 81)  # stands at position 80
+    saved_optimizer, saved_scheduler = copy.deepcopy(optimizer.state_dict()), copy.deepcopy(scheduler.state_dict())
+    expected = _positions(optimizer, scheduler, 80, 150)
+
+    # a later resume: the schedule is built for the configured length, then the checkpoint is loaded over it
+    weight = nn.Parameter(torch.zeros(3))
+    restored = build_optimizer("adam", [{"params": [weight], "lr": 0.1}], lr=0.1)
+    schedule = build_scheduler(restored, 150)
+    restored.load_state_dict(saved_optimizer)
+    schedule.load_state_dict(saved_scheduler)
+    assert _positions(restored, schedule, 80, 150) == expected
+
+    restored.load_state_dict(saved_optimizer)
+    schedule.load_state_dict(saved_scheduler)
+    lr_now = restored.param_groups[0]["lr"]
+    reschedule(schedule, 100)  # changed again: anneals from where it stands
+    values = [lr for lr, _ in _positions(restored, schedule, 80, 100)]
+    assert values[0] == lr_now and values[-1] == pytest.approx(MIN_LR, rel=1e-9)
+
+
+def test_reschedule_refuses_a_length_already_passed():
+    _, scheduler = _one_cycle("adam", 100, 50)
+    with pytest.raises(ValueError, match="already stands at step 50"):
+        reschedule(scheduler, 50)

@@ -10,9 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
-from helpers import ONE_THREAD, run_main
 from PIL import Image
+from support import ONE_THREAD, assert_one_line_error, run_cli, run_main
 
 from train import augment, checkpoint, predict
 
@@ -85,7 +84,48 @@ def test_table_output_and_all_good_exit_zero(capsys: pytest.CaptureFixture[str],
 
 
 def test_bad_checkpoint_is_one_line(capsys: pytest.CaptureFixture[str], images: Path, tmp_path: Path) -> None:
-    from conftest import assert_one_line_error
-
     result = run_main(capsys, "predict", "--checkpoint", str(tmp_path), str(images / "cmyk.jpg"))
     assert_one_line_error(result, "no complete best checkpoint")
+
+
+def test_globs_and_folders_visit_each_file_once_through_symlink_loops(tmp_path: Path) -> None:
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for name in ("a/x.jpg", "a/b/y.jpg", "a/.hidden.jpg", "a/notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "a" / "b" / "up").symlink_to("..")  # a loop: a/b/up/b/up/...
+    files, failures = predict.expand([str(tmp_path / "**" / "*.jpg")])
+    assert files == [str(tmp_path / "a" / "b" / "y.jpg"), str(tmp_path / "a" / "x.jpg")] and failures == []
+    (tmp_path / "a" / "b" / "again").symlink_to(tmp_path / "a")  # a second loop: glob.glob's paths branch
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "z.jpg").write_bytes(b"")
+    (tmp_path / "a" / "link").symlink_to(tmp_path / "other")  # a symlinked folder that is no loop: followed
+    files, failures = predict.expand([str(tmp_path / "**" / "*.jpg")])
+    assert files == [str(tmp_path / p) for p in ("a/b/y.jpg", "a/link/z.jpg", "a/x.jpg")] and failures == []
+    files, failures = predict.expand([str(tmp_path / "a")])  # a folder: hidden files too, as before
+    assert files == [str(tmp_path / p) for p in ("a/.hidden.jpg", "a/b/y.jpg", "a/link/z.jpg", "a/x.jpg")]
+    files, _ = predict.expand([str(tmp_path / "a" / "**" / "y.jpg"), str(tmp_path / "a" / "*.jpg")])
+    assert files == [str(tmp_path / "a" / "b" / "y.jpg"), str(tmp_path / "a" / "x.jpg")]
+
+
+def test_a_fifo_is_skipped_not_waited_on(capsys: pytest.CaptureFixture[str], fitted_run: Path, images: Path,
+                                         tmp_path: Path) -> None:
+    import os
+    import signal
+
+    def waited(*_: object) -> None:
+        raise AssertionError("predict is still waiting on the FIFO")
+
+    os.mkfifo(tmp_path / "pipe.jpg")  # opening it for reading would wait for a writer forever
+    previous = signal.signal(signal.SIGALRM, waited)
+    signal.alarm(60)
+    try:
+        result = run_main(capsys, "predict", "--checkpoint", str(fitted_run), "--json",
+                          str(tmp_path / "pipe.jpg"), str(images / "gray.png"), "/dev/zero")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert result.returncode == 1
+    assert [json.loads(line)["image"] for line in result.stdout.splitlines()] == [str(images / "gray.png")]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: {tmp_path / 'pipe.jpg'}: not a regular file", "error: /dev/zero: not a regular file"]
+    assert "1 image(s) predicted, 2 failed" in result.stderr

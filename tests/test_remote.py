@@ -1,89 +1,31 @@
-"""Shard sets read from elsewhere: `fit`, `evaluate`, `verify` and `inspect` over http from a loopback
-server this module starts; `verify`, `inspect` and the trainer's loaders over a `pipe:` command, the way
-object stores are read (a stand-in `aws` serving a local "bucket"). A shard that answers 404, or whose connection is cut mid-body, stops the
-command with one line naming the URL (and, for training, the retry policy). `verify`/`inspect` over http
-with a missing shard or set: tests/test_verify.py."""
+"""Shard sets read from elsewhere: `fit`, `evaluate`, `verify` and `inspect` over http from loopback
+servers (tests/support.py) this module starts, and over `pipe:curl ...` against the same kind of server, the
+way object-store CLIs are used. `inspect` prints the same table as for the directory. A shard that answers
+404, or whose connection is cut mid-body, stops the command with one line naming the URL or command (and,
+for training, the retry policy). `verify`/`inspect` over http with a missing shard or set: test_verify.py."""
 
 from __future__ import annotations
 
-import functools
-import http.server
+import contextlib
 import json
-import shutil
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import FIT_ARGS, assert_one_line_error, run_cli
+from conftest import FIT_ARGS
+from support import LoopbackServer, assert_one_line_error, run_cli, serve
 
 from pipeline.manifest import load_manifest
 from train.rundir import shard_set_id
 
-FAKE_AWS = """#!/bin/sh
-# Stand-in for `aws s3 cp s3://BUCKET/KEY -`: prints $FAKE_S3/BUCKET/KEY, fails like aws when it is missing.
-if [ "$1 $2" != "s3 cp" ] || [ "$4" != "-" ]; then echo "usage: aws s3 cp s3://BUCKET/KEY -" >&2; exit 2; fi
-path="$FAKE_S3/${3#s3://}"
-if [ ! -f "$path" ]; then
-  echo "download failed: $3 to - An error occurred (404) when calling the HeadObject operation: Not Found" >&2
-  exit 1
-fi
-exec cat "$path"
-"""
-
-
-class _Handler(http.server.SimpleHTTPRequestHandler):
-    """Serves a directory; names in `missing` answer 404, names in `cut` send the full Content-Length and
-    close after half the body. Every requested path is recorded."""
-
-    missing: frozenset[str] = frozenset()
-    cut: frozenset[str] = frozenset()
-    requests: list[str]
-
-    def log_message(self, *args: object) -> None:
-        """Keep test output quiet."""
-
-    def do_GET(self) -> None:
-        self.requests.append(self.path)
-        name = self.path.rsplit("/", 1)[-1]
-        if name in self.missing:
-            self.send_error(404)
-            return
-        if name not in self.cut:
-            super().do_GET()
-            return
-        payload = Path(self.translate_path(self.path)).read_bytes()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload[: len(payload) // 2])
-        self.wfile.flush()
-        self.close_connection = True
-
-
-Server = Callable[..., tuple[str, list[str]]]
+Start = Callable[[Path], LoopbackServer]
 
 
 @pytest.fixture(scope="module")
-def serve() -> Iterator[Server]:
-    """serve(directory, missing=(), cut=()) -> (base URL, list of requested paths); all stopped at the end."""
-    servers = []
-
-    def start(directory: Path, missing: tuple[str, ...] = (), cut: tuple[str, ...] = ()) -> tuple[str, list[str]]:
-        requests: list[str] = []
-        handler = type("Handler", (_Handler,), {"missing": frozenset(missing), "cut": frozenset(cut),
-                                                "requests": requests})
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(directory)))
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        thread.start()
-        servers.append((server, thread))
-        return f"http://127.0.0.1:{server.server_address[1]}", requests
-
-    yield start
-    for server, thread in servers:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+def servers() -> Iterator[Start]:
+    """start(directory) -> a loopback server over it (support.serve); all stopped when the module ends."""
+    with contextlib.ExitStack() as stack:
+        yield lambda directory: stack.enter_context(serve(directory))
 
 
 def shard_names(shards: Path, split: str | None = None) -> list[str]:
@@ -96,14 +38,14 @@ REMOTE_FIT = (*FIT_ARGS, "--epochs", "1", "--batch-size", "22", "--workers", "2"
 
 
 @pytest.fixture(scope="module")
-def http_run(train_shards: Path, serve: Server, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+def http_run(train_shards: Path, servers: Start, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """A `fit` whose --shards is an http URL; returns (run dir, URL)."""
-    base, requests = serve(train_shards.parent)
-    url = f"{base}/{train_shards.name}"
+    server = servers(train_shards.parent)
+    url = f"{server.url}/{train_shards.name}"
     run_dir = tmp_path_factory.mktemp("remote") / "run"
     result = run_cli("train", "fit", "--shards", url, *REMOTE_FIT, "--run-dir", str(run_dir), timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
-    fetched = {path.rsplit("/", 1)[-1] for path in requests}
+    fetched = {path.rsplit("/", 1)[-1] for path in server.requests}
     assert {"manifest.json", *shard_names(train_shards, "valid"), *shard_names(train_shards, "test")} <= fetched
     assert fetched & set(shard_names(train_shards, "train"))  # (3 steps need only some train shards)
     return run_dir, url
@@ -135,61 +77,78 @@ def test_evaluate_over_http(http_run: tuple[Path, str], train_shards: Path, tmp_
         results["test"]["loss"], rel=1e-4)
 
 
-def fake_bucket(shards: Path, tmp_path: Path, bucket: str = "bucket") -> tuple[str, dict[str, str]]:
-    """Put `shards` at s3://BUCKET/cub/ of a stand-in `aws`; returns (the pipe: location, env with it on PATH)."""
-    import os
-
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir(exist_ok=True)
-    (bin_dir / "aws").write_text(FAKE_AWS)
-    (bin_dir / "aws").chmod(0o755)
-    (tmp_path / "s3" / bucket).mkdir(parents=True)
-    shutil.copytree(shards, tmp_path / "s3" / bucket / "cub")
-    env = {"FAKE_S3": str(tmp_path / "s3"), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
-    return f"pipe:aws s3 cp s3://{bucket}/cub/{{}} -", env
-
-
-def test_pipe_location_verify_inspect_and_loader(shard_set: Path, tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    location, env = fake_bucket(shard_set, tmp_path)
-    result = run_cli("pipeline", "verify", location, "--quiet", env=env)
+def inspect_table(location: str) -> list[str]:
+    """`pipeline inspect LOCATION`'s output, with LOCATION in its first line replaced by "SET"."""
+    result = run_cli("pipeline", "inspect", location)
     assert result.returncode == 0, result.stderr
-    result = run_cli("pipeline", "inspect", location, env=env)
-    assert result.returncode == 0 and "train" in result.stdout, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"{location}: "), lines[0]
+    return [lines[0].replace(location, "SET", 1), *lines[1:]]
 
-    # What fit/evaluate read: the trainer's loaders over the pipe: location equal those over the directory.
-    from train.data import eval_loader
 
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
+def test_inspect_over_http_and_pipe_prints_the_local_table(shard_set: Path, servers: Start) -> None:
+    local = inspect_table(str(shard_set))
+    assert [line.split()[0] for line in local[2:5]] == ["train", "valid", "test"]
+    url = f"{servers(shard_set.parent).url}/{shard_set.name}"
+    assert inspect_table(url) == local
+    assert inspect_table(f"pipe:curl -sSfL {url}/{{}}") == local
+
+
+def test_pipe_location_with_a_real_client(shard_set: Path, servers: Start) -> None:
+    """`pipe:curl ...` against the loopback server, the way object-store CLIs are used: verify, the trainer's
+    loaders, and a 404 for a shard and for the manifest, each named in one line."""
+    server = servers(shard_set.parent)
+    url = f"{server.url}/{shard_set.name}"
+    location = f"pipe:curl -sSfL {url}/{{}}"
+    result = run_cli("pipeline", "verify", location, "--quiet")
+    assert result.returncode == 0, result.stderr
+
+    # What fit/evaluate read: the trainer's loaders over the pipe: location equal those over the directory,
+    # also when the end-of-archive padding arrives after the reader has seen the end of the tar (the reader
+    # must read it: curl exits 23 when its output is closed early).
+    from train.data import ShardError, eval_loader
+
     manifest = load_manifest(location)
+    server.slow_tail.update(shard_names(shard_set, "test"))
 
     def keys(where: str) -> list[str]:
         loader = eval_loader(where, manifest, "test", transform=lambda image, seed: image[:4, :4],
                              batch_size=4, workers=2, rank=0, world_size=1)
         return sorted(key for batch in loader for key in batch["key"])
 
-    assert keys(location) == keys(str(shard_set))
-    assert len(keys(location)) == manifest["splits"]["test"]["num_samples"]
+    piped = keys(location)
+    assert piped == keys(str(shard_set)) and len(piped) == manifest["splits"]["test"]["num_samples"]
 
+    victim = shard_names(shard_set, "test")[-1]
+    server.missing.add(victim)
+    with pytest.raises(ShardError) as caught:
+        keys(location)
+    message = str(caught.value)
+    assert f"cannot read shard pipe:curl -sSfL {url}/{victim}: " in message and "\n" not in message
+    assert "exit status 22" in message and "404" in message, message
+
+    server.missing.clear()
     victim = shard_names(shard_set, "valid")[0]
-    (tmp_path / "s3" / "bucket" / "cub" / victim).unlink()
-    result = run_cli("pipeline", "verify", location, "--quiet", env=env)
+    server.missing.add(victim)
+    result = run_cli("pipeline", "verify", location, "--quiet")
     assert_one_line_error(result, "1 bad shard(s)")
-    assert f"pipe:aws s3 cp s3://bucket/cub/{victim} - (valid): unreadable" in result.stderr
-    assert "exit status 1" in result.stderr and "(404)" in result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if victim in line]
+    assert f"pipe:curl -sSfL {url}/{victim} (valid): unreadable" in line
+    assert "exit status 22" in line and "404" in line, line
 
-    (tmp_path / "s3" / "bucket" / "cub" / "manifest.json").unlink()
-    assert_one_line_error(run_cli("pipeline", "inspect", location, env=env), "no shard set at", "exit status 1")
-    no_placeholder = "pipe:aws s3 cp s3://bucket/cub/manifest.json -"
-    assert_one_line_error(run_cli("pipeline", "inspect", no_placeholder, env=env), "needs {}", "pipe:aws s3 cp")
+    server.missing.add("manifest.json")
+    assert_one_line_error(run_cli("pipeline", "inspect", location), "no shard set at",
+                          f"pipe:curl -sSfL {url}/manifest.json", "exit status 22", "404")
+    no_placeholder = f"pipe:curl -sSfL {url}/manifest.json"
+    assert_one_line_error(run_cli("pipeline", "inspect", no_placeholder), "needs {}", "pipe:curl -sSfL")
 
 
-def test_verify_names_a_shard_cut_mid_transfer(shard_set: Path, serve: Server) -> None:
+def test_verify_names_a_shard_cut_mid_transfer(shard_set: Path, tmp_path: Path) -> None:
     victim = shard_names(shard_set, "train")[0]
-    base, _ = serve(shard_set.parent, cut=(victim,))
-    url = f"{base}/{shard_set.name}"
-    result = run_cli("pipeline", "verify", url, "--quiet", timeout=120)
+    with serve(shard_set.parent) as server:
+        server.cut.add(victim)
+        url = f"{server.url}/{shard_set.name}"
+        result = run_cli("pipeline", "verify", url, "--quiet", timeout=120)
     assert_one_line_error(result, "1 bad shard(s)")
     assert f"{url}/{victim} (train): unreadable" in result.stderr and "transfer cut short" in result.stderr
 
@@ -197,12 +156,14 @@ def test_verify_names_a_shard_cut_mid_transfer(shard_set: Path, serve: Server) -
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize(("failure", "reason"), [("missing", "curl exit 22"), ("cut", "curl exit 18")])
-def test_fit_stops_with_one_line_naming_the_url(train_shards: Path, serve: Server, tmp_path: Path, failure: str,
+def test_fit_stops_with_one_line_naming_the_url(train_shards: Path, tmp_path: Path, failure: str,
                                                 reason: str) -> None:
-    broken = tuple(shard_names(train_shards, "train"))  # every train shard: whichever is read first fails
-    base, _ = serve(train_shards.parent, **{failure: broken})
-    url = f"{base}/{train_shards.name}"
-    result = run_cli("train", "fit", "--shards", url, *REMOTE_FIT, "--run-dir", str(tmp_path / "run"), timeout=240)
+    broken = shard_names(train_shards, "train")  # every train shard: whichever is read first fails
+    with serve(train_shards.parent) as server:
+        getattr(server, failure).update(broken)
+        url = f"{server.url}/{train_shards.name}"
+        result = run_cli("train", "fit", "--shards", url, *REMOTE_FIT, "--run-dir", str(tmp_path / "run"),
+                         timeout=240)
     line = assert_one_line_error(result, f"cannot read shard {url}/train-", reason, "not retried",
                                  "curl retries only timeouts", "resume with --resume auto")
     assert line.split(f"{url}/", 1)[1].split(":", 1)[0] in broken

@@ -4,23 +4,30 @@ from __future__ import annotations
 
 import io
 import json
+import re
+import resource
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import procs
 import pytest
 import webdataset as wds
-from conftest import ROOT, SMALL, SMALL_OPTIONS, assert_one_line_error, run_cli
+from conftest import SMALL, SMALL_OPTIONS
 from PIL import Image
+from support import ROOT, assert_one_line_error, cli_env, run_cli
 
+from pipeline import manifest as mf
 from pipeline.cub import read_cub
 from pipeline.errors import UserError
 from pipeline.manifest import load_manifest, sha256_file
-from pipeline.writer import build, merge
+from pipeline.writer import BuildOptions, build
 
 
 def _digests(out: Path) -> dict[str, str]:
@@ -78,27 +85,42 @@ def test_samples_read_back_with_webdataset(shard_set: Path) -> None:
     assert len(first_shard_classes) > 1  # shuffled across shards: a shard mixes classes
 
 
-def test_workers_jobs_and_tgz_give_identical_bytes(cub_source: Path, shard_set: Path, tmp_path: Path) -> None:
-    reference = _digests(shard_set)
-    assert len(reference) >= 6
-    two_workers = tmp_path / "w2"
-    build(cub_source / "CUB_200_2011", two_workers, SMALL_OPTIONS, workers=2, progress=False)
-    assert _digests(two_workers) == reference
-    assert (two_workers / "manifest.json").read_bytes() == (shard_set / "manifest.json").read_bytes()
+def _num_shards(manifest: dict) -> int:
+    return sum(-(-manifest["splits"][s]["num_samples"] // SMALL_OPTIONS.shard_samples) for s in mf.SPLITS)
 
-    from_tgz = tmp_path / "tgz"
-    build(cub_source / "CUB_200_2011.tgz", from_tgz, SMALL_OPTIONS, workers=1, progress=False)
-    assert _digests(from_tgz) == reference
+
+def _build_args(source: Path, out: Path, *extra: str) -> list[str]:
+    return ["pipeline", "build", "--source", str(source), "--out", str(out), "--resize-short",
+            str(SMALL_OPTIONS.resize_short), "--shard-samples", str(SMALL_OPTIONS.shard_samples), "--quiet", *extra]
+
+
+def test_workers_jobs_and_tgz_give_identical_bytes(cub_source: Path, shard_set: Path, tmp_path: Path) -> None:
+    """Every build in its own process (the reference was built inside the test process): nothing that
+    differs between processes (hash seeds, pids, start times) reaches the bytes."""
+    reference = _digests(shard_set)
+    assert len(reference) == _num_shards(load_manifest(str(shard_set))) == 10
+    manifest = (shard_set / "manifest.json").read_bytes()
+    source = cub_source / "CUB_200_2011"
+    outs = {"one": _build_args(source, tmp_path / "one", "--workers", "1"),
+            "w2": _build_args(source, tmp_path / "w2", "--workers", "2"),
+            "tgz": _build_args(cub_source / "CUB_200_2011.tgz", tmp_path / "tgz", "--workers", "1")}
+    for name, args in outs.items():
+        result = run_cli(*args, env={"PYTHONHASHSEED": str(len(name))})
+        assert result.returncode == 0, result.stderr
+        assert _digests(tmp_path / name) == reference, name
+        assert (tmp_path / name / "manifest.json").read_bytes() == manifest, name
 
     jobs = tmp_path / "jobs"
-    for index in range(3):
-        assert build(cub_source / "CUB_200_2011", jobs, SMALL_OPTIONS, workers=1, num_jobs=3, job_index=index,
-                     progress=False) is None
-        if index < 2:
-            assert not (jobs / "manifest.json").exists()
-    merge(jobs)
+    with procs.group(tmp_path / "logs") as group:  # the three jobs at once, as a cluster would run them
+        for index in range(3):
+            group.start(f"job{index}", [sys.executable, "-m", *_build_args(
+                source, jobs, "--workers", "1", "--num-jobs", "3", "--job-index", str(index))], cli_env())
+        assert group.finish(120) == [0, 0, 0], [group.output(n)[-1000:] for n in group.names]
+    assert not (jobs / "manifest.json").exists()
+    result = run_cli("pipeline", "merge", str(jobs))
+    assert result.returncode == 0, result.stderr
     assert _digests(jobs) == reference
-    assert (jobs / "manifest.json").read_bytes() == (shard_set / "manifest.json").read_bytes()
+    assert (jobs / "manifest.json").read_bytes() == manifest
 
 
 def test_merge_names_the_missing_job(cub_source: Path, tmp_path: Path) -> None:
@@ -120,15 +142,32 @@ def test_merge_rehashes_every_shard(shard_set: Path, tmp_path: Path) -> None:
     assert (out / "manifest.json").read_bytes() == manifest
 
 
+def _files(directory: Path) -> dict[str, str]:
+    """sha256 of every file of a set, build state included (not the lock files, which hold no data)."""
+    return {str(p.relative_to(directory)): sha256_file(p) for p in sorted(directory.rglob("*"))
+            if p.is_file() and not p.name.startswith("lock")}
+
+
 def test_other_options_refused_unless_overwrite(cub_source: Path, shard_set: Path, tmp_path: Path) -> None:
     out = Path(shutil.copytree(shard_set, tmp_path / "set"))
+    old = _files(out)
+    (out / ".train-000001.tar.tmp-999999").write_bytes(b"half a shard")  # a temporary of a killed build
     args = ["pipeline", "build", "--source", str(cub_source / "CUB_200_2011"), "--out", str(out),
-            "--resize-short", "64", "--shard-samples", "7", "--workers", "1", "--quiet"]
-    assert_one_line_error(run_cli(*args), "resize_short=96 (now 64)", "--overwrite")
-    assert _digests(out) == _digests(shard_set)  # untouched
+            "--resize-short", "64", "--shard-samples", "9", "--workers", "1", "--quiet"]
+    assert_one_line_error(run_cli(*args), "resize_short=96 (now 64)", "shard_samples=7 (now 9)", "--overwrite")
+    assert _files(out) == {**old, ".train-000001.tar.tmp-999999": sha256_file(out / ".train-000001.tar.tmp-999999")}
+
     result = run_cli(*args, "--overwrite")
     assert result.returncode == 0, result.stderr
-    assert load_manifest(str(out))["options"]["resize_short"] == 64
+    options = load_manifest(str(out))["options"]
+    assert (options["resize_short"], options["shard_samples"]) == (64, 9)
+    fresh = tmp_path / "fresh"
+    build(cub_source / "CUB_200_2011", fresh, BuildOptions(resize_short=64, shard_samples=9), workers=1,
+          progress=False)
+    new = _files(out)
+    assert new == _files(fresh)  # exactly a fresh build's files: no old shard, record or temporary left
+    assert len(_digests(out)) == 8 < len(_digests(shard_set))  # fewer shards than before
+    assert not set(new.values()) & set(old.values())  # every byte replaced
 
 
 def test_other_source_refused(cub_copy: Path, shard_set: Path, tmp_path: Path) -> None:
@@ -224,3 +263,67 @@ def test_tar_bytes_equal_what_tarfile_writes() -> None:
     assert tar_bytes([]) == tarfile.NUL * tarfile.RECORDSIZE
     with pytest.raises(ValueError, match="too long"):
         tar_bytes([("n" * 101, b"")])
+
+
+def _limited(limit: int) -> Callable[[], None]:
+    """For a child process: writes past `limit` bytes fail with EFBIG, as a full disk fails with ENOSPC
+    (Python ignores SIGXFSZ, so the write returns the error instead of killing the process)."""
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_write_error_is_one_line_and_leaves_no_temporary(cub_source: Path, shard_set: Path, tmp_path: Path,
+                                                         workers: str) -> None:
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", *_build_args(cub_source / "CUB_200_2011", out, "--workers", workers)]
+    result = subprocess.run(args, capture_output=True, text=True, env=cli_env(), cwd=ROOT, timeout=120,
+                            preexec_fn=_limited(30000))  # the records fit, no shard does
+    line = assert_one_line_error(result, "cannot write (File too large)")
+    assert re.fullmatch(rf"error: {re.escape(str(out))}/(train|valid|test)-\d{{6}}\.tar: cannot write \(File too "
+                        r"large\)", line), line
+    assert [p.name for p in out.rglob("*") if mf.is_temporary(p.name) or p.suffix == ".tar"] == []
+    assert not (out / "manifest.json").exists()
+    assert run_cli(*_build_args(cub_source / "CUB_200_2011", out, "--workers", workers)).returncode == 0
+    assert _digests(out) == _digests(shard_set)
+
+
+def test_full_disk_is_one_line_and_leaves_no_temporary(cub_source: Path, tmp_path: Path) -> None:
+    """A real ENOSPC: a 64 KiB tmpfs, mounted in a private user and mount namespace (`unshare -rm`)."""
+    mount = tmp_path / "small_disk"
+    mount.mkdir()
+    probe = subprocess.run(["unshare", "-rm", "mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
+                           capture_output=True, text=True) if shutil.which("unshare") else None
+    if probe is None or probe.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({probe.stderr.strip() if probe else 'no unshare'}); "
+                    "test_write_error_is_one_line_and_leaves_no_temporary covers the same path with EFBIG")
+    out = mount / "out"
+    build = shlex.join([sys.executable, "-m", *_build_args(cub_source / "CUB_200_2011", out, "--workers", "1")])
+    script = (f"mount -t tmpfs -o size=64k tmpfs {shlex.quote(str(mount))} && {{ {build}; echo \"rc=$?\"; "
+              f"find {shlex.quote(str(out))} -type f -printf '%P\\n'; }}")  # the mount vanishes with the namespace
+    result = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, env=cli_env(),
+                            cwd=ROOT, timeout=120)
+    rc, *files = result.stdout.split()
+    assert rc.startswith("rc="), result.stdout + result.stderr
+    build_result = subprocess.CompletedProcess(build, int(rc[3:]), "", result.stderr)
+    assert_one_line_error(build_result, f"{out}/", ".tar: cannot write (No space left on device)")
+    assert "manifest.json" not in files and not [f for f in files if mf.is_temporary(Path(f).name)], files
+
+
+def test_stale_temporaries_are_reported_and_removed(cub_source: Path, shard_set: Path, tmp_path: Path) -> None:
+    """A killed build leaves temporaries; inspect names them and the next build or merge removes them."""
+    out = Path(shutil.copytree(shard_set, tmp_path / "set"))
+    before = _digests(out)
+    stale = [".train-000001.tar.tmp-999999", ".build/.train-000001.tar.json.tmp-999998"]
+    for _ in range(2):  # once for the build, once for merge
+        for name in stale:
+            (out / name).write_bytes(b"half written")
+        report = run_cli("pipeline", "inspect", str(out))
+        assert report.returncode == 0, report.stderr
+        assert (f"temporary files: 2 left by an interrupted build ({stale[0]}, {stale[1]}); the next build or "
+                f"merge into {out} removes them") in report.stdout
+        command = _build_args(cub_source / "CUB_200_2011", out, "--workers", "1") if _ == 0 else (
+            "pipeline", "merge", str(out))
+        assert run_cli(*command).returncode == 0
+        assert not [p for p in out.rglob("*") if mf.is_temporary(p.name)]
+        assert _digests(out) == before
+        assert "temporary" not in run_cli("pipeline", "inspect", str(out)).stdout

@@ -1,4 +1,4 @@
-"""`python -m train {fit,lr-find,evaluate,predict,export}`; `accelerate launch -m train fit ...` (DESIGN 4)."""
+"""`python -m train {fit,lr-find,evaluate,predict,export}`; `accelerate launch -m train fit ...`."""
 
 from __future__ import annotations
 
@@ -6,16 +6,28 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations checks online for updates otherwise
 
 from pipeline.errors import UserError, report_errors  # noqa: E402
 from pipeline.manifest import load_manifest  # noqa: E402
+from pipeline.remote import set_io_timeout  # noqa: E402
 from train import config as cfgmod  # noqa: E402
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are one `error:` line naming the option (exit status 2, as argparse's), not a usage
+    block; `--help` still prints the whole usage."""
+
+    command = ""  # set once parsed, so that errors found later point at the command's own --help
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {' '.join(filter(None, (self.prog, self.command)))} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__)
+    parser = _Parser(prog="python -m train", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     fit = commands.add_parser("fit", help="train on a shard set; best-by-valid model evaluated on test",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -52,6 +64,7 @@ def _add_evaluate(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=cfgmod.PRECISIONS, default="auto", help=cfgmod.HELP["precision"])
     p.add_argument("--wandb", choices=cfgmod.WANDB_MODES, default="disabled", help="log the report to W&B")
     p.add_argument("--wandb-project", default="cubstream")
+    p.add_argument("--io-timeout", type=float, default=None, metavar="SECONDS", help=cfgmod.HELP["io_timeout"])
 
 
 def _add_predict(commands: argparse._SubParsersAction) -> None:
@@ -71,20 +84,29 @@ def _add_export(commands: argparse._SubParsersAction) -> None:
 
 
 def _config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> cfgmod.Config:
-    """Defaults < YAML < command line, checked before any work (argparse-style errors, exit 2)."""
+    """Defaults < YAML < command line, checked before any work (one `error:` line, exit 2); for fit, also
+    that --run-dir can be written (nothing is created here)."""
     try:
         config = cfgmod.make_config(args)
     except UserError as e:
         parser.error(str(e))
     problems = cfgmod.check(config)
+    if not problems and args.command == "fit":
+        problems = [p for p in [cfgmod.output_dir_problem(Path(config.run_dir), "--run-dir")] if p]
     if problems:
         parser.error("; ".join(problems))
     return config
 
 
+def _check_output(parser: argparse.ArgumentParser, problem: str | None) -> None:
+    if problem:
+        parser.error(problem)
+
+
 def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.command == "fit":
         config = _config(parser, args)
+        set_io_timeout(config.io_timeout or None)  # inherited by DataLoader workers and launched processes
         load_manifest(config.shards)  # a bad --shards fails in a second, before torch is imported
         from train.engine import fit
 
@@ -96,12 +118,14 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     elif args.command == "predict":
         return _predict(parser, args)
     elif args.command == "export":
-        return _export(args)
+        return _export(parser, args)
     return 0
 
 
 def _lr_find(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     config = _config(parser, args)
+    _check_output(parser, cfgmod.output_dir_problem(args.out, "--out"))
+    set_io_timeout(config.io_timeout or None)
     load_manifest(config.shards)
     from train.commands import lr_find
 
@@ -111,7 +135,10 @@ def _lr_find(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 def _evaluate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.batch_size < 1 or args.workers < 0:
-        parser.error("evaluate needs --batch-size >= 1 and --workers >= 0")
+        parser.error(f"evaluate needs --batch-size >= 1 and --workers >= 0, got {args.batch_size} and "
+                     f"{args.workers}")
+    _check_output(parser, cfgmod.output_dir_problem(args.out, "--out"))
+    set_io_timeout(args.io_timeout or None)  # 0: the environment's or the default
     from train.commands import evaluate
 
     evaluate(args.checkpoint, args.shards, args.split, args.out, args.batch_size, args.workers, args.precision,
@@ -121,13 +148,14 @@ def _evaluate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 def _predict(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.batch_size < 1:
-        parser.error("--batch-size must be >= 1")
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     from train.predict import predict
 
     return 1 if predict(args.checkpoint, args.images, as_json=args.json, batch_size=args.batch_size) else 0
 
 
-def _export(args: argparse.Namespace) -> int:
+def _export(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    _check_output(parser, cfgmod.output_file_problem(args.out, "--out"))
     from train.export import export
 
     diff = export(args.checkpoint, args.format, args.out)
@@ -138,6 +166,7 @@ def _export(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    parser.command = args.command
     return report_errors(lambda: _run_reporting_lost_peers(parser, args))
 
 

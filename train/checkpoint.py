@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import struct
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,11 @@ from pipeline.manifest import replace_dir, write_json_atomic
 
 TRAINER_STATE = "trainer.json"
 BEST = "best"
+STEP_NAME = re.compile(r"step-(\d+)")
+MODEL_FILE = "model.safetensors"
+# What accelerator.load_state reads besides the model and the per-process RNG states: the optimizer and the
+# schedule (registered for checkpointing, so saved as a custom object).
+TORCH_FILES = ("optimizer.bin", "custom_checkpoint_0.pkl")
 META_KEYS = ("arch", "classes", "image_size", "crop_pct", "mean", "std")  # what load_model needs
 
 
@@ -28,45 +36,193 @@ def checkpoints_dir(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
+def step_of(path: Path) -> int | None:
+    """The step of a checkpoint directory named step-NNNNNNNN; None for any other name (e.g. "step-old")."""
+    match = STEP_NAME.fullmatch(path.name)
+    return int(match[1]) if match else None
+
+
 def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """Step checkpoints whose rename happened (so every file is there), oldest first."""
-    found = [p for p in checkpoints_dir(run_dir).glob("step-*") if (p / TRAINER_STATE).is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+    """Step checkpoints whose rename happened (trainer.json is written last, inside the temporary directory),
+    oldest first; names that are not step-<number> are ignored."""
+    folder = checkpoints_dir(run_dir)
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if step_of(p) is not None and (p / TRAINER_STATE).is_file()]
+    return sorted(found, key=step_of)
+
+
+def checkpoint_problem(checkpoint: Path, trainer_keys: tuple[str, ...]) -> str | None:
+    """Why `accelerator.load_state` (and the trainer) could not use this checkpoint, or None when every file
+    it needs is there and readable. Cheap: trainer.json is parsed, safetensors headers are checked against
+    the file sizes, and the torch files' zip directories (at their ends) are read; no tensor is loaded."""
+    try:
+        state = json.loads((checkpoint / TRAINER_STATE).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return f"{TRAINER_STATE} is unreadable ({_first_line(e)})"
+    if not isinstance(state, dict) or [key for key in trainer_keys if key not in state]:
+        missing = [key for key in trainer_keys if not isinstance(state, dict) or key not in state]
+        return f"{TRAINER_STATE} lacks {', '.join(missing)}"
+    if state.get("global_step") != step_of(checkpoint):
+        return f"{TRAINER_STATE} says step {state.get('global_step')!r}, not {step_of(checkpoint)}"
+    world = state.get("world_size")
+    ranks = range(world) if isinstance(world, int) and world >= 1 else range(1)
+    needed = [MODEL_FILE, *TORCH_FILES, *(f"random_states_{rank}.pkl" for rank in ranks)]
+    present = [p.name for p in sorted(checkpoint.iterdir()) if p.suffix in (".bin", ".pkl", ".pt", ".safetensors")]
+    for name in dict.fromkeys([*needed, *present]):
+        problem = _file_problem(checkpoint / name)
+        if problem:
+            return f"{name} {problem}"
+    return None
+
+
+def _file_problem(path: Path) -> str | None:
+    if not path.is_file():
+        return "is missing"
+    try:
+        if path.suffix == ".safetensors":
+            return _safetensors_problem(path)
+        with zipfile.ZipFile(path) as archive:  # torch.save's format; a cut file has no central directory
+            if not archive.namelist():
+                return "is empty"
+    except (OSError, zipfile.BadZipFile, ValueError) as e:
+        return f"is unreadable ({_first_line(e)})"
+    return None
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """A safetensors file is an 8-byte header length, a JSON header of tensor offsets, then the data."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8 or struct.unpack("<Q", head)[0] > size - 8:
+            return f"is truncated ({size} bytes)"
+        header = json.loads(f.read(struct.unpack("<Q", head)[0]))
+    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    expected = 8 + struct.unpack("<Q", head)[0] + max(ends, default=0)
+    if size != expected:
+        return f"is truncated ({size} of {expected} bytes)"
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def remove_temporaries(run_dir: Path) -> list[Path]:
+    """Delete what an interrupted write leaves (temporary checkpoint directories, renamed-away old best
+    models, temporary files); call only while no other process can write the run (under its lock).
+
+    A kill between the two renames of `replace_dir` leaves no checkpoints/best but a complete old one
+    beside it: that one is put back first, so the best model is never lost."""
+    folder = checkpoints_dir(run_dir)
+    best = folder / BEST
+    if not best.exists():
+        for old in sorted(folder.glob(f".{BEST}.old-*")):
+            if (old / "model.safetensors").is_file() and (old / "meta.json").is_file():
+                os.replace(old, best)
+                break
+    stale = [p for where in (run_dir, folder) if where.is_dir() for p in where.iterdir() if _is_temporary(p.name)]
+    for path in stale:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return stale
+
+
+def _is_temporary(name: str) -> bool:
+    """Names this code gives things before a rename: .tmp-step-N, .tmp-best, .best.old-PID, .NAME.tmp-PID."""
+    return name.startswith(".tmp-") or (name.startswith(".") and (".tmp-" in name or ".old-" in name))
 
 
 def save_checkpoint(accelerator: Any, run_dir: Path, state: dict[str, Any], keep: int) -> Path:
-    """Every process writes its part into a temp dir; the main process renames it and prunes old ones."""
+    """Every process writes its part into a temp dir; the main process renames it and prunes old ones.
+
+    A failed write (a full disk) is one error in every process naming the checkpoint; the temp dir is
+    removed and the previous checkpoints stay as they were."""
     final = checkpoints_dir(run_dir) / f"step-{state['global_step']:08d}"
     tmp = final.with_name(f".tmp-{final.name}")
+    problem = None
+    if accelerator.is_main_process:
+        problem = _attempt(lambda: (shutil.rmtree(tmp, ignore_errors=True), tmp.mkdir(parents=True)))
+    _agree(accelerator, problem, final, tmp)
+    problem = _attempt(lambda: accelerator.save_state(str(tmp), safe_serialization=True))
+    _agree(accelerator, problem, final, tmp)
+    if accelerator.is_main_process:
+        problem = _attempt(lambda: _publish(run_dir, tmp, final, state, keep))
+    _agree(accelerator, problem, final, tmp)
+    return final
+
+
+def _publish(run_dir: Path, tmp: Path, final: Path, state: dict[str, Any], keep: int) -> None:
+    write_json_atomic(tmp / TRAINER_STATE, state)
+    if final.exists():  # re-saving the same step after a resume
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in complete_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old)
+
+
+# What a failed write raises: OSError from Python, SafetensorError from safetensors, RuntimeError from
+# torch.save's zip writer ("unexpected pos ..."), which does not say why.
+WRITE_ERRORS = (OSError, SafetensorError, RuntimeError)
+
+
+def _attempt(action: Any) -> str | None:
+    try:
+        action()
+    except WRITE_ERRORS as e:
+        return _first_line(e)
+    return None
+
+
+def _agree(accelerator: Any, problem: str | None, final: Path, tmp: Path) -> None:
+    """Every process learns whether any failed; then all raise the same one-line error."""
+    from accelerate.utils import gather_object
+
+    problems = [p for p in gather_object([problem]) if p]
+    if not problems:
+        return
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_json_atomic(tmp / TRAINER_STATE, state)
-        if final.exists():  # re-saving the same step after a resume
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in complete_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return final
+    previous = [p for p in complete_checkpoints(final.parent.parent) if p.name != final.name]
+    if final.name == BEST:
+        kept = "the previous best model is intact" if final.exists() else "there is no earlier best model"
+    else:
+        kept = (f"the newest complete checkpoint, {previous[-1].name}, is intact" if previous
+                else "there is no earlier checkpoint")
+    raise UserError(f"cannot write checkpoint {final} ({problems[0]}; {_free_space(final.parent)}); {kept}")
+
+
+def _free_space(folder: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(folder).free / 1e6:.0f} MB free there"
+    except OSError:
+        return "free space unknown"
 
 
 def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
     return json.loads((checkpoint / TRAINER_STATE).read_text())
 
 
-def save_best(run_dir: Path, model: torch.nn.Module, meta: dict[str, Any]) -> None:
-    """Replace checkpoints/best atomically (main process only): the previous best stays until the new one is whole."""
+def save_best(accelerator: Any, run_dir: Path, model: torch.nn.Module, meta: dict[str, Any]) -> None:
+    """Replace checkpoints/best atomically (the main process writes; call it in every process): the previous
+    best stays until the new one is whole, and a failed write is the same one-line error everywhere."""
     best = checkpoints_dir(run_dir) / BEST
     tmp = best.with_name(f".tmp-{BEST}")
+    problem = None
+    if accelerator.is_main_process:
+        problem = _attempt(lambda: _write_best(tmp, best, model, meta))
+    _agree(accelerator, problem, best, tmp)
+
+
+def _write_best(tmp: Path, best: Path, model: torch.nn.Module, meta: dict[str, Any]) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp / "model.safetensors"))
+    save_file(state, str(tmp / MODEL_FILE))
     write_json_atomic(tmp / "meta.json", meta)
     replace_dir(tmp, best)
 

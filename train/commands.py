@@ -25,7 +25,7 @@ def lr_find(config: Config, out: Path) -> float:
     result = engine.lr_find(accelerator, model, optimizer, manifest, config)
     if accelerator.is_main_process:
         report.write_lr_find(out, result)
-    stopped = " (stopped early: the loss diverged)" if result.diverged else ""
+    stopped = " (stopped early: the loss diverged)" if result.diverged else ""  # not when the steps ran out
     accelerator.print(f"{len(result.lrs)} steps from {result.lrs[0]:.3g} to {result.lrs[-1]:.3g}{stopped}; "
                       f"plot and values in {out}/lr_find.png, lr_find.json")
     accelerator.print(f"suggested LR: {result.suggested_lr:.4g} (steepest descent of the smoothed loss)")
@@ -52,11 +52,16 @@ def evaluate(run: str, shards: str, split: str, out: Path, batch_size: int, work
     model, meta = checkpoint.load_model(Path(run))
     manifest = load_manifest(shards)
     check_classes(meta, manifest, run, shards)
+    if manifest["splits"][split]["num_samples"] == 0:
+        raise UserError(f"the {split} split of {shards} is empty: nothing to evaluate")
     accelerator = engine.make_accelerator(Config(precision=precision, wandb=wandb, run_dir=str(out)))
     model = model.to(accelerator.device, memory_format=torch.channels_last)
     transform = augment.Augment(augment.eval_transform(meta["image_size"], meta["crop_pct"]))
     result = engine.evaluate(accelerator, model, shards, manifest, split, transform, batch_size, workers,
                              collect=True)
+    if result["num_samples"] == 0:
+        raise UserError(f"the {split} split of {shards}: all {result['bad_samples']} samples are corrupt, "
+                        "nothing to evaluate")
     if accelerator.log_with:
         if accelerator.is_main_process:
             out.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import os
+import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -34,7 +37,7 @@ class Config:
     shuffle_buffer: int = 1000
     # model
     arch: str = "resnet50"
-    pretrained: str = "imagenet"  # imagenet | none | PATH
+    pretrained: str = "imagenet"  # imagenet | none | PATH | URL
     # optimisation (the notebook's recipe by default)
     optimizer: str = "adam"
     lr: float | str = 1e-3  # "auto": `fit` runs lr-find first and records the LR it chose
@@ -59,31 +62,42 @@ class Config:
     seed: int = 0
     run_dir: str = "runs/default"
     resume: str = ""  # "auto": continue from the newest complete checkpoint
-    force: bool = False  # resume even if config or shard set changed
+    force: bool = False  # resume with another epochs or shard set (FORCE_CHANGES)
     checkpoint_every: int = 0  # optimizer steps; 0: only at epoch ends
     keep_checkpoints: int = 2
     log_every: int = 10
     wandb: str = "auto"  # auto: online with an API key, else offline
     wandb_project: str = "cubstream"
     dist_timeout: int = 120  # seconds a process waits for a dead peer before failing
+    io_timeout: float = 0.0  # seconds a shard read may make no progress (0: $CUBSTREAM_IO_TIMEOUT, else 60)
 
 
 # Options that may differ between a run and its resumption.
 RESUMABLE_CHANGES = {"resume", "force", "workers", "wandb", "log_every", "run_dir", "shards", "checkpoint_every",
-                     "keep_checkpoints", "dist_timeout", "lr_find_start", "lr_find_end", "lr_find_steps"}
+                     "keep_checkpoints", "dist_timeout", "lr_find_start", "lr_find_end", "lr_find_steps",
+                     "io_timeout"}
+# What --force lets a resumed run change besides the shard set: the one-cycle schedule is rebuilt for the new
+# length, continuous at the resumed step. Everything else (LR, optimizer, model, batch...) lives in the
+# checkpoint's state or defines its steps, so a change could not be followed exactly and is refused.
+FORCE_CHANGES = {"epochs"}
 
 HELP = {
     "shards": "shard set: a directory or http(s) base URL holding manifest.json, or 'pipe:COMMAND' printing "
               "the file named by {} (e.g. 'pipe:aws s3 cp s3://BUCKET/PREFIX/{} -')",
     "config": "YAML file of options (keys = option names with _); the command line overrides it",
     "batch_size": "per process", "workers": "data loader processes per training process",
-    "augment": "train augmentation preset", "pretrained": "imagenet | none | PATH to torchvision weights",
+    "augment": "train augmentation preset",
+    "pretrained": "imagenet (torchvision's, through the torch hub cache) | none | PATH or http(s) URL of a "
+                  "torchvision-format state dict (a URL is downloaded once into the torch hub cache)",
     "lr": "peak LR of the fc group; other groups get lr_scheme's multipliers (auto: run lr-find first)",
     "lr_scheme": "discriminative LRs: notebook (stem /10 .. layer4 /2), geometric (lr_decay per group), flat",
     "precision": "mixed precision (auto: from the accelerate launch config, else no)", "resume": "auto: continue from the newest complete checkpoint",
-    "force": "resume even if the config or the shard set differ", "compile": "torch.compile the model",
+    "force": "resume with another --epochs (the LR schedule is rebuilt, continuous at the resumed step) or "
+             "another shard set with the same classes", "compile": "torch.compile the model",
     "checkpoint_every": "save every N optimizer steps (0: each epoch end only)",
     "wandb": "auto = online when an API key is configured, else offline",
+    "io_timeout": "seconds a remote shard read may make no progress before the run stops with an error "
+                  "(0: $CUBSTREAM_IO_TIMEOUT, else 60)",
 }
 
 
@@ -105,7 +119,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def parse_lr(text: str) -> float | str:
     """--lr: a number, or "auto"."""
-    return "auto" if text == "auto" else float(text)
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
 
 
 def load_yaml(path: Path) -> dict[str, Any]:
@@ -138,7 +157,8 @@ def make_config(args: argparse.Namespace) -> Config:
 
 
 def _coerce(config: Config) -> Config:
-    """YAML gives ints for floats (1 for 1.0) and strings for numbers (1e-3): check types once, here."""
+    """YAML gives ints for floats (1 for 1.0) and strings for numbers (1e-3): check types once, here. A whole
+    number is required where the option counts something (2.5 epochs is refused, not truncated)."""
     for f in fields(Config):
         value, default = getattr(config, f.name), f.default
         if f.name == "lr" and value == "auto":
@@ -146,12 +166,92 @@ def _coerce(config: Config) -> Config:
         if isinstance(default, bool):
             if not isinstance(value, bool):
                 raise UserError(f"option {f.name}: expected true/false, got {value!r}")
-        elif isinstance(default, float | int):
-            try:
-                setattr(config, f.name, type(default)(value))
-            except (TypeError, ValueError):
-                raise UserError(f"option {f.name}: expected a number, got {value!r}") from None
+        elif isinstance(default, int):
+            setattr(config, f.name, _whole_number(f.name, value))
+        elif isinstance(default, float):
+            setattr(config, f.name, _number(f.name, value))
+        elif isinstance(default, str) and not isinstance(value, str):
+            raise UserError(f"option {f.name}: expected text, got {value!r}")
+    scale = config.crop_scale
+    if not isinstance(scale, list | tuple) or len(scale) != 2:
+        raise UserError(f"option crop_scale: expected two numbers [min, max], got {scale!r}")
+    config.crop_scale = [_number("crop_scale", v) for v in scale]
     return config
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise UserError(f"option {name}: expected a number, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"option {name}: expected a number, got {value!r}") from None
+
+
+def _whole_number(name: str, value: Any) -> int:
+    number = value if isinstance(value, int) and not isinstance(value, bool) else _number(name, value)
+    if isinstance(number, float) and not number.is_integer():
+        raise UserError(f"option {name}: expected a whole number, got {value!r}")
+    return int(number)
+
+
+# Ranges of the numeric options: (low, low_inclusive, high, high_inclusive), None for no bound. Every float
+# must also be finite (nan and inf are refused, from the command line and from YAML).
+MAX_IMAGE_SIZE = 2048
+MAX_SEED = 2**32 - 1  # numpy's seed range
+RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
+    "image_size": (16, True, MAX_IMAGE_SIZE, True),
+    "batch_size": (1, True, None, False),
+    "eval_batch_size": (0, True, None, False),  # 0: the train batch size
+    "workers": (0, True, None, False),
+    "crop_pct": (0, False, 1, True),
+    "shuffle_buffer": (1, True, None, False),
+    "lr_find_start": (0, False, None, False),
+    "lr_find_end": (0, False, None, False),
+    "lr_find_steps": (3, True, None, False),  # lr_finder.MIN_STEPS: a slope needs 3 points
+    "lr_decay": (0, False, 1, True),
+    "weight_decay": (0, True, None, False),
+    "momentum": (0, True, 1, False),
+    "epochs": (1, True, None, False),
+    "pct_start": (0, False, 1, False),
+    "div_factor": (1, True, None, False),
+    "final_div_factor": (1, True, None, False),
+    "grad_accum": (1, True, None, False),
+    "clip_grad": (0, True, None, False),  # 0: no clipping
+    "label_smoothing": (0, True, 1, False),
+    "seed": (0, True, MAX_SEED, True),
+    "checkpoint_every": (0, True, None, False),  # 0: epoch ends only
+    "keep_checkpoints": (1, True, None, False),
+    "log_every": (1, True, None, False),
+    "dist_timeout": (1, True, None, False),
+    "io_timeout": (0, True, None, False),  # 0: the environment's or the default
+}
+
+
+SWEEP_FLAGS = {"lr_find_start": "--lr-find-start/--start-lr", "lr_find_end": "--lr-find-end/--end-lr",
+               "lr_find_steps": "--lr-find-steps/--steps"}  # lr-find's own names for them
+
+
+def _flag(name: str) -> str:
+    return SWEEP_FLAGS.get(name) or "--" + name.replace("_", "-")
+
+
+def _range_problem(name: str, value: float) -> str | None:
+    low, low_in, high, high_in = RANGES[name]
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{_flag(name)} must be a finite number, got {value}"
+    too_low = low is not None and (value < low if low_in else value <= low)
+    too_high = high is not None and (value > high if high_in else value >= high)
+    if not (too_low or too_high):
+        return None
+    if high is None:
+        return f"{_flag(name)} must be {'>=' if low_in else '>'} {_show(low)}, got {_show(value)}"
+    interval = f"{'[' if low_in else '('}{_show(low)}, {_show(high)}{']' if high_in else ')'}"
+    return f"{_flag(name)} must be in {interval}, got {_show(value)}"
+
+
+def _show(number: float) -> str:
+    return str(int(number)) if float(number).is_integer() else f"{number:g}"
 
 
 def check(config: Config, require_shards: bool = True) -> list[str]:
@@ -164,21 +264,53 @@ def check(config: Config, require_shards: bool = True) -> list[str]:
         if getattr(config, name) not in choices:
             problems.append(f"--{name.replace('_', '-')}: invalid choice {getattr(config, name)!r} "
                             f"(choose from {', '.join(choices)})")
-    for name in ("batch_size", "epochs", "image_size", "grad_accum", "keep_checkpoints"):
-        if getattr(config, name) < 1:
-            problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}")
-    for name in ("eval_batch_size", "workers", "checkpoint_every", "weight_decay", "clip_grad"):
-        if getattr(config, name) < 0:
-            problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
-    if config.lr != "auto" and not config.lr > 0:  # also refuses nan
-        problems.append(f"--lr must be > 0, got {config.lr}")
-    if not 0 < config.lr_find_start < config.lr_find_end or config.lr_find_steps < 2:
-        problems.append("the LR sweep needs 0 < --start-lr < --end-lr and --steps >= 2 (lr_find_start, "
-                        f"lr_find_end, lr_find_steps), got {config.lr_find_start}, {config.lr_find_end}, "
-                        f"{config.lr_find_steps}")
+    for name in RANGES:
+        problem = _range_problem(name, getattr(config, name))
+        if problem:
+            problems.append(problem)
+    if config.lr != "auto" and not (config.lr > 0 and math.isfinite(config.lr)):  # also refuses nan
+        problems.append(f"--lr must be > 0 and finite, got {config.lr}")
+    if not config.lr_find_start < config.lr_find_end:
+        problems.append("the LR sweep needs --start-lr < --end-lr (lr_find_start, lr_find_end), got "
+                        f"{config.lr_find_start} and {config.lr_find_end}")
+    low, high = config.crop_scale
+    if not (math.isfinite(low) and math.isfinite(high) and 0 < low <= high <= 1):
+        problems.append(f"--crop-scale needs two numbers 0 < min <= max <= 1, got {low:g} {high:g}")
     if config.resume not in ("", "auto"):
         problems.append(f"--resume: only 'auto' is supported, got {config.resume!r}")
+    if not config.run_dir:
+        problems.append("--run-dir must not be empty")
+    if not config.wandb_project:
+        problems.append("--wandb-project must not be empty")
     return problems
+
+
+def output_dir_problem(path: Path, option: str) -> str | None:
+    """Why `path` cannot be, or become, a directory this command writes into; found before any work and
+    without creating it (a probe file is created and removed in its nearest existing ancestor)."""
+    if path.exists() and not path.is_dir():
+        return f"{option} {path}: exists and is not a directory"
+    ancestor = path
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"{option} {path}: {ancestor} is not a directory"
+    try:
+        handle, probe = tempfile.mkstemp(dir=ancestor, prefix=".write-probe-")
+    except OSError as e:
+        return f"{option} {path}: cannot write in {ancestor} ({e.strerror or e})"
+    os.close(handle)
+    os.unlink(probe)
+    return None
+
+
+def output_file_problem(path: Path, option: str) -> str | None:
+    """Why a file cannot be written at `path` (replacing a regular file is fine), before any work."""
+    if path.is_dir():
+        return f"{option} {path}: is a directory (name the file to write)"
+    if path.exists() and not path.is_file():
+        return f"{option} {path}: exists and is not a regular file"
+    return output_dir_problem(path.parent, option) if str(path.parent) else None
 
 
 def to_dict(config: Config) -> dict[str, Any]:

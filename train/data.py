@@ -10,7 +10,7 @@ Each worker stacks its batches into a few shared-memory buffers it reuses (`_Rin
 shared memory torch would create per batch.
 
 Each DataLoader worker runs a chain of small generators:
-    shard paths/URLs -> tar members (webdataset gopen, train.tar_reader) -> samples (webdataset group_by_keys)
+    shard paths/URLs -> tar members (pipeline.remote, train.tar_reader) -> samples (webdataset group_by_keys)
     -> [train: seeded shuffle buffer -> resume skip] -> decode + augment -> batches
 
 Train: the shard order is shuffled by (seed, epoch), the same on every rank, and dealt round robin to the
@@ -37,7 +37,6 @@ import io
 import itertools
 import logging
 import random
-import subprocess
 import tarfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -50,11 +49,11 @@ import torch
 from PIL import Image
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
-from webdataset.gopen import Pipe, gopen, set_options
 from webdataset.tariterators import group_by_keys
 
 from pipeline.errors import UserError
 from pipeline.manifest import FORBIDDEN_EXTENSIONS, shard_locations
+from pipeline.remote import RETRY_POLICY, RemoteError, is_url, open_stream
 from train.augment import sample_seed
 from train.tar_reader import tar_members
 
@@ -64,23 +63,11 @@ Transform = Callable[[np.ndarray, int], np.ndarray]
 Batch = dict[str, Any]
 
 SHARD_POLICY = "shards are not retried or skipped; the run stops; resume with --resume auto"
-# What curl (webdataset's reader for http(s)) retries by itself before a shard counts as unreadable.
-CURL_RETRIES = "curl retries only timeouts and HTTP 408/429/5xx, 30 times 2 s apart"
 # Errors that mean "these bytes are not an image we can read" (PIL raises SyntaxError for some files).
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-# Errors that mean "this shard cannot be read": I/O (missing file, curl exit status), broken tar, or
-# webdataset's ValueError for duplicate member names.
+# Errors that mean "this shard's tar cannot be read": broken tar, or webdataset's ValueError for duplicate
+# member names. (Failures of the source itself arrive as pipeline.remote.RemoteError.)
 READ_ERRORS = (OSError, tarfile.TarError, ValueError)
-CURL_EXIT = {
-    6: "host not found",
-    7: "connection refused",
-    18: "transfer cut short",
-    22: "HTTP error status (4xx/5xx, e.g. 404 Not Found)",
-    28: "timed out",
-    35: "TLS handshake failed",
-    52: "empty reply from server",
-    56: "connection reset",
-}
 # Shared-memory batch buffers per DataLoader worker: two batches in flight (the DataLoader's prefetch_factor),
 # the one just received, the one the consumer still holds, and the one it dropped (handed back when the next
 # batch arrives). A consumer that keeps more only makes workers fall back to fresh shared memory.
@@ -100,8 +87,9 @@ class CorruptSample(Exception):
 
 @dataclass(frozen=True)
 class Shard:
-    url: str  # local path, http(s):// URL or pipe: command, as webdataset's gopen takes it
+    url: str  # local path, http(s):// URL or pipe: command (pipeline.remote.open_stream)
     num_samples: int
+    sha256: str = ""  # the manifest's; the streamed bytes must match it ("": not checked)
 
 
 # ---------------------------------------------------------------- public API
@@ -282,7 +270,7 @@ def _check_layout(batch_size: int, workers: int, rank: int, world_size: int) -> 
 
 def _shards(location: str, manifest: dict[str, Any], split: str) -> list[Shard]:
     entries = manifest["splits"][split]["shards"]
-    return [Shard(url, entry["num_samples"]) for url, entry in
+    return [Shard(url, entry["num_samples"], entry["sha256"]) for url, entry in
             zip(shard_locations(location, manifest, split), entries, strict=True)]
 
 
@@ -402,57 +390,43 @@ class _EvalJob:
 
 
 def _read_shard(shard: Shard) -> Iterator[dict[str, Any]]:
-    """Raw samples of one shard ({"__key__", "__url__", "jpg": bytes, ...}); any read failure, or a
-    sample count that differs from the manifest (a tar truncated between members), is a ShardError."""
-    stream = _open(shard.url)
+    """Raw samples of one shard ({"__key__", "__url__", "jpg": bytes, ...}); any read failure (missing,
+    HTTP error, cut, stall), a sample count that differs from the manifest (a tar truncated between
+    members), or bytes whose sha256 differs from the manifest's is a ShardError. The digest is taken as the
+    bytes stream by, so a mismatch is known once the whole shard has been read (its samples are already on
+    their way by then; the run stops)."""
+    try:
+        stream = open_stream(shard.url, digest=bool(shard.sha256))
+    except RemoteError as e:
+        raise ShardError(_unreadable(shard.url, e.reason)) from None
     count = 0
     try:
         members = ({"fname": name, "data": data, "__url__": shard.url} for name, data in tar_members(stream))
         for sample in group_by_keys(members):
             count += 1
             yield sample
-        stream.close()  # for curl: raises if curl exited with an error
-    except GeneratorExit:  # the consumer stopped early on purpose: curl's broken pipe is expected
-        _close_quietly(stream)
+        digest = stream.finish()  # the rest of the file (tar padding); raises if the source failed
+    except GeneratorExit:  # the consumer stopped early on purpose
+        stream.abort()
         raise
+    except RemoteError as e:
+        stream.abort()
+        raise ShardError(_unreadable(shard.url, e.reason)) from None
     except READ_ERRORS as e:
-        reason = _failure_reason(stream, e, shard.url)
-        _close_quietly(stream)
-        raise ShardError(_unreadable(shard.url, reason)) from None
+        stream.abort()
+        raise ShardError(_unreadable(shard.url, _first_line(e))) from None
     if count != shard.num_samples:
         raise ShardError(_unreadable(
             shard.url, f"it holds {count} samples, the manifest says {shard.num_samples} (truncated?)"))
-
-
-def _open(url: str) -> Any:
-    try:
-        return gopen(url, "rb")
-    except READ_ERRORS as e:
-        raise ShardError(_unreadable(url, _first_line(e))) from None
+    if shard.sha256 and digest != shard.sha256:
+        raise ShardError(_unreadable(shard.url, "its bytes do not match the manifest's sha256 (changed or "
+                                                "corrupted since the set was built; check it with "
+                                                "`python -m pipeline verify`)"))
 
 
 def _unreadable(url: str, reason: str) -> str:
-    retries = f" ({CURL_RETRIES})" if url.startswith(("http://", "https://")) else ""
+    retries = f" ({RETRY_POLICY})" if is_url(url) else ""
     return f"cannot read shard {url}: {reason}; {SHARD_POLICY}{retries}"
-
-
-def _close_quietly(stream: Any) -> None:
-    set_options(stream, ignore_errors=True)  # only has an effect on curl/pipe streams
-    stream.close()
-
-
-def _failure_reason(stream: Any, error: Exception, url: str) -> str:
-    """Why a shard read failed; for http(s), curl's exit status says more than the tar reader's error."""
-    if isinstance(stream, Pipe):
-        try:
-            status = stream.proc.wait(timeout=5)  # curl is exiting when its output ended early
-        except subprocess.TimeoutExpired:
-            return _first_line(error)  # curl still transferring: the tar itself is broken
-        if status not in (0, 23, 141) and url.startswith("pipe:"):
-            return f"command exit status {status}"  # a pipe: location's own command (aws, gcloud, ...)
-        if status not in (0, 23, 141):
-            return f"curl exit {status}: {CURL_EXIT.get(status, 'transfer failed')}"
-    return _first_line(error)
 
 
 def _first_line(error: Exception) -> str:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
@@ -20,13 +22,13 @@ from accelerate.utils import InitProcessGroupKwargs, set_seed
 from tqdm import tqdm
 
 from pipeline.errors import UserError
-from pipeline.manifest import load_manifest, write_json_atomic
+from pipeline.manifest import load_manifest, write_atomic, write_json_atomic
 from train import augment, checkpoint, data, lr_finder, rundir
 from train.config import Config, to_dict
 from train.config import save as save_config
-from train.metrics import Totals
+from train.metrics import Totals, format_metric, predictions
 from train.model import build_model
-from train.optim import build_optimizer, build_scheduler, group_lrs, lr_multipliers, param_groups
+from train.optim import build_optimizer, build_scheduler, group_lrs, lr_multipliers, param_groups, reschedule
 
 
 def wandb_mode(requested: str) -> str:
@@ -98,22 +100,51 @@ class Progress:
     partial_bad: int = 0
     world_size: int = 1
     workers: int = 0
+    steps_per_epoch: int = 0  # optimizer steps of a whole epoch in the run that saved it
+
+
+# What trainer.json must hold to resume from it (steps_per_epoch is missing from older checkpoints).
+TRAINER_KEYS = tuple(name for name in Progress.__dataclass_fields__ if name != "steps_per_epoch")
 
 
 class MetricsLog:
     """metrics.jsonl (main process) + the W&B tracker through Accelerate; one record per step/epoch."""
 
     def __init__(self, accelerator: Accelerator, path: Path, resume_step: int | None) -> None:
+        """A fresh run (`resume_step` None) starts an empty file; a resumed one keeps the step and epoch
+        records up to the checkpoint's step (what the run will write again goes)."""
         self.accelerator, self.path = accelerator, path
-        if accelerator.is_main_process and resume_step is not None and path.is_file():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept))
+        if accelerator.is_main_process:
+            kept = kept_records(path, resume_step) if resume_step is not None else []
+            write_atomic(path, "".join(json.dumps(record) + "\n" for record in kept).encode())
 
     def write(self, record: dict[str, Any]) -> None:
         if self.accelerator.is_main_process:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
         self.accelerator.log(_flatten(record), step=record["step"])
+
+
+def kept_records(path: Path, step: int) -> list[dict[str, Any]]:
+    """The records of metrics.jsonl to keep when resuming at `step`: step and epoch records up to it. A line
+    that does not parse (the partial last line of a killed run) is dropped, and so is the test record of
+    an earlier ending (a resumed run writes its own)."""
+    if not path.is_file():
+        return []
+    kept = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("kind") != "test" and _step(record) <= step:
+            kept.append(record)
+    return kept
+
+
+def _step(record: dict[str, Any]) -> float:
+    step = record.get("step", 0)
+    return step if isinstance(step, int | float) else math.inf
 
 
 def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -140,22 +171,100 @@ def build_model_and_optimizer(accelerator: Accelerator, config: Config,
 
 
 def fit(config: Config) -> dict[str, Any]:
-    """Train, keep the best-by-valid-loss model, evaluate it on test, write results.json."""
+    """Train, keep the best-by-valid-loss model, evaluate it on test, write results.json.
+
+    The main process holds the run directory's lock for the whole run and makes every decision about how
+    the run starts (fresh, or from which checkpoint); every process learns the outcome, so a refusal is the
+    same one line everywhere and nothing is written before it."""
     accelerator = make_accelerator(config)
     manifest = load_manifest(config.shards)
-    run_dir = Path(config.run_dir)
-    rundir.resolve_auto_lr(config)
-    resume_from = rundir.resume_point(config, manifest)
-    accelerator.wait_for_everyone()
-    info = rundir.write_run_files(config, manifest) if accelerator.is_main_process else {}
-    set_seed(config.seed)
+    steps_per_epoch = epoch_steps(accelerator, manifest, config)
+    with contextlib.ExitStack() as held:  # the lock, released when fit returns or fails
+        start = _on_main(accelerator, lambda: _claim_run_dir(held, config, manifest, steps_per_epoch,
+                                                             accelerator.num_processes))
+        config.lr = start["lr"]
+        return _train(accelerator, config, manifest, start, steps_per_epoch)
 
-    model, optimizer = build_model_and_optimizer(accelerator, config, manifest)
-    world = accelerator.num_processes
+
+def epoch_steps(accelerator: Accelerator, manifest: dict[str, Any], config: Config) -> int:
+    """Optimizer steps per epoch (the same in every process)."""
     batches = batches_per_epoch(accelerator, manifest, config)
-    steps_per_epoch = batches // config.grad_accum
-    if steps_per_epoch < 1:
+    if batches // config.grad_accum < 1:
         raise UserError(f"--grad-accum {config.grad_accum} exceeds the {batches} batches of an epoch")
+    return batches // config.grad_accum
+
+
+def _on_main(accelerator: Accelerator, decide: Any) -> dict[str, Any]:
+    """Run `decide` in the main process only and hand its result (or its one-line error) to every process."""
+    from accelerate.utils import broadcast_object_list
+
+    outcome: dict[str, Any] = {}
+    failure: BaseException | None = None
+    if accelerator.is_main_process:
+        try:
+            outcome = decide()
+        except UserError as e:
+            outcome = {"error": str(e)}
+        except BaseException as e:  # a bug: the main process shows its traceback, the others stop too
+            outcome, failure = {"error": f"the main process failed ({type(e).__name__}: {e})"}, e
+    outcome = broadcast_object_list([outcome])[0]
+    if failure is not None:
+        raise failure
+    if "error" in outcome:
+        raise UserError(outcome["error"])
+    return outcome
+
+
+def _claim_run_dir(held: contextlib.ExitStack, config: Config, manifest: dict[str, Any], steps_per_epoch: int,
+                   world: int) -> dict[str, Any]:
+    """Main process: lock the run directory (stale temporaries go), decide how the run starts, and write
+    run.json and config.yaml (unless lr-find has still to choose the LR): all before any training."""
+    run_dir = Path(config.run_dir)
+    held.enter_context(rundir.locked(run_dir))
+    rundir.resolve_auto_lr(config)
+    start = rundir.resume_point(config, manifest, TRAINER_KEYS)
+    for warning in start.skipped:
+        print(warning, file=sys.stderr)
+    remaining = config.epochs * steps_per_epoch
+    if start.checkpoint is not None:
+        remaining = _steps_left(start, config, steps_per_epoch, world)
+    try:
+        info = rundir.write_run_info(config, manifest, resuming=start.checkpoint is not None)
+        if remaining > 0:  # results of an earlier ending would not describe this run
+            (run_dir / "results.json").unlink(missing_ok=True)
+        if config.lr != "auto":
+            save_config(config, run_dir / "config.yaml")
+        else:  # written once lr-find has chosen; until then no config of another run may stand here
+            (run_dir / "config.yaml").unlink(missing_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write {e.filename or run_dir}: {e.strerror or e}") from None
+    return {"lr": config.lr, "checkpoint": start.checkpoint and str(start.checkpoint), "state": start.state,
+            "wandb_id": info["wandb_id"]}
+
+
+def _steps_left(start: rundir.Start, config: Config, steps_per_epoch: int, world: int) -> int:
+    """Optimizer steps the resumed run has still to do; refuses a checkpoint this run cannot continue."""
+    state, name = start.state, start.checkpoint
+    if state["step_in_epoch"]:
+        if (state["world_size"], state["workers"]) != (world, config.workers):
+            raise UserError(f"{name} was saved mid-epoch with {state['world_size']} process(es) x "
+                            f"{state['workers']} workers; resume with the same, or from an epoch-end checkpoint")
+        if state.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
+            raise UserError(f"{name} was saved mid-epoch with {state['steps_per_epoch']} steps per epoch, now "
+                            f"{steps_per_epoch}; resume with the same shard set, or from an epoch-end checkpoint")
+    remaining = (config.epochs - state["epoch"]) * steps_per_epoch - state["step_in_epoch"]
+    if remaining < 0:
+        least = state["epoch"] + (1 if state["step_in_epoch"] else 0)
+        raise UserError(f"cannot resume {config.run_dir} with --epochs {config.epochs}: {name.name} is at step "
+                        f"{state['global_step']}, in epoch {state['epoch'] + 1}; --epochs must be at least {least}")
+    return remaining
+
+
+def _train(accelerator: Accelerator, config: Config, manifest: dict[str, Any], start: dict[str, Any],
+           steps_per_epoch: int) -> dict[str, Any]:
+    run_dir = Path(config.run_dir)
+    set_seed(config.seed)
+    model, optimizer = build_model_and_optimizer(accelerator, config, manifest)
     if config.compile:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -165,50 +274,98 @@ def fit(config: Config) -> dict[str, Any]:
                                 config.div_factor, config.final_div_factor)  # the unwrapped optimizer
     accelerator.register_for_checkpointing(scheduler)  # stepped by us once per optimizer step, never prepared
 
-    progress = Progress(world_size=world, workers=config.workers)
-    if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        progress = Progress(**checkpoint.load_trainer_state(resume_from))
-        if (progress.world_size, progress.workers) != (world, config.workers) and progress.step_in_epoch:
-            raise UserError(f"{resume_from} was saved mid-epoch with {progress.world_size} process(es) x "
-                            f"{progress.workers} workers; resume with the same, or from an epoch-end checkpoint")
-        progress.world_size, progress.workers = world, config.workers
-        accelerator.print(f"resuming {run_dir} from {resume_from.name} (epoch {progress.epoch + 1}, "
-                          f"step {progress.global_step})")
-    log = MetricsLog(accelerator, run_dir / "metrics.jsonl", progress.global_step if resume_from else None)
+    progress = Progress(world_size=accelerator.num_processes, workers=config.workers,
+                        steps_per_epoch=steps_per_epoch)
+    if start["checkpoint"] is not None:
+        progress = _resume(accelerator, Path(start["checkpoint"]), start["state"], scheduler, config,
+                           steps_per_epoch)
+    log = MetricsLog(accelerator, run_dir / "metrics.jsonl", progress.global_step if start["checkpoint"] else None)
     if accelerator.log_with:
         accelerator.init_trackers(config.wandb_project, config=to_dict(config), init_kwargs={"wandb": {
             "dir": str(run_dir), "mode": wandb_mode(config.wandb), "name": run_dir.name,
-            "id": info.get("wandb_id"), "resume": "allow"}})
+            "id": start["wandb_id"], "resume": "allow"}})
 
+    if manifest["splits"]["valid"]["num_samples"] == 0:
+        accelerator.print("note: the shard set has no valid samples: each epoch's model replaces the best one, "
+                          "so the last epoch is the one evaluated on test")
     stream = train_batches(accelerator, manifest, config, progress.epoch,
                            start_batch=progress.step_in_epoch * config.grad_accum,
                            epochs=max(config.epochs - progress.epoch, 1))  # workers start on the first batch
-    for epoch in range(progress.epoch, config.epochs):
-        progress.epoch = epoch
-        train_metrics = train_epoch(accelerator, model, optimizer, scheduler, stream, config, progress,
-                                    steps_per_epoch, log, run_dir)
-        valid = evaluate(accelerator, model, config.shards, manifest, "valid", eval_transform(config),
-                         config.eval_batch_size or config.batch_size, config.workers)
-        if valid["loss"] < progress.best_loss:
-            progress.best_loss, progress.best_epoch, progress.best_valid = valid["loss"], epoch + 1, valid
-            if accelerator.is_main_process:
-                checkpoint.save_best(run_dir, accelerator.unwrap_model(model), {
-                    **model_meta(config, manifest), "epoch": epoch + 1, "valid": valid})
-        log.write({"kind": "epoch", "step": progress.global_step, "epoch": epoch + 1, "train": train_metrics,
-                   "valid": valid, "best_epoch": progress.best_epoch})
-        accelerator.print(f"epoch {epoch + 1}/{config.epochs}: train loss {train_metrics['loss']:.4f} "
-                          f"top1 {train_metrics['top1']:.3f} | valid loss {valid['loss']:.4f} "
-                          f"top1 {valid['top1']:.3f} top5 {valid['top5']:.3f}")
-        progress.epoch, progress.step_in_epoch = epoch + 1, 0
-        progress.partial, progress.partial_bad = [0.0] * 4, 0
-        checkpoint.save_checkpoint(accelerator, run_dir, progress.__dict__, config.keep_checkpoints)
-    stream.close()
+    try:
+        for epoch in range(progress.epoch, config.epochs):
+            progress.epoch = epoch
+            _train_and_validate(accelerator, model, optimizer, scheduler, stream, config, manifest, progress,
+                                steps_per_epoch, log)
+    finally:
+        stream.close()
+    if progress.best_epoch < 1:
+        raise UserError(f"no epoch of {run_dir} gave a finite validation loss, so there is no best model to test")
 
     results = final_results(accelerator, model, manifest, config, progress, run_dir)
     log.write({"kind": "test", "step": progress.global_step, "test": results["test"]})
     accelerator.end_training()
     return results
+
+
+def _resume(accelerator: Accelerator, where: Path, state: dict[str, Any], scheduler: Any, config: Config,
+            steps_per_epoch: int) -> Progress:
+    """Load a checkpoint into every process; a run whose length changed (--epochs, or steps per epoch) gets
+    its LR schedule rebuilt to end at its new last step, continuous at this one."""
+    accelerator.load_state(str(where))
+    progress = Progress(**{key: value for key, value in state.items() if key in Progress.__dataclass_fields__})
+    progress.world_size, progress.workers = accelerator.num_processes, config.workers
+    progress.steps_per_epoch = steps_per_epoch
+    accelerator.print(f"resuming {config.run_dir} from {where.name} (epoch {progress.epoch + 1}, "
+                      f"step {progress.global_step})")
+    total = progress.global_step + (config.epochs - progress.epoch) * steps_per_epoch - progress.step_in_epoch
+    if total > progress.global_step and total != scheduler.total_steps:
+        accelerator.print(f"the LR schedule now ends at step {total} instead of {scheduler.total_steps}, "
+                          f"continuing from its LR at step {progress.global_step}")
+        reschedule(scheduler, total)
+    return progress
+
+
+def _train_and_validate(accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, scheduler: Any,
+                        stream: Iterator[dict[str, Any]], config: Config, manifest: dict[str, Any],
+                        progress: Progress, steps_per_epoch: int, log: MetricsLog) -> None:
+    """The rest of epoch `progress.epoch`, its validation, the best model and the epoch-end checkpoint."""
+    run_dir, epoch = Path(config.run_dir), progress.epoch
+    train_metrics = train_epoch(accelerator, model, optimizer, scheduler, stream, config, progress,
+                                steps_per_epoch, log, run_dir)
+    require_finite_weights(accelerator, model, progress, run_dir)
+    valid = evaluate(accelerator, model, config.shards, manifest, "valid", eval_transform(config),
+                     config.eval_batch_size or config.batch_size, config.workers)
+    if replaces_best(valid, progress):
+        progress.best_loss, progress.best_epoch, progress.best_valid = valid["loss"], epoch + 1, valid
+        checkpoint.save_best(accelerator, run_dir, accelerator.unwrap_model(model), {
+            **model_meta(config, manifest), "epoch": epoch + 1, "valid": valid})
+    log.write({"kind": "epoch", "step": progress.global_step, "epoch": epoch + 1, "train": train_metrics,
+               "valid": valid, "best_epoch": progress.best_epoch})
+    accelerator.print(f"epoch {epoch + 1}/{config.epochs}: train loss {format_metric(train_metrics['loss'])} "
+                      f"top1 {format_metric(train_metrics['top1'], '.3f')} | valid loss "
+                      f"{format_metric(valid['loss'])} top1 {format_metric(valid['top1'], '.3f')} "
+                      f"top5 {format_metric(valid['top5'], '.3f')}")
+    progress.epoch, progress.step_in_epoch = epoch + 1, 0
+    progress.partial, progress.partial_bad = [0.0] * 4, 0
+    checkpoint.save_checkpoint(accelerator, run_dir, progress.__dict__, config.keep_checkpoints)
+
+
+def require_finite_weights(accelerator: Accelerator, model: torch.nn.Module, progress: Progress,
+                           run_dir: Path) -> None:
+    """Stop (one line, every process) instead of saving weights or statistics that hold NaN or inf."""
+    tensors = [t for t in accelerator.unwrap_model(model).state_dict().values() if t.is_floating_point()]
+    bad = torch.stack([~torch.isfinite(t).all() for t in tensors]).sum().float()
+    if accelerator.reduce(bad, "sum").item():
+        raise UserError(f"training diverged: the weights hold NaN or inf after step {progress.global_step} "
+                        f"(epoch {progress.epoch + 1}), though the loss was finite; {_kept(run_dir)}; train again "
+                        "with a lower --lr or with --clip-grad, in another --run-dir")
+
+
+def _kept(run_dir: Path) -> str:
+    """What a stopped run leaves to go back to."""
+    newest = checkpoint.complete_checkpoints(run_dir)
+    return (f"nothing was saved from that step on; the last good checkpoint is {newest[-1]}" if newest
+            else "nothing was saved; no checkpoint was written before")
 
 
 class Throughput:
@@ -260,7 +417,11 @@ def train_epoch(accelerator: Accelerator, model: torch.nn.Module, optimizer: Any
             scheduler.step()
             progress.global_step += 1
             progress.step_in_epoch += 1
-            step_loss = accelerator.reduce(loss, "mean").item()
+            step_loss = accelerator.reduce(loss, "mean").item()  # the same in every process
+            if not math.isfinite(step_loss):
+                raise UserError(f"training diverged: the loss is {step_loss} at step {progress.global_step} "
+                                f"(epoch {epoch + 1}, LR {_lr_text(lrs)}); {_kept(run_dir)}; train again with a lower "
+                                "--lr or with --clip-grad, in another --run-dir")
             img_per_s, wait = throughput.rates(accelerator.num_processes)
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.3f}", img_s=f"{img_per_s:.0f}", wait=f"{wait:.0%}")
@@ -271,6 +432,7 @@ def train_epoch(accelerator: Accelerator, model: torch.nn.Module, optimizer: Any
                     and progress.step_in_epoch < steps_per_epoch):
                 progress.partial = accelerator.reduce(totals.sums.clone(), "sum").tolist()
                 progress.partial_bad = int(accelerator.reduce(bad.clone(), "sum").item())
+                require_finite_weights(accelerator, model, progress, run_dir)
                 checkpoint.save_checkpoint(accelerator, run_dir, progress.__dict__, config.keep_checkpoints)
     totals.sums = accelerator.reduce(totals.sums, "sum")
     bad_total = int(accelerator.reduce(bad, "sum").item())
@@ -279,6 +441,11 @@ def train_epoch(accelerator: Accelerator, model: torch.nn.Module, optimizer: Any
     # Per process, in rank order: the batches it ran in this epoch (since the resume, after one).
     per_rank = accelerator.gather(torch.tensor([rank_batches], device=accelerator.device)).tolist()
     return {**totals.as_dict(), "bad_samples": bad_total, "rank_batches": per_rank}
+
+
+def _lr_text(lrs: dict[str, float]) -> str:
+    """The fc group's LR, or every group's when there is no fc group."""
+    return f"{lrs['fc']:.3g} for fc" if "fc" in lrs else ", ".join(f"{k} {v:.3g}" for k, v in lrs.items())
 
 
 def _train_step(accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, batch: dict[str, Any],
@@ -309,7 +476,8 @@ class _Collector:
         self.wrong: list[dict[str, Any]] = []
 
     def add(self, batch: dict[str, Any], labels: torch.Tensor, logits: torch.Tensor, features: torch.Tensor) -> None:
-        conf, pred = logits.softmax(dim=1).max(dim=1)
+        pred = predictions(logits)  # ties and NaN ranked as top-1 accuracy ranks them
+        conf = logits.softmax(dim=1).gather(1, pred[:, None])[:, 0]
         labels, conf, pred = labels.tolist(), conf.tolist(), pred.tolist()
         features = features.float().cpu().numpy().astype("float16")
         for i, key in enumerate(batch["key"]):
@@ -366,10 +534,19 @@ def evaluate(accelerator: Accelerator, model: torch.nn.Module, location: str, ma
     return result
 
 
+def replaces_best(valid: dict[str, Any], progress: Progress) -> bool:
+    """Whether this epoch's model becomes the best: a lower valid loss than the best so far, or, when the valid
+    split gave no sample to score (empty, or every sample corrupt), always, so the last epoch is kept."""
+    if valid["num_samples"] == 0 or progress.best_loss is None:
+        return True
+    return valid["loss"] < progress.best_loss
+
+
 def final_results(accelerator: Accelerator, model: torch.nn.Module, manifest: dict[str, Any], config: Config,
                   progress: Progress, run_dir: Path) -> dict[str, Any]:
     """Load the best model into every process, evaluate it on test, write results.json, then the test
-    report (metrics.json, predictions.csv, PNGs) into run_dir/report/."""
+    report (metrics.json, predictions.csv, PNGs) into run_dir/report/. A split with no sample has null
+    metrics in results.json (num_samples 0), and an empty test split gets no report."""
     state, _ = checkpoint.load_best(run_dir)
     accelerator.unwrap_model(model).load_state_dict(state)
     test = evaluate(accelerator, model, config.shards, manifest, "test", eval_transform(config),
@@ -377,6 +554,11 @@ def final_results(accelerator: Accelerator, model: torch.nn.Module, manifest: di
     results = {"test": _public(test), "valid": _public(progress.best_valid), "best_epoch": progress.best_epoch}
     if accelerator.is_main_process:
         write_json_atomic(run_dir / "results.json", results)
+    if test["num_samples"] == 0:
+        why = f"all {test['bad_samples']} of its samples are corrupt" if test["bad_samples"] else "it is empty"
+        accelerator.print(f"test (best epoch {progress.best_epoch}): no score, the test split has no readable "
+                          f"sample ({why}); no test report; results in {run_dir}/results.json")
+        return results
     accelerator.print(f"test (best epoch {progress.best_epoch}): top1 {test['top1']:.4f} top5 {test['top5']:.4f} "
                       f"loss {test['loss']:.4f} on {test['num_samples']} images; results in {run_dir}/results.json")
     write_evaluation_report(accelerator, test, manifest["classes"], run_dir / "report", "test", progress.global_step)
@@ -443,4 +625,6 @@ def choose_lr(accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, 
 
 
 def _public(metrics: dict[str, Any]) -> dict[str, Any]:
-    return {k: metrics[k] for k in ("top1", "top5", "loss", "num_samples") if k in metrics}
+    """top1, top5, loss (null with no sample) and num_samples; a split never scored counts 0 samples."""
+    return {"top1": metrics.get("top1"), "top5": metrics.get("top5"), "loss": metrics.get("loss"),
+            "num_samples": metrics.get("num_samples", 0)}

@@ -9,6 +9,7 @@ ONNX `metadata_props` key "cubstream_meta".
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import torch
 
 from pipeline.errors import UserError
 from train import checkpoint
+from train.config import output_file_problem
 
 FORMATS = ("torchscript", "onnx")
 META_KEY = "cubstream_meta"
@@ -71,24 +73,54 @@ def run_onnx(path: Path, batch: torch.Tensor) -> np.ndarray:
 
 
 def export(run: str, fmt: str, out: Path) -> float:
-    """Write the export, reload it, return the max abs logit difference to the checkpoint's model."""
+    """Write the export, reload it, return the max abs logit difference to the checkpoint's model.
+
+    The file is written under a temporary name in the target directory, checked, and only then renamed to
+    `out`: a failed write or check leaves no file at `out` (and an older one there untouched)."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: choose from {', '.join(FORMATS)}")
+    problem = output_file_problem(out, "--out")
+    if problem:
+        raise UserError(problem)
     model, meta = checkpoint.load_model(Path(run))
     model = model.float().to(memory_format=torch.contiguous_format)
     batch = check_batch(meta)  # checked on another batch size than the traced one: the batch is dynamic
     with torch.inference_mode():
         expected = model(batch).numpy()
-    out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        (export_torchscript if fmt == "torchscript" else export_onnx)(model, check_batch(meta, 2), meta, out)
+        out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"--out {out}: {e.strerror or e}") from None
-    actual = (run_torchscript if fmt == "torchscript" else run_onnx)(out, batch)
+        raise UserError(f"--out {out}: cannot create {out.parent} ({e.strerror or e})") from None
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        _write(fmt, model, check_batch(meta, 2), meta, tmp, out)
+        diff = _check(fmt, tmp, out, batch, expected)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return diff
+
+
+def _write(fmt: str, model: torch.nn.Module, example: torch.Tensor, meta: dict[str, Any], tmp: Path,
+           out: Path) -> None:
+    """The export into `tmp`; a failed write (disk full, permissions) is one line naming `out`."""
+    try:
+        (export_torchscript if fmt == "torchscript" else export_onnx)(model, example, meta, tmp)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write ({e.strerror or e})") from None
+    except RuntimeError as e:  # torch's file writer reports a failed write as a RuntimeError
+        if "writ" not in str(e).lower():
+            raise
+        raise UserError(f"--out {out}: cannot write ({str(e).strip().splitlines()[0]})") from None
+
+
+def _check(fmt: str, tmp: Path, out: Path, batch: torch.Tensor, expected: np.ndarray) -> float:
+    actual = (run_torchscript if fmt == "torchscript" else run_onnx)(tmp, batch)
     if actual.shape != expected.shape:
-        raise UserError(f"export check failed: {out} returns logits of shape {actual.shape}, "
-                        f"expected {expected.shape}")
+        raise UserError(f"export check failed: {out} would return logits of shape {actual.shape}, "
+                        f"expected {expected.shape}; nothing written")
     diff = float(np.abs(actual - expected).max())
     if not diff <= TOLERANCE:
-        raise UserError(f"export check failed: {out} differs from the checkpoint by {diff:.3g} (> {TOLERANCE})")
+        raise UserError(f"export check failed: {out} would differ from the checkpoint by {diff:.3g} "
+                        f"(> {TOLERANCE}); nothing written")
     return diff

@@ -30,6 +30,7 @@ import torch
 from pipeline.errors import UserError
 
 SKIP_START = 10
+MIN_STEPS = 3  # a slope needs 3 points
 
 
 @dataclass
@@ -48,8 +49,8 @@ def exponential_lrs(start_lr: float, end_lr: float, steps: int) -> list[float]:
     """`steps` LRs from start_lr to end_lr (both included), evenly spaced on a log scale."""
     if not 0 < start_lr < end_lr:
         raise UserError(f"the LR sweep needs 0 < --start-lr < --end-lr, got {start_lr} and {end_lr}")
-    if steps < 2:
-        raise UserError(f"--steps must be >= 2, got {steps}")
+    if steps < MIN_STEPS:
+        raise UserError(f"--steps must be >= {MIN_STEPS}, got {steps}")
     ratio = end_lr / start_lr
     return [start_lr * ratio ** (i / (steps - 1)) for i in range(steps)]
 

@@ -2,7 +2,8 @@
 
 The module tree mirrors torchvision's (v1.5 Bottleneck: stride on the 3x3 conv) so that torchvision state
 dicts load with strict key checking. `build_model` puts a fresh `num_classes` head on a pretrained
-backbone; `param_group_of` names the block a parameter belongs to, for discriminative learning rates.
+backbone (torchvision's ImageNet weights, a state dict file, or one downloaded from a URL); `param_group_of`
+names the block a parameter belongs to, for discriminative learning rates.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 
 PARAM_GROUPS = ("stem", "layer1", "layer2", "layer3", "layer4", "fc")
 HEAD_KEYS = ("fc.weight", "fc.bias")
+URL_SCHEMES = ("http://", "https://")
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -168,7 +170,8 @@ def param_group_of(name: str) -> str:
 
 
 def build_model(arch: str, num_classes: int, pretrained: str = "none") -> ResNet:
-    """A ResNet with a `num_classes` head; `pretrained` is "none", "imagenet" or a state dict file path.
+    """A ResNet with a `num_classes` head; `pretrained` is "none", "imagenet", the http(s) URL of a state
+    dict file, or a state dict file path.
 
     Pretrained weights must fit the backbone exactly; their fc layer is used only when it already has
     `num_classes` outputs, otherwise the head keeps its fresh init.
@@ -184,6 +187,9 @@ def build_model(arch: str, num_classes: int, pretrained: str = "none") -> ResNet
     if pretrained == "imagenet":
         state_dict = _imagenet_state_dict(arch)
         source = f"ImageNet weights for {arch}"
+    elif pretrained.startswith(URL_SCHEMES):
+        state_dict = _url_state_dict(pretrained)
+        source = pretrained
     else:
         state_dict = _file_state_dict(pretrained)
         source = pretrained
@@ -215,6 +221,31 @@ def _imagenet_state_dict(arch: str) -> Mapping[str, object]:
         ) from exc
 
 
+def _url_state_dict(url: str) -> Mapping[str, object]:
+    """A torchvision-format state dict from an http(s) URL, cached the way torchvision caches its own weights:
+    torch hub downloads it once into $TORCH_HOME/hub/checkpoints/ (to a temporary name, renamed when complete),
+    checks its sha256 when the file name carries a hash prefix as torchvision's do (`name-<hex>.pth`), and
+    it is loaded with weights_only=True. A download that is no usable state dict is not kept."""
+    cache_file = hub_cache_file(url)
+    if not os.path.basename(cache_file):
+        raise UserError(f"--pretrained {url}: the URL must end in the weights file's name")
+    was_cached = os.path.exists(cache_file)
+    try:
+        obj = torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=True, check_hash=True,
+                                                 weights_only=True)
+        return _unwrap_state_dict(obj, url)
+    except Exception as exc:  # HTTPError, URLError, a bad hash, anything torch.load raises, or no state dict
+        reason = str(exc) if isinstance(exc, UserError) else f"{url}: {_one_line(exc, sentences=True)}"
+        if was_cached:
+            raise UserError(f"pretrained weights {reason}; it is the cached file {cache_file}: delete it to "
+                            f"download it again") from exc
+        if not os.path.exists(cache_file):
+            raise UserError(f"cannot download pretrained weights {reason}; put that file at {cache_file}, "
+                            f"or pass --pretrained PATH") from exc
+        os.remove(cache_file)  # downloaded just now, but unusable: the next run downloads it again
+        raise UserError(f"pretrained weights {reason}; the download was not kept") from exc
+
+
 def _file_state_dict(path: str) -> Mapping[str, object]:
     if not os.path.isfile(path):
         raise UserError(
@@ -224,7 +255,7 @@ def _file_state_dict(path: str) -> Mapping[str, object]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # arbitrary bytes make the unpickler raise almost any type (IndexError, ...)
-        raise UserError(f"cannot read pretrained weights file {path}: {_one_line(exc)}") from exc
+        raise UserError(f"cannot read pretrained weights file {path}: {_one_line(exc, sentences=True)}") from exc
     return _unwrap_state_dict(obj, path)
 
 
@@ -293,6 +324,11 @@ def _preview(items: list[str], limit: int = 5) -> str:
     return f" [{shown}{more}]"
 
 
-def _one_line(exc: BaseException) -> str:
+def _one_line(exc: BaseException, sentences: bool = False) -> str:
+    """The type and first line of an exception; with `sentences`, only its first sentence (torch.load's
+    errors go on with advice that does not apply here, such as retrying with weights_only=False)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    if not lines:
+        return type(exc).__name__
+    first = lines[0].split(". ", 1)[0].rstrip(".") if sentences else lines[0]
+    return f"{type(exc).__name__}: {first}"

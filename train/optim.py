@@ -119,8 +119,8 @@ def build_scheduler(
 
     The trainer must call `scheduler.step()` exactly once per optimizer step (not per micro-batch when
     accumulating gradients; skipped steps, e.g. fp16 overflow, still count) and must NOT pass the scheduler
-    to `accelerator.prepare`: a prepared scheduler steps num_processes times per optimizer step
-    (DESIGN 5), so OneCycleLR would overshoot or raise. Stepped by hand, the LR at every step is the same
+    to `accelerator.prepare`: a prepared scheduler steps num_processes times per optimizer step, so
+    OneCycleLR would overshoot or raise. Stepped by hand, the LR at every step is the same
     for 1 or N processes and with or without gradient accumulation; `total_steps` is then the number of
     optimizer steps of the whole run. Read LRs for logging before `scheduler.step()`: after the final
     step OneCycleLR reports a meaningless LR, and one optimizer step beyond total_steps raises ValueError.
@@ -151,3 +151,37 @@ def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
         name = group.get("name", f"group{index}").removesuffix(NO_DECAY_SUFFIX)
         lrs.setdefault(name, float(group["lr"]))
     return lrs
+
+
+def reschedule(scheduler: torch.optim.lr_scheduler.OneCycleLR, total_steps: int) -> None:
+    """Make a loaded one-cycle schedule end after `total_steps` optimizer steps instead (a resumed run whose
+    length changed), continuous at the step it stands at.
+
+    Rule: the LR (and momentum) at the current step stays what the old schedule gave there. A warm-up still
+    running ends at the same absolute step as before (if that comes before the new last step) and the
+    annealing after it ends at the new last step. Past the warm-up, the schedule anneals (cosine, as
+    OneCycleLR does) from the current LR to the same final LR at the new last step, and the momentum from
+    its current value back to its maximum. Applying it again after another change works the same way.
+    """
+    step = scheduler.last_epoch  # optimizer steps done; the LR now set is the schedule's value at `step`
+    last = total_steps - 1  # the schedule position of the run's last optimizer step
+    if total_steps <= step:
+        raise ValueError(f"cannot end the schedule at step {total_steps}: it already stands at step {step}")
+    phases = scheduler._schedule_phases
+    running = [phase for phase in phases[:-1] if step <= phase["end_step"]]
+    if running and phases[-2]["end_step"] < last:  # warm-up still running and ending in time: keep it
+        phases[-1] = {**phases[-1], "end_step": last}
+    else:
+        for group in scheduler.optimizer.param_groups:
+            group["resume_lr"] = group["lr"]
+            if scheduler.cycle_momentum:
+                group["resume_momentum"] = group["betas"][0] if scheduler.use_beta1 else group["momentum"]
+        hold = {"end_step": step, "start_lr": "resume_lr", "end_lr": "resume_lr",
+                "start_momentum": "resume_momentum", "end_momentum": "resume_momentum"}
+        anneal = {"end_step": last, "start_lr": "resume_lr", "end_lr": "min_lr",
+                  "start_momentum": "resume_momentum", "end_momentum": "max_momentum"}
+        if last > step:
+            phases[:] = [hold, anneal] if step > 0 else [anneal]
+        else:  # one step left: it keeps the current LR (the hold's length only avoids a division by zero)
+            phases[:] = [{**hold, "end_step": step + 1}]
+    scheduler.total_steps = total_steps

@@ -8,10 +8,12 @@ others are still predicted; the exit status is 1 when any failed.
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import json
+import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -35,24 +37,86 @@ class Failure:
 
 def expand(inputs: list[str]) -> tuple[list[str], list[Failure]]:
     """Files as given; folders -> their image files (recursively, sorted); globs -> their matches (sorted).
-    An input that names nothing is a failure."""
+    An input that names nothing, or names something other than a regular file or folder (a FIFO, a device),
+    is a failure. Within one folder or glob each file counts once (by its resolved path), and symlinked
+    folders are followed except where they lead back into a folder already being searched."""
     files: list[str] = []
     failures: list[Failure] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found = _unique(p for p in _walk(path) if p.suffix.lower() in IMAGE_SUFFIXES)
             files += found
             if not found:
                 failures.append(Failure(item, "folder holds no image files"))
+        elif path.exists() and not path.is_file():
+            failures.append(Failure(item, "not a regular file"))
         elif path.exists() or not glob.has_magic(item):
             files.append(item)  # a missing file fails when it is read, in its place in the output
         else:
-            found = sorted(p for p in glob.glob(item, recursive=True) if Path(p).is_file())
+            found = _unique(_glob(item))
             files += found
             if not found:
                 failures.append(Failure(item, "no file matches this pattern"))
     return files, failures
+
+
+def _unique(paths: Iterable[Path]) -> list[str]:
+    """Sorted, each file once: of several paths to the same file, the first in sorted order is kept."""
+    seen: set[Path] = set()
+    kept = []
+    for path in sorted(paths, key=str):
+        real = path.resolve()
+        if real not in seen:
+            seen.add(real)
+            kept.append(str(path))
+    return kept
+
+
+def _walk(root: Path) -> Iterator[Path]:
+    """Regular files under `root`, following symlinked folders but never into a folder already searched
+    (which includes every folder on the way down: a loop). Folders are searched in name order, so which
+    of two paths to one folder is used does not depend on the file system's order."""
+    seen: set[Path] = set()
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        real = Path(folder).resolve()
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if (Path(folder) / d).resolve() not in seen)  # sorted: deterministic
+        yield from (Path(folder) / n for n in names if (Path(folder) / n).is_file())
+
+
+def _glob(pattern: str) -> Iterator[Path]:
+    """glob.glob's matches (hidden names only for patterns that start with a dot), but `**` searches
+    with `_walk`, so a symlink loop is not followed round and round."""
+    if "**" not in pattern:
+        yield from (Path(p) for p in glob.glob(pattern) if Path(p).is_file())
+        return
+    parts = Path(pattern).parts
+    fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    root = Path(*parts[:fixed]) if fixed else Path(".")
+    rest = parts[fixed:]
+    for path in _walk(root) if root.is_dir() else ():
+        relative = path.relative_to(root).parts
+        if _matches(relative, rest):
+            yield path if fixed else Path(*relative)
+
+
+def _matches(names: tuple[str, ...], parts: tuple[str, ...]) -> bool:
+    """Whether path components `names` match glob components `parts` (`**`: any number of folders)."""
+    if not parts:
+        return not names
+    if parts[0] == "**":
+        return any(_matches(names[i:], parts[1:]) for i in range(len(names) + 1)
+                   if not any(n.startswith(".") for n in names[:i]))
+    if not names:
+        return False
+    hidden_ok = parts[0].startswith(".") or not glob.has_magic(parts[0])
+    if names[0].startswith(".") and not hidden_ok:
+        return False
+    return fnmatch.fnmatchcase(names[0], parts[0]) and _matches(names[1:], parts[1:])
 
 
 def load_rgb(path: str) -> np.ndarray:

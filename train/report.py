@@ -8,6 +8,7 @@ images ({"key", "label", "pred", "conf", "image": CHW uint8}, as the eval transf
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 from pathlib import Path
@@ -19,7 +20,7 @@ matplotlib.use("Agg")  # files only, no display; before pyplot is imported
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pipeline.manifest import write_json_atomic  # noqa: E402
+from pipeline.manifest import write_atomic, write_json_atomic  # noqa: E402
 
 ANNOTATE_MAX_CLASSES = 30  # write the count in each confusion-matrix cell up to this many classes
 LEGEND_MAX_CLASSES = 20
@@ -73,10 +74,11 @@ PREDICTION_COLUMNS = ["image_id", "true", "predicted", "confidence"]
 
 
 def write_predictions_csv(path: Path, rows: list[list[Any]]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(PREDICTION_COLUMNS)
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(PREDICTION_COLUMNS)
+    writer.writerows(rows)
+    write_atomic(path, text.getvalue().encode())
 
 
 # ---------------------------------------------------------------- the whole report
@@ -84,18 +86,21 @@ def write_predictions_csv(path: Path, rows: list[list[Any]]) -> None:
 
 def write_report(out: Path, metrics: dict[str, Any], records: list[dict[str, Any]], wrong: list[dict[str, Any]],
                  classes: list[str], title: str = "") -> dict[str, Any]:
-    """metrics.json, predictions.csv and the three PNGs into `out`; returns the metrics.json payload."""
+    """predictions.csv, the three PNGs and, last, metrics.json into `out` (each file written whole under a
+    temporary name, then renamed: a report with metrics.json is complete); returns the metrics.json
+    payload."""
     out.mkdir(parents=True, exist_ok=True)
     labels = np.array([r["label"] for r in records], dtype=np.int64)
     preds = np.array([r["pred"] for r in records], dtype=np.int64)
     matrix = confusion_matrix(labels, preds, len(classes))
     payload = metrics_json(metrics, matrix, classes)
-    write_json_atomic(out / "metrics.json", payload)
+    (out / "metrics.json").unlink(missing_ok=True)  # an older report's, until the new one is whole
     write_predictions_csv(out / "predictions.csv", prediction_rows(records, classes))
     plot_confusion_matrix(matrix, classes, out / "confusion_matrix.png", title)
     plot_most_incorrect(wrong, classes, out / "most_incorrect.png")
     features = np.stack([r["features"] for r in records]).astype(np.float32) if records else np.zeros((0, 1))
     plot_embeddings(features, labels, classes, out / "embeddings.png")
+    write_json_atomic(out / "metrics.json", payload)
     return payload
 
 
@@ -114,8 +119,14 @@ def wandb_payload(out: Path, records: list[dict[str, Any]], classes: list[str], 
 
 
 def _save(fig: plt.Figure, path: Path, dpi: int = 100) -> None:
-    fig.savefig(path, dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
+    """The PNG under a temporary name, then renamed: never a half-written plot at `path`."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
 
 
 def plot_confusion_matrix(matrix: np.ndarray, classes: list[str], path: Path, title: str = "") -> None:
@@ -248,7 +259,7 @@ def plot_lr_find(lrs: list[float], losses: list[float], suggested_index: int, pa
 
 
 def write_lr_find(out: Path, result: Any) -> None:
-    """lr_find.json ({"suggested_lr", "lrs", "losses"}) and lr_find.png of a `lr_finder.RangeTest`."""
+    """lr_find.png and then lr_find.json ({"suggested_lr", "lrs", "losses"}) of a `lr_finder.RangeTest`."""
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "lr_find.json", result.as_json())
     plot_lr_find(result.lrs, result.losses, result.suggested_index, out / "lr_find.png")
+    write_json_atomic(out / "lr_find.json", result.as_json())

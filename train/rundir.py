@@ -1,19 +1,26 @@
-"""The run directory: config.yaml, run.json (shard-set identity, W&B id), refusal to mix runs."""
+"""The run directory: its lock, config.yaml, run.json (shard-set identity, W&B id), the choice of the
+checkpoint to resume from, and the refusal to mix runs."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from pipeline import lock
 from pipeline.errors import UserError
 from pipeline.manifest import write_json_atomic
 from train import config as cfgmod
-from train.checkpoint import complete_checkpoints
+from train.checkpoint import checkpoint_problem, complete_checkpoints, remove_temporaries
+
+LOCK = ".lock"  # with .lock.meta and .lock.holder beside it (pipeline.lock)
 
 
 def shard_set_id(manifest: dict[str, Any]) -> str:
@@ -22,44 +29,122 @@ def shard_set_id(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(payload).hexdigest()
 
 
-def resume_point(config: cfgmod.Config, manifest: dict[str, Any]) -> Path | None:
-    """The checkpoint to resume from, or None for a fresh run; refuses to overwrite or mix runs."""
+@contextlib.contextmanager
+def locked(run_dir: Path) -> Iterator[None]:
+    """Hold the run directory for one `fit` (main process only), or a one-line error naming the process
+    that holds it. The lock is an flock, so a killed run never blocks its `--resume auto`; temporaries that
+    only an interrupted run can have left are removed once it is taken."""
+    run_dir = Path(run_dir)
+    with lock.acquire(run_dir / LOCK, "exclusive", {"run_dir": str(run_dir.resolve())},
+                      what=f"run directory {run_dir}", when_alone=lambda: remove_temporaries(run_dir)):
+        yield
+
+
+def read_saved_config(run_dir: Path) -> dict[str, Any] | None:
+    """The config.yaml a run was started with (None when there is none); a damaged one is a one-line error."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return None
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise UserError(f"{path} is damaged ({_first_line(e)}); cannot tell how the run was started: restore "
+                        "it, or train in another --run-dir") from None
+    if not isinstance(saved, dict):
+        raise UserError(f"{path} is damaged (not a mapping of option: value); cannot tell how the run was "
+                        "started: restore it, or train in another --run-dir")
+    return saved
+
+
+def read_run_info(run_dir: Path) -> dict[str, Any]:
+    """run.json ({} when there is none); a damaged one is a one-line error."""
+    path = Path(run_dir) / "run.json"
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{path} is damaged ({_first_line(e)}); cannot tell which shard set the run used: "
+                        "restore it, or train in another --run-dir") from None
+    if not isinstance(info, dict):
+        raise UserError(f"{path} is damaged (not a JSON object); cannot tell which shard set the run used: "
+                        "restore it, or train in another --run-dir")
+    return info
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+@dataclass
+class Start:
+    """How a `fit` starts: fresh (checkpoint None) or from a checkpoint, whose trainer.json is `state`;
+    `skipped` holds one warning per newer checkpoint that could not be used."""
+
+    checkpoint: Path | None = None
+    state: dict[str, Any] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+
+
+def resume_point(config: cfgmod.Config, manifest: dict[str, Any], trainer_keys: tuple[str, ...]) -> Start:
+    """The checkpoint to resume from (the newest that loads), or a fresh start; refuses to overwrite a run,
+    to mix runs, and what --force cannot change."""
     run_dir = Path(config.run_dir)
     checkpoints = complete_checkpoints(run_dir)
     if config.resume != "auto":
         if checkpoints:
             raise UserError(f"{run_dir} already holds a run with checkpoints; pass --resume auto to continue "
                             "it, or choose another --run-dir")
-        return None
+        return Start()
     if not checkpoints:
-        return None
-    problems = []
-    saved_config = run_dir / "config.yaml"
-    if saved_config.is_file():
-        changed = cfgmod.changed_fields(yaml.safe_load(saved_config.read_text()) or {}, config)
-        if changed:
-            problems.append(f"config differs in {', '.join(changed)}")
+        return Start()
+    check_changes(config, manifest, run_dir)
+    start = Start()
+    for candidate in reversed(checkpoints):
+        problem = checkpoint_problem(candidate, trainer_keys)
+        if problem is None:
+            start.checkpoint, start.state = candidate, json.loads((candidate / "trainer.json").read_text())
+            return start
+        start.skipped.append(f"warning: skipping checkpoint {candidate}: {problem}")
+    raise UserError(f"cannot resume {run_dir}: none of its {len(checkpoints)} checkpoint(s) loads (newest, "
+                    f"{checkpoints[-1].name}: {start.skipped[0].split(': ', 2)[-1]}); remove them to start "
+                    "again, or train in another --run-dir")
+
+
+def check_changes(config: cfgmod.Config, manifest: dict[str, Any], run_dir: Path) -> None:
+    """--force may change only cfgmod.FORCE_CHANGES and the shard set (with the same classes): what the run
+    can follow exactly from the checkpoint on. Anything else is refused, with or without --force."""
+    saved = read_saved_config(run_dir)
+    if saved is None:
+        raise UserError(f"{run_dir}/config.yaml is missing; cannot tell how the run was started: restore it, "
+                        "or train in another --run-dir")
     info = read_run_info(run_dir)
+    changed = cfgmod.changed_fields(saved, config)
+    fixed = [name for name in changed if name not in cfgmod.FORCE_CHANGES]
+    if fixed:
+        raise UserError(f"cannot resume {run_dir}: config differs in {', '.join(fixed)}, which --force cannot "
+                        f"change (it can change {', '.join(sorted(cfgmod.FORCE_CHANGES))} and the shard set); "
+                        "train in another --run-dir")
+    classes = info.get("classes")
+    if classes is not None and classes != manifest["classes"]:
+        raise UserError(f"cannot resume {run_dir}: the shard set has other classes than the run's "
+                        f"({len(manifest['classes'])} vs {len(classes)}); train in another --run-dir")
+    problems = [f"config differs in {', '.join(changed)}"] if changed else []
     if info.get("shard_set") not in (None, shard_set_id(manifest)):
         problems.append("another shard set")
     if problems and not config.force:
         raise UserError(f"cannot resume {run_dir}: {'; '.join(problems)} (pass --force to resume anyway)")
-    return checkpoints[-1]
 
 
-def read_run_info(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "run.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def write_run_files(config: cfgmod.Config, manifest: dict[str, Any]) -> dict[str, Any]:
-    """config.yaml and run.json (main process only). The W&B id survives resumes."""
+def write_run_info(config: cfgmod.Config, manifest: dict[str, Any], resuming: bool) -> dict[str, Any]:
+    """run.json (main process only): the shard set's identity and classes, and the W&B id, which a resumed
+    run keeps."""
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    info = read_run_info(run_dir)
-    info = {"shard_set": shard_set_id(manifest), "shards": config.shards,
-            "wandb_id": info.get("wandb_id") or uuid.uuid4().hex[:12]}
-    cfgmod.save(config, run_dir / "config.yaml")
+    previous = read_run_info(run_dir) if resuming else {}
+    info = {"shard_set": shard_set_id(manifest), "shards": config.shards, "classes": manifest["classes"],
+            "wandb_id": previous.get("wandb_id") or uuid.uuid4().hex[:12]}
     write_json_atomic(run_dir / "run.json", info)
     return info
 
@@ -69,7 +154,6 @@ def resolve_auto_lr(config: cfgmod.Config) -> None:
     run_dir = Path(config.run_dir)
     if config.lr != "auto" or config.resume != "auto" or not complete_checkpoints(run_dir):
         return
-    saved = run_dir / "config.yaml"
-    lr = (yaml.safe_load(saved.read_text()) or {}).get("lr") if saved.is_file() else None
+    lr = (read_saved_config(run_dir) or {}).get("lr")
     if isinstance(lr, int | float) and not isinstance(lr, bool):
         config.lr = float(lr)
