@@ -8,7 +8,7 @@ baseline: torchvision ImageFolder + PIL + the notebook's transforms (Resize 224,
           DataLoader iterated epoch after epoch, as the notebook does (its workers start each epoch).
 ours:     `train.data.train_loader` over the same train split (tar shards, simplejpeg, Albumentations
           "standard", uint8 out); one loader over many epochs, as `fit` reads it (workers start once).
-Same worker counts side by side, taking turns; the ratio is per core. Goals (issue 3): >= 4.5x on shards
+Same worker counts side by side, taking turns; the ratio is per core. Goals: >= 4.5x on shards
 resized to 256, >= 2.5x on original-size shards. Prints `loader img/s: X` (ours, last row) for scripts.
 """
 

@@ -3,7 +3,7 @@
     python bench/shards.py [--classes 25 --per-class 80] [--work DIR]
 
 The ceiling is `encode_image` on the same images in a plain loop, bytes already in memory (no file I/O,
-no tar, no hashing, no processes). Goals (issue 2): per worker >= 0.8x the ceiling; 2 workers >= 1.7x one.
+no tar, no hashing, no processes). Goals: per worker >= 0.8x the ceiling; 2 workers >= 1.7x one.
 """
 
 from __future__ import annotations

@@ -142,12 +142,36 @@ def assert_same_run(a: Path, b: Path) -> None:
     steps_a, steps_b = records(a, "step"), records(b, "step")
     assert [r["step"] for r in steps_a] == [r["step"] for r in steps_b]
     assert [r["loss"] for r in steps_a] == pytest.approx([r["loss"] for r in steps_b], rel=1e-6, abs=1e-6)
+    epochs_a, epochs_b = records(a, "epoch"), records(b, "epoch")  # train totals of a resumed epoch included
+    for ea, eb in zip(epochs_a, epochs_b, strict=True):
+        (na, other_a), (nb, other_b) = _fields(ea), _fields(eb)
+        assert other_a == other_b
+        assert na == pytest.approx(nb, rel=1e-6, abs=1e-6)
     ra, rb = results(a), results(b)
     assert ra["best_epoch"] == rb["best_epoch"]
     for split in ("test", "valid"):
         assert ra[split]["num_samples"] == rb[split]["num_samples"]
         for key in ("top1", "top5", "loss"):
             assert ra[split][key] == pytest.approx(rb[split][key], rel=1e-6, abs=1e-6), (split, key, ra, rb)
+
+
+def _fields(record: dict, prefix: str = "") -> tuple[dict[str, float], dict[str, object]]:
+    """A metrics record's numbers and its other values by dotted key, without the per-rank batch counts (a
+    resumed epoch counts only the batches run since the resume)."""
+    numbers: dict[str, float] = {}
+    other: dict[str, object] = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            inner_numbers, inner_other = _fields(value, f"{prefix}{key}.")
+            numbers.update(inner_numbers)
+            other.update(inner_other)
+        elif key == "rank_batches":
+            continue
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            numbers[f"{prefix}{key}"] = value
+        else:
+            other[f"{prefix}{key}"] = value
+    return numbers, other
 
 
 def rank_process(launcher: int, rank: int) -> psutil.Process:

@@ -299,11 +299,14 @@ def test_url_failures_are_one_line_and_keep_nothing(tmp_path, monkeypatch, resne
     monkeypatch.setenv("TORCH_HOME", str(home))
     good = weights_bytes(resnet18_weights, tmp_path)
     files = {"/resnet18-0badc0de.pth": good, "/list.pth": weights_bytes([torch.zeros(2)], tmp_path),
-             "/page.pth": b"<html>not found</html>", "/cut.pth": good}
+             "/page.pth": b"<html>not found</html>", "/cut.pth": good, "/stall.pth": good}
+    monkeypatch.setenv("CUBSTREAM_IO_TIMEOUT", "1")
     with serve(files=files) as server:
         server.cut.add("cut.pth")
+        server.stall.add("stall.pth")  # headers and 16 bytes, then silence: the I/O timeout ends the wait
         cases = [("/gone.pth", "HTTP Error 404"), ("/resnet18-0badc0de.pth", "invalid hash value"),
-                 ("/list.pth", "does not hold a state dict"), ("/page.pth", "not kept"), ("/cut.pth", "not kept")]
+                 ("/list.pth", "does not hold a state dict"), ("/page.pth", "not kept"), ("/cut.pth", "not kept"),
+                 ("/stall.pth", "timed out")]
         for path, reason in cases:
             url = f"{server.url}{path}"
             with pytest.raises(UserError) as exc:

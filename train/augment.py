@@ -2,7 +2,7 @@
 
 Workers decode and augment uint8 images and hand uint8 batches to the main process; normalization to
 float happens on the device (`normalize`), which keeps worker-to-main traffic at 1 byte per value
-(DESIGN 5). Images stay HWC (OpenCV's layout) to the end: a batch is NHWC memory viewed as NCHW, which is
+(float32 would be 4 bytes, ~600 KB a 224-px image). Images stay HWC (OpenCV's layout) to the end: a batch is NHWC memory viewed as NCHW, which is
 exactly the channels_last layout the model runs in, so no worker ever transposes pixels.
 
 Determinism: `Augment(image, seed)` is a pure function of (image, seed). Albumentations 2.x gives every

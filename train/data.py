@@ -5,7 +5,8 @@ A batch is a dict: {"image": uint8 tensor [B, 3, H, W] in channels_last memory, 
 "key": list[str], "bad": int}, where "bad" counts the corrupt samples the producing worker dropped since its
 previous batch.
 Batches are assembled inside the DataLoader workers (the DataLoader runs with batch_size=None over an
-IterableDataset that yields whole batches) and stay uint8 until the device normalises them (DESIGN 5).
+IterableDataset that yields whole batches) and stay uint8 until the device normalises them (a quarter of
+the bytes of float32 through the worker pipes).
 Each worker stacks its batches into a few shared-memory buffers it reuses (`_Ring`) instead of the fresh
 shared memory torch would create per batch.
 

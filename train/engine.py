@@ -47,7 +47,7 @@ def make_accelerator(config: Config, with_tracker: bool = True) -> Accelerator:
         raise UserError("--precision fp16 needs a CUDA GPU; use bf16 or no on CPU")
     tracker = with_tracker and wandb_mode(config.wandb) != "disabled"
     return Accelerator(
-        cpu=not torch.cuda.is_available(),  # several CPU processes need this (DESIGN 5)
+        cpu=not torch.cuda.is_available(),  # several CPU processes need cpu=True
         mixed_precision=None if config.precision == "auto" else config.precision,  # None: launcher decides
         gradient_accumulation_steps=config.grad_accum,
         log_with="wandb" if tracker else None,

@@ -8,9 +8,11 @@ names the block a parameter belongs to, for discriminative learning rates.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Mapping
+import socket
+from collections.abc import Iterator, Mapping
 from urllib.parse import urlparse
 
 import torch
@@ -18,6 +20,7 @@ import torchvision
 from torch import Tensor, nn
 
 from pipeline.errors import UserError
+from pipeline.remote import io_timeout
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +211,8 @@ def _imagenet_state_dict(arch: str) -> Mapping[str, object]:
     cache_file = hub_cache_file(weights.url)
     was_cached = os.path.exists(cache_file)
     try:
-        return weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
+        with _stall_timeout():
+            return weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
     except Exception as exc:  # no network (URLError), bad hash, unreadable file: see _file_state_dict
         if was_cached:
             raise UserError(
@@ -221,6 +225,18 @@ def _imagenet_state_dict(arch: str) -> Mapping[str, object]:
         ) from exc
 
 
+@contextlib.contextmanager
+def _stall_timeout() -> Iterator[None]:
+    """torch hub opens its downloads without a timeout: a server that stops sending would hang the run. The
+    default socket timeout bounds every read by the I/O timeout of shard reads (--io-timeout)."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(io_timeout())
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
 def _url_state_dict(url: str) -> Mapping[str, object]:
     """A torchvision-format state dict from an http(s) URL, cached the way torchvision caches its own weights:
     torch hub downloads it once into $TORCH_HOME/hub/checkpoints/ (to a temporary name, renamed when complete),
@@ -231,8 +247,9 @@ def _url_state_dict(url: str) -> Mapping[str, object]:
         raise UserError(f"--pretrained {url}: the URL must end in the weights file's name")
     was_cached = os.path.exists(cache_file)
     try:
-        obj = torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=True, check_hash=True,
-                                                 weights_only=True)
+        with _stall_timeout():
+            obj = torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=True, check_hash=True,
+                                                     weights_only=True)
         return _unwrap_state_dict(obj, url)
     except Exception as exc:  # HTTPError, URLError, a bad hash, anything torch.load raises, or no state dict
         reason = str(exc) if isinstance(exc, UserError) else f"{url}: {_one_line(exc, sentences=True)}"
