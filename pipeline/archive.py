@@ -8,7 +8,6 @@ to write outside the destination, through `..`, absolute names, links (also chai
 from __future__ import annotations
 
 import gzip
-import math
 import os
 import shutil
 import stat
@@ -18,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from pipeline.env import positive_number
 from pipeline.errors import UserError
 
 CUB_DIRNAME = "CUB_200_2011"
@@ -99,24 +99,11 @@ class ExtractLimits:
 def extract_limits() -> ExtractLimits:
     """The limits from MAX_EXTRACT_GB_ENV / MAX_EXTRACT_FILES_ENV (set by --max-extract-gb and
     --max-extract-files), else the defaults."""
-    gb = _env_number(MAX_EXTRACT_GB_ENV, "--max-extract-gb", DEFAULT_MAX_EXTRACT_GB)
-    files = _env_number(MAX_EXTRACT_FILES_ENV, "--max-extract-files", DEFAULT_MAX_EXTRACT_FILES)
+    gb = positive_number(MAX_EXTRACT_GB_ENV, "--max-extract-gb", DEFAULT_MAX_EXTRACT_GB)
+    files = positive_number(MAX_EXTRACT_FILES_ENV, "--max-extract-files", DEFAULT_MAX_EXTRACT_FILES)
     if files != int(files):
         raise UserError(f"--max-extract-files ({MAX_EXTRACT_FILES_ENV}) must be a whole number, got {files:g}")
     return ExtractLimits(int(gb * 1e9), int(files))
-
-
-def _env_number(name: str, option: str, default: float) -> float:
-    text = os.environ.get(name, "").strip()
-    if not text:
-        return default
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise UserError(f"{option} ({name}) must be a number > 0, got {text!r}")
-    return value
 
 
 def safe_extract(tgz_path: Path, dest: Path, limits: ExtractLimits | None = None) -> None:

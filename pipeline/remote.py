@@ -28,6 +28,7 @@ import subprocess
 import tempfile
 from typing import BinaryIO
 
+from pipeline.env import positive_number
 from pipeline.errors import UserError
 
 IO_TIMEOUT_ENV = "CUBSTREAM_IO_TIMEOUT"
@@ -62,16 +63,7 @@ class RemoteError(UserError):
 
 def io_timeout() -> float:
     """The stall timeout in seconds, from IO_TIMEOUT_ENV (else the default)."""
-    text = os.environ.get(IO_TIMEOUT_ENV, "").strip()
-    if not text:
-        return DEFAULT_IO_TIMEOUT_S
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise UserError(f"{IO_TIMEOUT_ENV} (--io-timeout) must be a number of seconds > 0, got {text!r}")
-    return value
+    return positive_number(IO_TIMEOUT_ENV, "--io-timeout", DEFAULT_IO_TIMEOUT_S)
 
 
 def set_io_timeout(seconds: float | None) -> None:

@@ -7,7 +7,7 @@ import contextlib
 import hashlib
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,34 +42,29 @@ def locked(run_dir: Path) -> Iterator[None]:
 
 def read_saved_config(run_dir: Path) -> dict[str, Any] | None:
     """The config.yaml a run was started with (None when there is none); a damaged one is a one-line error."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        return None
-    try:
-        saved = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise UserError(f"{path} is damaged ({_first_line(e)}); cannot tell how the run was started: restore "
-                        "it, or train in another --run-dir") from None
-    if not isinstance(saved, dict):
-        raise UserError(f"{path} is damaged (not a mapping of option: value); cannot tell how the run was "
-                        "started: restore it, or train in another --run-dir")
-    return saved
+    return _read_mapping(Path(run_dir) / "config.yaml", yaml.safe_load, "a mapping of option: value",
+                         "how the run was started")
 
 
 def read_run_info(run_dir: Path) -> dict[str, Any]:
     """run.json ({} when there is none); a damaged one is a one-line error."""
-    path = Path(run_dir) / "run.json"
+    return _read_mapping(Path(run_dir) / "run.json", json.loads, "a JSON object", "which shard set the run used") or {}
+
+
+def _read_mapping(path: Path, parse: Callable[[str], Any], shape: str, what: str) -> dict[str, Any] | None:
+    """A run file that must hold a mapping (None when absent); damaged: one line saying what is lost."""
     if not path.is_file():
-        return {}
+        return None
     try:
-        info = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise UserError(f"{path} is damaged ({_first_line(e)}); cannot tell which shard set the run used: "
-                        "restore it, or train in another --run-dir") from None
-    if not isinstance(info, dict):
-        raise UserError(f"{path} is damaged (not a JSON object); cannot tell which shard set the run used: "
-                        "restore it, or train in another --run-dir")
-    return info
+        data = parse(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
+        problem = _first_line(e)
+    else:
+        if isinstance(data, dict):
+            return data
+        problem = f"not {shape}"
+    raise UserError(f"{path} is damaged ({problem}); cannot tell {what}: restore it, or train in another "
+                    "--run-dir")
 
 
 def _first_line(error: BaseException) -> str:
