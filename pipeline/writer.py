@@ -21,6 +21,7 @@ from pipeline import manifest as mf
 from pipeline.cub import Cub, Record, fingerprint, image_sizes, open_source, read_cub
 from pipeline.encode import BadImage, EncodeOptions, encode_image
 from pipeline.errors import UserError
+from pipeline.outputs import output_dir_problem
 from pipeline.splits import assign_splits
 
 STATE_DIR = ".build"  # build state: options + plan, one record per finished shard, one marker per job
@@ -128,17 +129,11 @@ def check_job_args(num_jobs: int, job_index: int, workers: int) -> None:
 
 
 def check_out(out: Path) -> None:
-    """Refuse an --out that can never hold a shard set before any work: a file, or a path through a file, or
-    a place this user cannot write. Nothing is created here."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: exists and is not a directory")
-    existing = out
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UserError(f"--out {out}: {existing} is a file, not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"--out {out}: {existing} is not writable")
+    """Refuse an --out that can never hold a shard set (a file, a path through a file, a place this user
+    cannot write) before any work. Nothing is created here."""
+    problem = output_dir_problem(out, "--out")
+    if problem:
+        raise UserError(problem)
 
 
 def _marker_name(job_index: int, num_jobs: int) -> str:

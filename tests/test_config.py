@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import UserError
+from pipeline.outputs import output_dir_problem, output_file_problem
 from train import config as cfgmod
 
 
@@ -122,13 +123,13 @@ def test_yaml_values_get_the_same_checks(tmp_path: Path, text: str, fragment: st
 
 def test_output_paths_are_checked_without_creating_anything(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
-    assert cfgmod.output_dir_problem(tmp_path / "new" / "run", "--run-dir") is None
-    assert "exists and is not a directory" in cfgmod.output_dir_problem(tmp_path / "file", "--run-dir")
-    assert "is not a directory" in cfgmod.output_dir_problem(tmp_path / "file" / "run", "--run-dir")
-    assert "cannot write in /sys" in cfgmod.output_dir_problem(Path("/sys/cubstream-run"), "--run-dir")
-    assert "is a directory" in cfgmod.output_file_problem(tmp_path, "--out")
-    assert "not a regular file" in cfgmod.output_file_problem(Path("/dev/full"), "--out")
-    assert cfgmod.output_file_problem(tmp_path / "file", "--out") is None  # replacing a file is fine
+    assert output_dir_problem(tmp_path / "new" / "run", "--run-dir") is None
+    assert "exists and is not a directory" in output_dir_problem(tmp_path / "file", "--run-dir")
+    assert "is not a directory" in output_dir_problem(tmp_path / "file" / "run", "--run-dir")
+    assert "cannot write in /sys" in output_dir_problem(Path("/sys/cubstream-run"), "--run-dir")
+    assert "is a directory" in output_file_problem(tmp_path, "--out")
+    assert "not a regular file" in output_file_problem(Path("/dev/full"), "--out")
+    assert output_file_problem(tmp_path / "file", "--out") is None  # replacing a file is fine
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # no probe or directory left behind
 
 

@@ -130,7 +130,7 @@ def _field(split: str, key: str, value: object) -> Callable[[dict], object]:
 
 ROWS: list[tuple[str, Callable[[Case], list[str]], tuple[str, ...]]] = [
     ("build --out is a file", _out_is_a_file, ("out: exists and is not a directory",)),
-    ("build --out under a file", _out_under_a_file, ("file is a file, not a directory",)),
+    ("build --out under a file", _out_under_a_file, ("file is not a directory",)),
     ("build --workers -1", lambda c: _build(c, c.tmp / "o", "--workers", "-1"), ("--workers must be >= 0",)),
     ("build --num-jobs 0", lambda c: _build(c, c.tmp / "o", "--num-jobs", "0"), ("--num-jobs must be >= 1",)),
     ("build --job-index -1", lambda c: _build(c, c.tmp / "o", "--num-jobs", "2", "--job-index", "-1"),

@@ -12,6 +12,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations checks 
 
 from pipeline.errors import UserError, report_errors  # noqa: E402
 from pipeline.manifest import load_manifest  # noqa: E402
+from pipeline.outputs import output_dir_problem, output_file_problem  # noqa: E402
 from pipeline.remote import set_io_timeout  # noqa: E402
 from train import config as cfgmod  # noqa: E402
 
@@ -92,7 +93,7 @@ def _config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> cfgmod
         parser.error(str(e))
     problems = cfgmod.check(config)
     if not problems and args.command == "fit":
-        problems = [p for p in [cfgmod.output_dir_problem(Path(config.run_dir), "--run-dir")] if p]
+        problems = [p for p in [output_dir_problem(Path(config.run_dir), "--run-dir")] if p]
     if problems:
         parser.error("; ".join(problems))
     return config
@@ -124,7 +125,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 def _lr_find(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     config = _config(parser, args)
-    _check_output(parser, cfgmod.output_dir_problem(args.out, "--out"))
+    _check_output(parser, output_dir_problem(args.out, "--out"))
     set_io_timeout(config.io_timeout or None)
     load_manifest(config.shards)
     from train.commands import lr_find
@@ -137,7 +138,7 @@ def _evaluate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.batch_size < 1 or args.workers < 0:
         parser.error(f"evaluate needs --batch-size >= 1 and --workers >= 0, got {args.batch_size} and "
                      f"{args.workers}")
-    _check_output(parser, cfgmod.output_dir_problem(args.out, "--out"))
+    _check_output(parser, output_dir_problem(args.out, "--out"))
     set_io_timeout(args.io_timeout or None)  # 0: the environment's or the default
     from train.commands import evaluate
 
@@ -155,7 +156,7 @@ def _predict(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 
 def _export(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    _check_output(parser, cfgmod.output_file_problem(args.out, "--out"))
+    _check_output(parser, output_file_problem(args.out, "--out"))
     from train.export import export
 
     diff = export(args.checkpoint, args.format, args.out)

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from pipeline.errors import UserError
+from pipeline.outputs import output_file_problem
 from train import checkpoint
-from train.config import output_file_problem
 
 FORMATS = ("torchscript", "onnx")
 META_KEY = "cubstream_meta"
