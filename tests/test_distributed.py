@@ -221,6 +221,8 @@ def test_two_nodes_rank_killed_then_resume_auto(dist_shards: Path, two_processes
             group.start(f"node{rank}", [*procs.launch_args(2, port, 2, rank), *command, "--resume", "auto"], env)
         assert group.finish(RUN_TIMEOUT_S) == [0, 0], group.output("node0")[-3000:] + group.output("node1")[-2000:]
         assert f"from step-{resumed_at:08d}" in group.output("node0")
+        assert "test (best epoch" in group.output("node0")
+        assert "test (best epoch" not in group.output("node1")  # the main process alone prints, not each node's
         (run_dir / "output.log").write_text(group.output("node0"))
     assert_distributed_run(run_dir, dist_shards, resumed_at=resumed_at)
     assert_same_run(run_dir, two_processes)

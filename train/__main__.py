@@ -110,8 +110,14 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         set_io_timeout(config.io_timeout or None)  # inherited by DataLoader workers and launched processes
         load_manifest(config.shards)  # a bad --shards fails in a second, before torch is imported
         from train.engine import fit
+        from train.stopping import STOP_EXIT, Stopped
 
-        fit(config)
+        try:
+            fit(config)
+        except Stopped as stop:  # the checkpoint is written
+            if str(stop):
+                print(stop, flush=True)
+            return STOP_EXIT
     elif args.command == "lr-find":
         return _lr_find(parser, args)
     elif args.command == "evaluate":

@@ -26,9 +26,9 @@ def lr_find(config: Config, out: Path) -> float:
     if accelerator.is_main_process:
         report.write_lr_find(out, result)
     stopped = " (stopped early: the loss diverged)" if result.diverged else ""  # not when the steps ran out
-    accelerator.print(f"{len(result.lrs)} steps from {result.lrs[0]:.3g} to {result.lrs[-1]:.3g}{stopped}; "
-                      f"plot and values in {out}/lr_find.png, lr_find.json")
-    accelerator.print(f"suggested LR: {result.suggested_lr:.4g} (steepest descent of the smoothed loss)")
+    engine.say(accelerator, f"{len(result.lrs)} steps from {result.lrs[0]:.3g} to {result.lrs[-1]:.3g}{stopped}; "
+                            f"plot and values in {out}/lr_find.png, lr_find.json")
+    engine.say(accelerator, f"suggested LR: {result.suggested_lr:.4g} (steepest descent of the smoothed loss)")
     accelerator.end_training()
     return result.suggested_lr
 
@@ -69,9 +69,9 @@ def evaluate(run: str, shards: str, split: str, out: Path, batch_size: int, work
                                   init_kwargs={"wandb": {"dir": str(out), "mode": engine.wandb_mode(wandb),
                                                          "job_type": "evaluate"}})
     engine.write_evaluation_report(accelerator, result, meta["classes"], out, split, step=0)
-    accelerator.print(f"{split}: top1 {result['top1']:.4f} top5 {result['top5']:.4f} loss {result['loss']:.4f} "
-                      f"on {result['num_samples']} images ({accelerator.num_processes} process(es))")
+    engine.say(accelerator, f"{split}: top1 {result['top1']:.4f} top5 {result['top5']:.4f} loss {result['loss']:.4f} "
+                            f"on {result['num_samples']} images ({accelerator.num_processes} process(es))")
     if result["bad_samples"]:
-        accelerator.print(f"warning: {result['bad_samples']} corrupt sample(s) skipped")
+        engine.say(accelerator, f"warning: {result['bad_samples']} corrupt sample(s) skipped")
     accelerator.end_training()
     return result

@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from pipeline.errors import UserError
+from train.stopping import DEFAULT_SIGNALS, parse_signals
 
 ARCH_CHOICES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 PRECISIONS = ("auto", "no", "fp16", "bf16")
@@ -68,12 +69,14 @@ class Config:
     wandb_project: str = "cubstream"
     dist_timeout: int = 120  # seconds a process waits for a dead peer before failing
     io_timeout: float = 0.0  # seconds a shard read may make no progress (0: $CUBSTREAM_IO_TIMEOUT, else 60)
+    stop_signals: str = DEFAULT_SIGNALS  # fit stops at a checkpoint on these (empty: none)
+    stop_grace: float = 120.0  # seconds after a stop signal to write the checkpoint (0: no deadline)
 
 
 # Options that may differ between a run and its resumption.
 RESUMABLE_CHANGES = {"resume", "force", "workers", "wandb", "log_every", "run_dir", "shards", "checkpoint_every",
                      "keep_checkpoints", "dist_timeout", "lr_find_start", "lr_find_end", "lr_find_steps",
-                     "io_timeout"}
+                     "io_timeout", "stop_signals", "stop_grace"}
 # What --force lets a resumed run change besides the shard set: the one-cycle schedule is rebuilt for the new
 # length, continuous at the resumed step. Everything else (LR, optimizer, model, batch...) lives in the
 # checkpoint's state or defines its steps, so a change could not be followed exactly and is refused.
@@ -96,6 +99,11 @@ HELP = {
     "wandb": "auto = online when an API key is configured, else offline",
     "io_timeout": "seconds a remote shard read may make no progress before the run stops with an error "
                   "(0: $CUBSTREAM_IO_TIMEOUT, else 60)",
+    "stop_signals": "comma-separated signals on which fit stops cleanly (empty: none): every process stops at "
+                    "the same optimizer step, writes a checkpoint there and exits with status 75; rerun with "
+                    "--resume auto to continue. A second signal, or --stop-grace running out, exits at once "
+                    "without that checkpoint, with status 128+N (N: the signal's number, e.g. 143 for TERM)",
+    "stop_grace": "seconds after a stop signal to write its checkpoint before exiting without it (0: no limit)",
 }
 
 
@@ -223,6 +231,7 @@ RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
     "log_every": (1, True, None, False),
     "dist_timeout": (1, True, None, False),
     "io_timeout": (0, True, None, False),  # 0: the environment's or the default
+    "stop_grace": (0, True, None, False),  # 0: no deadline
 }
 
 
@@ -276,6 +285,10 @@ def check(config: Config, require_shards: bool = True) -> list[str]:
         problems.append(f"--crop-scale needs two numbers 0 < min <= max <= 1, got {low:g} {high:g}")
     if config.resume not in ("", "auto"):
         problems.append(f"--resume: only 'auto' is supported, got {config.resume!r}")
+    try:
+        parse_signals(config.stop_signals)
+    except ValueError as e:
+        problems.append(f"--stop-signals: {e}")
     if not config.run_dir:
         problems.append("--run-dir must not be empty")
     if not config.wandb_project:

@@ -288,8 +288,10 @@ def _rng(*parts: object) -> random.Random:
 
 
 def _data_loader(jobs: list[list[_TrainJob]] | list[list[_EvalJob]], workers: int) -> DataLoader:
+    from train.stopping import ignore_in_worker
+
     return DataLoader(_WorkerJobs(jobs, workers), batch_size=None, num_workers=workers,
-                      pin_memory=torch.cuda.is_available())
+                      pin_memory=torch.cuda.is_available(), worker_init_fn=ignore_in_worker)
 
 
 class _WorkerJobs(IterableDataset):

@@ -7,6 +7,7 @@ import itertools
 import json
 import math
 import os
+import signal
 import sys
 import time
 from collections.abc import Generator, Iterator
@@ -23,12 +24,19 @@ from tqdm import tqdm
 
 from pipeline.errors import UserError
 from pipeline.manifest import load_manifest, write_atomic, write_json_atomic
-from train import augment, checkpoint, data, lr_finder, rundir
+from train import augment, checkpoint, data, lr_finder, rundir, stopping
 from train.config import Config, to_dict
 from train.config import save as save_config
 from train.metrics import Totals, format_metric, predictions
 from train.model import build_model
 from train.optim import build_optimizer, build_scheduler, group_lrs, lr_multipliers, param_groups, reschedule
+
+
+def say(accelerator: Accelerator, text: str) -> None:
+    """Print on the main process only: `accelerator.print` prints on every node's local main process, so a
+    multi-node run would print each line once per node."""
+    if accelerator.is_main_process:
+        print(text, flush=True)
 
 
 def wandb_mode(requested: str) -> str:
@@ -176,10 +184,11 @@ def fit(config: Config) -> dict[str, Any]:
     The main process holds the run directory's lock for the whole run and makes every decision about how
     the run starts (fresh, or from which checkpoint); every process learns the outcome, so a refusal is the
     same one line everywhere and nothing is written before it."""
-    accelerator = make_accelerator(config)
-    manifest = load_manifest(config.shards)
-    steps_per_epoch = epoch_steps(accelerator, manifest, config)
-    with contextlib.ExitStack() as held:  # the lock, released when fit returns or fails
+    with contextlib.ExitStack() as held:  # the lock and the stop-signal handlers, until fit returns or fails
+        held.enter_context(stopping.installed(config.stop_signals, config.stop_grace))
+        accelerator = make_accelerator(config)
+        manifest = load_manifest(config.shards)
+        steps_per_epoch = epoch_steps(accelerator, manifest, config)
         start = _on_main(accelerator, lambda: _claim_run_dir(held, config, manifest, steps_per_epoch,
                                                              accelerator.num_processes))
         config.lr = start["lr"]
@@ -286,8 +295,8 @@ def _train(accelerator: Accelerator, config: Config, manifest: dict[str, Any], s
             "id": start["wandb_id"], "resume": "allow"}})
 
     if manifest["splits"]["valid"]["num_samples"] == 0:
-        accelerator.print("note: the shard set has no valid samples: each epoch's model replaces the best one, "
-                          "so the last epoch is the one evaluated on test")
+        say(accelerator, "note: the shard set has no valid samples: each epoch's model replaces the best one, "
+                         "so the last epoch is the one evaluated on test")
     stream = train_batches(accelerator, manifest, config, progress.epoch,
                            start_batch=progress.step_in_epoch * config.grad_accum,
                            epochs=max(config.epochs - progress.epoch, 1))  # workers start on the first batch
@@ -296,6 +305,10 @@ def _train(accelerator: Accelerator, config: Config, manifest: dict[str, Any], s
             progress.epoch = epoch
             _train_and_validate(accelerator, model, optimizer, scheduler, stream, config, manifest, progress,
                                 steps_per_epoch, log)
+            signum = agreed_stop(accelerator)
+            if signum:  # the epoch-end checkpoint just written is the one to resume from
+                _stop(accelerator, signum, progress,
+                      checkpoint.checkpoints_dir(run_dir) / f"step-{progress.global_step:08d}")
     finally:
         stream.close()
     if progress.best_epoch < 1:
@@ -315,12 +328,12 @@ def _resume(accelerator: Accelerator, where: Path, state: dict[str, Any], schedu
     progress = Progress(**{key: value for key, value in state.items() if key in Progress.__dataclass_fields__})
     progress.world_size, progress.workers = accelerator.num_processes, config.workers
     progress.steps_per_epoch = steps_per_epoch
-    accelerator.print(f"resuming {config.run_dir} from {where.name} (epoch {progress.epoch + 1}, "
-                      f"step {progress.global_step})")
+    say(accelerator, f"resuming {config.run_dir} from {where.name} (epoch {progress.epoch + 1}, "
+                     f"step {progress.global_step})")
     total = progress.global_step + (config.epochs - progress.epoch) * steps_per_epoch - progress.step_in_epoch
     if total > progress.global_step and total != scheduler.total_steps:
-        accelerator.print(f"the LR schedule now ends at step {total} instead of {scheduler.total_steps}, "
-                          f"continuing from its LR at step {progress.global_step}")
+        say(accelerator, f"the LR schedule now ends at step {total} instead of {scheduler.total_steps}, "
+                         f"continuing from its LR at step {progress.global_step}")
         reschedule(scheduler, total)
     return progress
 
@@ -341,10 +354,10 @@ def _train_and_validate(accelerator: Accelerator, model: torch.nn.Module, optimi
             **model_meta(config, manifest), "epoch": epoch + 1, "valid": valid})
     log.write({"kind": "epoch", "step": progress.global_step, "epoch": epoch + 1, "train": train_metrics,
                "valid": valid, "best_epoch": progress.best_epoch})
-    accelerator.print(f"epoch {epoch + 1}/{config.epochs}: train loss {format_metric(train_metrics['loss'])} "
-                      f"top1 {format_metric(train_metrics['top1'], '.3f')} | valid loss "
-                      f"{format_metric(valid['loss'])} top1 {format_metric(valid['top1'], '.3f')} "
-                      f"top5 {format_metric(valid['top5'], '.3f')}")
+    say(accelerator, f"epoch {epoch + 1}/{config.epochs}: train loss {format_metric(train_metrics['loss'])} "
+                     f"top1 {format_metric(train_metrics['top1'], '.3f')} | valid loss "
+                     f"{format_metric(valid['loss'])} top1 {format_metric(valid['top1'], '.3f')} "
+                     f"top5 {format_metric(valid['top5'], '.3f')}")
     progress.epoch, progress.step_in_epoch = epoch + 1, 0
     progress.partial, progress.partial_bad = [0.0] * 4, 0
     checkpoint.save_checkpoint(accelerator, run_dir, progress.__dict__, config.keep_checkpoints)
@@ -428,19 +441,49 @@ def train_epoch(accelerator: Accelerator, model: torch.nn.Module, optimizer: Any
             if progress.global_step % config.log_every == 0 or progress.step_in_epoch == steps_per_epoch:
                 log.write({"kind": "step", "step": progress.global_step, "epoch": epoch + 1, "loss": step_loss,
                            "lr": lrs, "img_per_s": img_per_s, "data_wait": wait})
-            if (config.checkpoint_every and progress.global_step % config.checkpoint_every == 0
-                    and progress.step_in_epoch < steps_per_epoch):
-                progress.partial = accelerator.reduce(totals.sums.clone(), "sum").tolist()
-                progress.partial_bad = int(accelerator.reduce(bad.clone(), "sum").item())
-                require_finite_weights(accelerator, model, progress, run_dir)
-                checkpoint.save_checkpoint(accelerator, run_dir, progress.__dict__, config.keep_checkpoints)
+            if progress.step_in_epoch == steps_per_epoch:
+                continue  # the epoch end saves (and a stop asked now is taken after it)
+            saved = None
+            if config.checkpoint_every and progress.global_step % config.checkpoint_every == 0:
+                saved = _save_mid_epoch(accelerator, model, config, progress, totals, bad, run_dir)
+            signum = agreed_stop(accelerator)
+            if signum:
+                saved = saved or _save_mid_epoch(accelerator, model, config, progress, totals, bad, run_dir)
+                _stop(accelerator, signum, progress, saved)
     totals.sums = accelerator.reduce(totals.sums, "sum")
     bad_total = int(accelerator.reduce(bad, "sum").item())
     if bad_total:
-        accelerator.print(f"warning: {bad_total} corrupt sample(s) skipped in epoch {epoch + 1}")
+        say(accelerator, f"warning: {bad_total} corrupt sample(s) skipped in epoch {epoch + 1}")
     # Per process, in rank order: the batches it ran in this epoch (since the resume, after one).
     per_rank = accelerator.gather(torch.tensor([rank_batches], device=accelerator.device)).tolist()
     return {**totals.as_dict(), "bad_samples": bad_total, "rank_batches": per_rank}
+
+
+def _save_mid_epoch(accelerator: Accelerator, model: torch.nn.Module, config: Config, progress: Progress,
+                    totals: Totals, bad: torch.Tensor, run_dir: Path) -> Path:
+    """A checkpoint at this step of the epoch, with the train sums of the epoch so far (all ranks)."""
+    progress.partial = accelerator.reduce(totals.sums.clone(), "sum").tolist()
+    progress.partial_bad = int(accelerator.reduce(bad.clone(), "sum").item())
+    require_finite_weights(accelerator, model, progress, run_dir)
+    return checkpoint.save_checkpoint(accelerator, run_dir, progress.__dict__, config.keep_checkpoints)
+
+
+def agreed_stop(accelerator: Accelerator) -> int:
+    """The stop signal any process of the run got (the highest number when several did; 0: none). Every
+    process calls it at the same step, so all of them stop there; one process needs no collective."""
+    if accelerator.num_processes == 1:
+        return stopping.requested()
+    flag = torch.tensor([stopping.requested()], device=accelerator.device)
+    return int(accelerator.reduce(flag, "max").item())
+
+
+def _stop(accelerator: Accelerator, signum: int, progress: Progress, saved: Path) -> None:
+    """After the stop checkpoint `saved`: trackers closed, and Stopped to end the command, carrying the line
+    the main process prints once the progress bar is closed."""
+    line = (f"stopped by {signal.Signals(signum).name} at step {progress.global_step} (epoch {progress.epoch + 1}): "
+            f"checkpoint {saved} written; rerun with --resume auto to continue")
+    accelerator.end_training()
+    raise stopping.Stopped(line if accelerator.is_main_process else "")
 
 
 def _lr_text(lrs: dict[str, float]) -> str:
@@ -556,11 +599,11 @@ def final_results(accelerator: Accelerator, model: torch.nn.Module, manifest: di
         write_json_atomic(run_dir / "results.json", results)
     if test["num_samples"] == 0:
         why = f"all {test['bad_samples']} of its samples are corrupt" if test["bad_samples"] else "it is empty"
-        accelerator.print(f"test (best epoch {progress.best_epoch}): no score, the test split has no readable "
-                          f"sample ({why}); no test report; results in {run_dir}/results.json")
+        say(accelerator, f"test (best epoch {progress.best_epoch}): no score, the test split has no readable "
+                         f"sample ({why}); no test report; results in {run_dir}/results.json")
         return results
-    accelerator.print(f"test (best epoch {progress.best_epoch}): top1 {test['top1']:.4f} top5 {test['top5']:.4f} "
-                      f"loss {test['loss']:.4f} on {test['num_samples']} images; results in {run_dir}/results.json")
+    say(accelerator, f"test (best epoch {progress.best_epoch}): top1 {test['top1']:.4f} top5 {test['top5']:.4f} "
+                     f"loss {test['loss']:.4f} on {test['num_samples']} images; results in {run_dir}/results.json")
     write_evaluation_report(accelerator, test, manifest["classes"], run_dir / "report", "test", progress.global_step)
     return results
 
@@ -577,7 +620,7 @@ def write_evaluation_report(accelerator: Accelerator, result: dict[str, Any], cl
     if any(tracker.name == "wandb" for tracker in accelerator.trackers):
         run = accelerator.get_tracker("wandb", unwrap=True)
         run.log(report.wandb_payload(out, result["records"], classes, f"report/{title}"), step=step)
-    accelerator.print(f"{title} report: {out}/ (metrics.json, predictions.csv, {', '.join(report.PLOTS)})")
+    say(accelerator, f"{title} report: {out}/ (metrics.json, predictions.csv, {', '.join(report.PLOTS)})")
 
 
 def lr_find(accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, manifest: dict[str, Any],
@@ -620,7 +663,7 @@ def choose_lr(accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, 
 
         report.write_lr_find(run_dir / "lr_find", result)
         save_config(config, run_dir / "config.yaml")
-    accelerator.print(f"--lr auto: lr-find suggests {result.suggested_lr:.3g} (plot in {run_dir}/lr_find/)")
+    say(accelerator, f"--lr auto: lr-find suggests {result.suggested_lr:.3g} (plot in {run_dir}/lr_find/)")
     return result.suggested_lr
 
 
