@@ -12,23 +12,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
+from support import same_state
 
 from pipeline.errors import UserError
 from pipeline.manifest import load_manifest
 from train import config as cfgmod
 from train import engine
-
-
-def same(a: Any, b: Any) -> bool:
-    """Deep equality of state dicts (tensors compared exactly)."""
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, list | tuple):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
-    return a == b
 
 
 def main(out: Path, args: list[str]) -> None:
@@ -42,7 +31,7 @@ def main(out: Path, args: list[str]) -> None:
     model_before, optimizer_before = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
 
     def restored() -> bool:
-        return same(model.state_dict(), model_before) and same(optimizer.state_dict(), optimizer_before)
+        return same_state(model.state_dict(), model_before) and same_state(optimizer.state_dict(), optimizer_before)
 
     result = engine.lr_find(accelerator, model, optimizer, manifest, config)
     report: dict[str, Any] = {"lrs": result.lrs, "suggested_lr": result.suggested_lr, "restored": restored(),

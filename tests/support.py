@@ -87,6 +87,19 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
     return lines[0]
 
 
+def same_state(a: object, b: object) -> bool:
+    """Deep equality of state dicts (tensors compared exactly, shapes included)."""
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
 def assert_png(path: Path, min_width: int = 200, min_height: int = 150) -> None:
     """A real plot: a PNG of a sensible size that is not a single colour."""
     from PIL import Image

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from conftest import FIT_ARGS
-from support import ONE_THREAD, ROOT, assert_one_line_error, assert_png, run_cli, run_python
+from support import ONE_THREAD, ROOT, assert_one_line_error, assert_png, run_cli, run_python, same_state
 from torch import nn
 
 from pipeline.errors import UserError
@@ -24,17 +24,6 @@ from train import config as cfgmod
 from train import lr_finder, rundir
 
 FAST_SWEEP = ("--start-lr", "1e-5", "--end-lr", "10", "--steps", "15")
-
-
-def _same(a: Any, b: Any) -> bool:
-    """Deep equality of state dicts (tensors compared exactly)."""
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, list | tuple):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    return a == b
 
 
 def _tiny_problem() -> tuple[nn.Module, torch.optim.Optimizer, Any]:
@@ -76,7 +65,7 @@ def test_range_test_sweeps_exponentially_keeps_group_ratios_and_restores_everyth
     assert result.lrs[0] <= result.suggested_lr <= result.lrs[-1]
     assert result.suggested_lr == result.lrs[result.suggested_index]
     assert result.losses[result.suggested_index] < result.losses[0]  # on the descent
-    assert _same(model.state_dict(), model_before) and _same(optimizer.state_dict(), optimizer_before)
+    assert same_state(model.state_dict(), model_before) and same_state(optimizer.state_dict(), optimizer_before)
 
 
 def test_steepest_descent_before_the_minimum() -> None:
