@@ -29,11 +29,13 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import torch  # noqa: E402
 from torchvision import datasets, transforms  # noqa: E402
 
-from pipeline.cub import read_cub  # noqa: E402
+from pipeline.build import build  # noqa: E402
 from pipeline.manifest import load_manifest  # noqa: E402
+from pipeline.plan import BuildOptions  # noqa: E402
+from pipeline.sources import Settings  # noqa: E402
+from pipeline.sources import cub as cub_layout  # noqa: E402
 from pipeline.splits import assign_splits  # noqa: E402
 from pipeline.synth import synth  # noqa: E402
-from pipeline.writer import BuildOptions, build  # noqa: E402
 from train import augment, data  # noqa: E402
 
 BATCH = 64
@@ -79,8 +81,8 @@ def compare(work: Path, size: int, seconds: float, per_class: int) -> float:
     options = {r: BuildOptions(resize_short=r, shard_samples=64) for r in (256, 0)}
     for resize_short, option in options.items():
         build(source, work / f"shards-{resize_short}", option, progress=False)
-    splits = assign_splits(read_cub(source).records, options[0].valid_fraction, options[0].seed)
-    train_images = {str(source / "images" / r.path) for r in splits["train"]}  # the same images as our train split
+    splits = assign_splits(cub_layout.read(source, Settings()).records, options[0].valid_fraction, options[0].seed)
+    train_images = {str(source / r.path) for r in splits["train"]}  # the same images as our train split
     print(f"train split: {len(train_images)} images; {REPEATS} turns of {seconds:.0f} s per row, best of each\n")
     best: dict[tuple[str, int], float] = {}
     for _ in range(REPEATS):

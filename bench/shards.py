@@ -15,10 +15,12 @@ import time
 from pathlib import Path
 from statistics import median
 
-from pipeline.cub import read_cub
+from pipeline.build import build
 from pipeline.encode import EncodeOptions, encode_image
+from pipeline.plan import BuildOptions
+from pipeline.sources import Settings
+from pipeline.sources import cub as cub_layout
 from pipeline.synth import synth
-from pipeline.writer import BuildOptions, build
 
 TURNS = 5  # each turn measures the ceiling, then the builds: ratios are taken within a turn, then the median
 
@@ -49,7 +51,7 @@ def main() -> None:
     source = work / "CUB_200_2011"
     if not (source / "images.txt").is_file():
         synth(work, classes=args.classes, per_class=args.per_class, seed=0, progress=False)
-    cub = read_cub(source)
+    cub = cub_layout.read(source, Settings())
     n = len(cub.records)
     print(f"{n} synth images, {work}")
     print(f"medians of {TURNS} turns (range of the ratio in brackets)")

@@ -31,12 +31,12 @@ class Encoded:
     bbox: Box  # in stored-image pixels
 
 
-def encode_image(data: bytes, bbox: Box, options: EncodeOptions) -> Encoded:
+def encode_image(data: bytes, bbox: Box | None, options: EncodeOptions) -> Encoded:
     """Deterministic: the same bytes and options always give the same output bytes.
 
     Every step that reads the file (header, EXIF, pixels, conversions) runs inside one guard: a truncated or
     malformed file is a BadImage, whichever step notices it (PIL reads PNG metadata lazily, so a cut PNG
-    fails as early as its EXIF lookup).
+    fails as early as its EXIF lookup). Without a box (a source that has none), the whole image is the box.
     """
     image = _open(data)
     try:
@@ -46,11 +46,13 @@ def encode_image(data: bytes, bbox: Box, options: EncodeOptions) -> Encoded:
     except MemoryError:
         raise
     except Exception as e:  # PIL raises many types for corrupt data, from any step that reads it
-        raise BadImage(f"cannot decode ({type(e).__name__}: {_one_line(e)})") from None
+        raise BadImage(f"cannot decode ({type(e).__name__}: {one_line(e)})") from None
 
 
-def _encode(image: Image.Image, data: bytes, bbox: Box, options: EncodeOptions) -> Encoded:
+def _encode(image: Image.Image, data: bytes, bbox: Box | None, options: EncodeOptions) -> Encoded:
     original_size = image.size
+    if bbox is None:
+        bbox = (0.0, 0.0, float(original_size[0]), float(original_size[1]))
     orientation = image.getexif().get(0x0112, 1)
     if _can_keep_bytes(image, orientation, options):
         image.load()
@@ -80,10 +82,11 @@ def _open(data: bytes) -> Image.Image:
     except MemoryError:
         raise
     except Exception as e:  # PIL raises many types for garbage input
-        raise BadImage(f"not an image ({type(e).__name__}: {_one_line(e)})") from None
+        raise BadImage(f"not an image ({type(e).__name__}: {one_line(e)})") from None
 
 
-def _one_line(error: BaseException, limit: int = 200) -> str:
+def one_line(error: BaseException, limit: int = 200) -> str:
+    """An error's message on one line, cut to `limit` characters (PIL messages can span lines)."""
     text = " ".join(str(error).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 

@@ -19,7 +19,8 @@ FORMAT = "cubstream-shards"
 VERSION = 1
 MANIFEST = "manifest.json"
 SPLITS = ("train", "valid", "test")
-FORBIDDEN_EXTENSIONS = (".pyd", ".pth", ".pickle", ".pkl")
+# Optional per-class lists some layouts add next to "classes" (NABirds: original ids, ancestors' names).
+CLASS_FIELDS = ("class_ids", "class_parents")
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 TEMPORARY_MARK = ".tmp-"  # `.NAME.tmp-PID`: what write_atomic and the shard writer write before renaming
@@ -91,6 +92,7 @@ def validate(manifest: Any, where: str) -> None:
     for key in ("options", "source", "tool"):
         if not isinstance(manifest.get(key, {}), dict):
             raise ManifestError(f"{where}: {key!r} must be an object, got {type(manifest[key]).__name__}")
+    _validate_class_fields(manifest, len(classes), where)
     _validate_skipped(manifest.get("skipped", []), where)
     splits = manifest.get("splits")
     if not isinstance(splits, dict):
@@ -137,6 +139,16 @@ def _validate_shard(shard: Any, at: str, where: str) -> None:
             raise ManifestError(f"{at} ({name}): {key} must be an integer >= 0, got {shard[key]!r}")
     if not isinstance(shard["sha256"], str) or not SHA256_HEX.fullmatch(shard["sha256"]):
         raise ManifestError(f"{at} ({name}): sha256 must be 64 lowercase hex digits, got {shard['sha256']!r:.80}")
+
+
+def _validate_class_fields(manifest: dict[str, Any], num_classes: int, where: str) -> None:
+    """class_ids: one integer per class; class_parents: one list of names per class (both optional)."""
+    ids, parents = manifest.get("class_ids"), manifest.get("class_parents")
+    if ids is not None and not (isinstance(ids, list) and len(ids) == num_classes and all(map(is_count, ids))):
+        raise ManifestError(f"{where}: 'class_ids' must be {num_classes} integers >= 0, one per class")
+    if parents is not None and not (isinstance(parents, list) and len(parents) == num_classes and all(
+            isinstance(chain, list) and all(isinstance(name, str) for name in chain) for chain in parents)):
+        raise ManifestError(f"{where}: 'class_parents' must be {num_classes} lists of names, one per class")
 
 
 def _validate_skipped(skipped: Any, where: str) -> None:

@@ -1,38 +1,50 @@
-"""Train / valid / test assignment: test is CUB's official test set; valid is a stratified seeded fraction."""
+"""Train / valid / test assignment: test is the source's own test set; valid is a stratified seeded fraction
+of its train set, unless the source has its own valid set."""
 
 from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
+from collections.abc import Hashable
+from typing import TYPE_CHECKING
 
-from pipeline.cub import Record
+if TYPE_CHECKING:  # only a type here: pipeline.sources imports this module
+    from pipeline.sources.base import Record
 
 
-def _rank(seed: int, purpose: str, image_id: int) -> bytes:
+def _rank(seed: int, purpose: str, image_id: int | str) -> bytes:
     """A seeded, platform-independent sort key (no RNG library whose stream could change between versions)."""
-    return hashlib.sha256(f"{seed}:{purpose}:{image_id}".encode()).digest()
+    return hashlib.sha256(f"{seed}:{purpose}:{image_id}".encode("utf-8", "surrogateescape")).digest()
 
 
 def num_valid(num_train_images: int, fraction: float) -> int:
-    """Valid images for one class: rounded share, at least one when possible, never the whole class."""
+    """Images taken from one class: rounded share, at least one when possible, never the whole class."""
     if fraction <= 0 or num_train_images < 2:
         return 0
     return min(max(1, round(num_train_images * fraction)), num_train_images - 1)
 
 
+def carve(ids_by_class: dict[Hashable, list[int | str]], fraction: float, seed: int, purpose: str) -> set[int | str]:
+    """The ids taken out of each class (num_valid of them), chosen by a seeded hash of (purpose, id)."""
+    taken: set[int | str] = set()
+    for label in sorted(ids_by_class):
+        members = sorted(ids_by_class[label], key=lambda image_id: _rank(seed, purpose, image_id))
+        taken.update(members[: num_valid(len(members), fraction)])
+    return taken
+
+
 def assign_splits(records: list[Record], valid_fraction: float, seed: int) -> dict[str, list[Record]]:
-    """Split records and shuffle each split (seeded) so every shard mixes classes."""
-    by_class: dict[int, list[Record]] = defaultdict(list)
-    for record in records:
-        if record.is_train:
-            by_class[record.label].append(record)
-    valid_ids: set[int] = set()
-    for label in sorted(by_class):
-        members = sorted(by_class[label], key=lambda r: _rank(seed, "valid", r.image_id))
-        valid_ids.update(r.image_id for r in members[: num_valid(len(members), valid_fraction)])
+    """Split records and shuffle each split (seeded) so every shard mixes classes. A source with its own
+    valid records keeps them and nothing is carved from train."""
+    valid_ids: set[int | str] = set()
+    if not any(r.split == "valid" for r in records):
+        by_class: dict[int, list[int | str]] = defaultdict(list)
+        for record in records:
+            if record.split == "train":
+                by_class[record.label].append(record.image_id)
+        valid_ids = carve(by_class, valid_fraction, seed, "valid")
 
     splits: dict[str, list[Record]] = {"train": [], "valid": [], "test": []}
     for record in records:
-        name = "test" if not record.is_train else "valid" if record.image_id in valid_ids else "train"
-        splits[name].append(record)
+        splits["valid" if record.image_id in valid_ids else record.split].append(record)
     return {name: sorted(rs, key=lambda r: _rank(seed, f"order-{name}", r.image_id)) for name, rs in splits.items()}

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import tarfile
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
 from tqdm import tqdm
 
 from pipeline import manifest as mf
+from pipeline.buildstate import temporaries
 from pipeline.errors import UserError
+from pipeline.shardformat.check import CorruptSample, decode_sample
+from pipeline.shardformat.tarread import strict_samples
 
 
 def verify(location: str, progress: bool = True) -> list[str]:
@@ -37,7 +38,7 @@ def _check_shard(location: str, shard: dict[str, Any], num_classes: int) -> str:
     if hashlib.sha256(data).hexdigest() != shard["sha256"]:
         return "sha256 mismatch"
     try:
-        samples, problem = _samples(data)
+        samples, problem = strict_samples(data)
     except (tarfile.TarError, ValueError) as e:
         return f"not a readable tar ({e})"
     if problem:
@@ -45,49 +46,10 @@ def _check_shard(location: str, shard: dict[str, Any], num_classes: int) -> str:
     if len(samples) != shard["num_samples"]:
         return f"{len(samples)} samples, manifest says {shard['num_samples']}"
     for key, members in samples.items():
-        problem = _check_sample(members, num_classes)
-        if problem:
-            return f"sample {key}: {problem}"
-    return ""
-
-
-def _samples(data: bytes) -> tuple[dict[str, dict[str, bytes]], str]:
-    """Members grouped by key, and the first grouping problem: a member that appears twice, or a sample
-    whose members are split by another's (readers group consecutive members, so they would see it twice
-    or read only its first part)."""
-    samples: dict[str, dict[str, bytes]] = {}
-    previous = None
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-        for member in tar:
-            if not member.isfile():
-                raise ValueError(f"member {member.name} is not a regular file")
-            key, _, ext = member.name.partition(".")
-            if key != previous and key in samples:
-                return samples, f"sample {key}: duplicate sample ({member.name} after sample {previous})"
-            if ext in samples.setdefault(key, {}):
-                return samples, f"sample {key}: duplicate member {member.name}"
-            samples[key][ext] = tar.extractfile(member).read()
-            previous = key
-    return samples, ""
-
-
-def _check_sample(members: dict[str, bytes], num_classes: int) -> str:
-    forbidden = [ext for ext in members if f".{ext}" in mf.FORBIDDEN_EXTENSIONS]
-    if forbidden:
-        return f"pickle member .{forbidden[0]} refused"
-    if "jpg" not in members or "cls" not in members:
-        return f"needs jpg and cls, has {sorted(members)}"
-    try:
-        label = int(members["cls"])
-    except ValueError:
-        return f"cls {members['cls'][:20]!r} is not an integer"
-    if not 0 <= label < num_classes:
-        return f"cls {label} out of range 0..{num_classes - 1}"
-    try:
-        with Image.open(io.BytesIO(members["jpg"])) as image:
-            image.load()
-    except Exception as e:  # PIL raises many types for corrupt data
-        return f"jpg does not decode ({type(e).__name__}: {e})"
+        try:
+            decode_sample(members, num_classes)  # the train stream's check and decode: the same verdict
+        except CorruptSample as e:
+            return f"sample {key}: {e}"
     return ""
 
 
@@ -118,6 +80,4 @@ def _temporaries(location: str) -> list[str]:
     """Temporaries in a local shard set (remote stores are listed by their own tools)."""
     if mf.is_url(location) or mf.is_pipe(location) or not Path(location).is_dir():
         return []
-    from pipeline.writer import temporaries
-
     return temporaries(Path(location))

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from support import run_cli, serve
 
+from pipeline.build import build
+from pipeline.plan import BuildOptions
 from pipeline.synth import synth
-from pipeline.writer import BuildOptions, build
 
 SMALL = {"classes": 6, "per_class": 10, "seed": 0}
 SMALL_OPTIONS = BuildOptions(resize_short=96, shard_samples=7)

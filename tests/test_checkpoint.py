@@ -18,7 +18,7 @@ from torch import nn
 
 from pipeline.errors import UserError
 from train import checkpoint
-from train.engine import TRAINER_KEYS, Progress
+from train.lifecycle import TRAINER_KEYS, Progress
 from train.optim import build_scheduler
 
 

@@ -138,3 +138,77 @@ def test_every_numeric_option_has_a_range() -> None:
     numeric = {f.name for f in dataclasses.fields(cfgmod.Config)
                if isinstance(f.default, int | float) and not isinstance(f.default, bool)}
     assert numeric - {"lr"} == set(cfgmod.RANGES)
+
+
+# --- --help: real defaults and the registries' choices ---------------------------------------------------
+
+
+def _help(capsys, command: str) -> dict[str, str]:
+    """Each option of `python -m train COMMAND --help` -> its help text (joined across wrapped lines)."""
+    from support import run_main
+
+    result = run_main(capsys, command, "--help")
+    assert result.returncode == 0, result.stderr
+    options: dict[str, str] = {}
+    current = None
+    for line in result.stdout.split("options:", 1)[1].splitlines():
+        stripped = line.strip()
+        if line.startswith("  -"):  # an option; its wrapped help lines are indented further
+            current = stripped.split()[0].rstrip(",")
+            options[current] = stripped
+        elif current and stripped:
+            options[current] += " " + stripped
+    options.pop("-h")
+    return options
+
+
+@pytest.mark.parametrize("command", ["fit", "lr-find", "evaluate", "predict", "export"])
+def test_help_shows_real_defaults(capsys, command: str) -> None:
+    options = _help(capsys, command)
+    assert options
+    for flag, text in options.items():
+        assert "(required)" in text or "; required)" in text or "default: " in text, (flag, text)
+        assert "default: None" not in text, flag  # the CLI's "not given" is never shown as a default
+    if command in ("fit", "lr-find"):
+        defaults = cfgmod.Config()
+        assert f"default: {defaults.lr})" in options["--lr"] and "default: resnet50)" in options["--arch"]
+        assert "default: 0.875)" in options["--crop-pct"] and "default: none)" in options["--config"]
+        assert f"default: {defaults.lr_find_steps})" in options["--lr-find-steps"]
+        registries = cfgmod.choices()
+        for flag, name in (("--arch", "arch"), ("--augment", "augment"), ("--optimizer", "optimizer"),
+                           ("--lr-scheme", "lr_scheme")):
+            assert f"choices: {', '.join(registries[name])};" in options[flag], flag
+        assert {"convnext_tiny", "efficientnet_b0", "mobilenet_v3_large", "vit_b_16", "regnet_y_800mf",
+                "resnet18", "resnet152"} <= set(registries["arch"])
+        assert registries["optimizer"] == ("adam", "adamw", "sgd")
+        assert registries["lr_scheme"] == ("notebook", "geometric", "flat")
+        assert registries["augment"] == ("standard", "notebook", "none")
+    if command == "lr-find":
+        assert f"default: {cfgmod.Config().lr_find_start})" in options["--start-lr"]
+
+
+@pytest.mark.parametrize(("flag", "value", "named"), [
+    ("--optimizer", "adagrad", "choose from adam, adamw, sgd"),
+    ("--lr-scheme", "cosine", "choose from notebook, geometric, flat"),
+    ("--augment", "heavy", "choose from standard, notebook, none"),
+    ("--arch", "vit_b_61", "did you mean vit_b_16"),
+])
+def test_unknown_choice_is_one_line_naming_the_choices(capsys, tmp_path: Path, flag: str, value: str,
+                                                       named: str) -> None:
+    from support import assert_one_line_error, run_main
+
+    result = run_main(capsys, "fit", "--shards", str(tmp_path), flag, value, "--run-dir", str(tmp_path / "run"))
+    assert result.returncode == 2
+    assert_one_line_error(result, flag, repr(value), named)
+
+
+def test_cli_not_given_keeps_the_yaml(tmp_path: Path) -> None:
+    """An option absent from the command line does not override the YAML, even when the YAML sets a value
+    equal to another option's default."""
+    (tmp_path / "c.yaml").write_text("optimizer: sgd\nchannels_last: false\nlr_find_steps: 7\n")
+    parser = argparse.ArgumentParser()
+    cfgmod.add_arguments(parser)
+    args = parser.parse_args(["--config", str(tmp_path / "c.yaml")])
+    assert not hasattr(args, "optimizer")  # not given: absent, not a default
+    config = cfgmod.make_config(args)
+    assert (config.optimizer, config.channels_last, config.lr_find_steps) == ("sgd", False, 7)

@@ -8,8 +8,9 @@ import pytest
 from conftest import SMALL
 from support import assert_one_line_error, run_cli
 
-from pipeline.cub import Cub, fingerprint, image_sizes, open_source, read_cub
 from pipeline.errors import UserError
+from pipeline.sources import Dataset, Settings, image_sizes, open_dataset
+from pipeline.sources import cub as cub_layout
 
 
 def test_reads_synth_layout(cub_source: Path) -> None:
@@ -23,12 +24,11 @@ def test_reads_synth_layout(cub_source: Path) -> None:
 
 def test_directory_and_tgz_read_the_same(cub_source: Path) -> None:
     directory = read_cub(cub_source / "CUB_200_2011")
-    with open_source(cub_source / "CUB_200_2011.tgz") as root:
-        packed = read_cub(root)
+    with open_dataset(cub_source / "CUB_200_2011.tgz", "cub") as packed:
         assert _fingerprint(packed) == _fingerprint(directory)
     assert packed.records == directory.records and packed.classes == directory.classes
-    with open_source(cub_source) as root:  # the folder holding CUB_200_2011/ works too
-        assert root.name == "CUB_200_2011"
+    with open_dataset(cub_source, "cub") as dataset:  # the folder holding CUB_200_2011/ works too
+        assert dataset.root.name == "CUB_200_2011"
 
 
 def _edit(path: Path, old: str, new: str) -> None:
@@ -98,8 +98,12 @@ def test_image_sizes_mark_missing_and_non_files(cub_copy: Path) -> None:
     assert sizes[2:] == [cub.image_path(r).stat().st_size for r in cub.records[2:]]
 
 
-def _fingerprint(cub: Cub) -> str:
-    return fingerprint(cub, image_sizes(cub))
+def _fingerprint(cub: Dataset) -> str:
+    return cub.fingerprint(image_sizes(cub))
+
+def read_cub(root: Path) -> Dataset:
+    return cub_layout.read(Path(root), Settings())
+
 
 
 # ---------------------------------------------------------------- encodings and whitespace

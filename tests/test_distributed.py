@@ -24,9 +24,10 @@ import pytest
 from safetensors.torch import load_file
 from support import ROOT, free_port, launch_env
 
+from pipeline.build import build
 from pipeline.manifest import load_manifest
+from pipeline.plan import BuildOptions
 from pipeline.synth import synth
-from pipeline.writer import BuildOptions, build
 
 pytestmark = pytest.mark.slow
 

@@ -123,13 +123,13 @@ def test_crlf_blanks_and_bom_build_the_same_shards(cub_copy: Path, shard_set: Pa
 
 def test_sample_json_is_strict(tmp_path: Path) -> None:
     """No NaN can reach a sample's JSON: the listing refuses it, and the writer would rather fail."""
-    from pipeline.cub import Record
     from pipeline.encode import EncodeOptions
+    from pipeline.sources import Record
     from pipeline.writer import SampleTask, encode_sample
 
     image = tmp_path / "x.jpg"
     Image.new("RGB", (64, 48)).save(image, "JPEG")
-    record = Record(image_id=1, path="x.jpg", label=0, is_train=True, bbox=(math.nan, 0.0, 10.0, 10.0))
+    record = Record(image_id=1, path="x.jpg", label=0, split="train", bbox=(math.nan, 0.0, 10.0, 10.0))
     task = SampleTask(record, str(image), "A", "train", EncodeOptions(resize_short=32))
     with pytest.raises(ValueError, match="JSON compliant"):
         encode_sample(task)

@@ -218,9 +218,11 @@ done
 exit "$status"
 """
 FAKE_SCONTROL = """#!/bin/bash
-case "$1" in
-    show) [ "$2 $3" = "hostnames $SLURM_JOB_NODELIST" ] && printf 'gpu-a17\\ngpu-b03\\n' ;;
-    requeue) echo "$2" >> "$REC/requeue" ;;
+case "$1 $2" in
+    "show hostnames") [ "$3" = "$SLURM_JOB_NODELIST" ] && printf 'gpu-a17\\ngpu-b03\\n' ;;
+    "show node") printf 'NodeName=%s Arch=x86_64 CoresPerSocket=16\\n   NodeAddr=10.0.0.%s NodeHostName=%s\\n' \\
+        "$3" "${3#gpu-?}" "$3" ;;
+    "requeue "*) echo "$2" >> "$REC/requeue" ;;
 esac
 """
 FAKE_NVIDIA_SMI = """#!/bin/bash
@@ -262,14 +264,14 @@ def _train_job(tmp: Path, nodes: int, mode: str, **extra: str) -> tuple[subproce
 def _launch(nodes: int, procs: int, precision: str, rank: int, tail: list[str], port: str = "29500") -> list[str]:
     multi = ["--multi_gpu"] if nodes * procs > 1 else []
     return ["-m", "accelerate.commands.launch", "--num_machines", str(nodes), "--main_process_port", port,
-            "--dynamo_backend", "no", "--main_process_ip", "gpu-a17", "--mixed_precision", precision, *multi,
+            "--dynamo_backend", "no", "--main_process_ip", "10.0.0.17", "--mixed_precision", precision, *multi,
             "--num_processes", str(nodes * procs), "--machine_rank", str(rank), "-m", "train", "fit", *tail]
 
 
 @pytest.mark.timeout(120)
 def test_slurm_train_command_lines_and_requeue_on_status_75(tmp_path: Path) -> None:
-    """Per row: the launch command of every node, CPU or GPU, and whether the job requeued itself: on status
-    75 only (not 0, not 1)."""
+    """Per row: the launch command of every node, CPU or GPU (rank 0 at the NodeAddr of the allocation's
+    first node), and whether the job requeued itself: on status 75 only (not 0, not 1)."""
     script = SLURM_TRAIN.read_text()
     for line in ("#SBATCH --requeue", "#SBATCH --signal=B:USR1@300", "#SBATCH --ntasks-per-node=1",
                  "#SBATCH --output=logs/%x-%j.out"):

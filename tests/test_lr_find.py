@@ -95,7 +95,7 @@ def test_nan_from_the_first_step_and_too_short_sweeps_are_errors() -> None:
 
 
 def test_real_model_weights_untouched_and_nan_sweep_restores_too(train_shards: Path, tmp_path: Path) -> None:
-    """engine.lr_find on fit's model, groups and stream (tests/lr_find_restores.py, in its own process):
+    """lr_finder.lr_find on fit's model, groups and stream (tests/lr_find_restores.py, in its own process):
     every model and optimizer tensor is restored, after a good sweep and after one that diverges."""
     out = tmp_path / "report.json"
     result = run_python(str(ROOT / "tests" / "lr_find_restores.py"), str(out), "--shards", str(train_shards),

@@ -14,7 +14,11 @@ from support import ONE_THREAD, assert_one_line_error, free_port, run_cli, serve
 from torch import nn
 
 from pipeline.errors import UserError
-from train.model import ARCHS, PARAM_GROUPS, ResNet, build_model, param_group_of
+from train.groups import RESNET_GROUPS as PARAM_GROUPS
+from train.groups import assign
+from train.model import build_model
+from train.resnet import RESNETS as ARCHS
+from train.resnet import ResNet
 
 
 def torchvision_model(arch: str, seed: int = 0, num_classes: int = 1000) -> nn.Module:
@@ -211,12 +215,12 @@ def test_missing_path_is_a_user_error(tmp_path) -> None:
         build_model("resnet18", num_classes=5, pretrained=str(tmp_path / "nope.pth"))
 
 
-def test_unknown_arch_lists_the_valid_ones() -> None:
+def test_unknown_arch_says_where_the_choices_are() -> None:
     with pytest.raises(UserError) as exc:
         build_model("resnet19", num_classes=5)
     message = assert_one_line(exc)
-    assert "resnet19" in message
-    assert all(arch in message for arch in ARCHS)
+    assert "'resnet19'" in message and "did you mean resnet18" in message
+    assert "python -m train fit --help lists all" in message
 
 
 # --- "imagenet": torchvision's weights API through torch hub's cache ---------------------------------
@@ -341,7 +345,7 @@ def test_param_groups_cover_every_parameter(arch: str) -> None:
     block, layers = ARCHS[arch]
     with torch.device("meta"):  # shapes and names only: no memory, no init cost
         model = ResNet(block, layers, num_classes=7)
-    groups = {name: param_group_of(name) for name, _ in model.named_parameters()}
+    groups = assign(model)
     assert set(groups.values()) == set(PARAM_GROUPS)
     assert groups["conv1.weight"] == "stem"
     assert groups["bn1.weight"] == groups["bn1.bias"] == "stem"
@@ -355,11 +359,14 @@ def test_param_groups_cover_every_parameter(arch: str) -> None:
         assert {id(p) for name, p in model.named_parameters() if groups[name] == group} == expected, group
 
 
-def test_param_group_of_ignores_wrappers_and_refuses_strangers() -> None:
-    assert param_group_of("module.layer3.1.conv2.weight") == "layer3"
-    assert param_group_of("_orig_mod.module.fc.bias") == "fc"
-    assert param_group_of("module.conv1.weight") == "stem"
-    with pytest.raises(ValueError, match="head.weight"):
-        param_group_of("head.weight")
-    with pytest.raises(ValueError):
-        param_group_of("layer5.0.conv1.weight")
+def test_groups_see_through_compile_and_refuse_strangers() -> None:
+    with torch.device("meta"):
+        model = ResNet(*ARCHS["resnet18"], num_classes=3)
+    compiled = torch.compile(model)  # not run: only its "_orig_mod." parameter names matter here
+    groups = assign(compiled)
+    assert groups["_orig_mod.layer3.1.conv2.weight"] == "layer3" and groups["_orig_mod.fc.bias"] == "fc"
+    assert groups["_orig_mod.conv1.weight"] == "stem"
+    with torch.device("meta"):
+        model.layer5 = nn.Conv2d(2, 2, 1)  # a part the ResNet table does not know
+    with pytest.raises(ValueError, match="layer5.weight"):
+        assign(model)

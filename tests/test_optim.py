@@ -7,8 +7,8 @@ import torchvision
 from torch import nn
 
 from pipeline.errors import UserError
+from train.groups import RESNET_GROUPS as GROUPS
 from train.optim import (
-    GROUPS,
     build_optimizer,
     build_scheduler,
     group_lrs,
@@ -82,9 +82,9 @@ def test_conv_biases_get_no_decay():
     model = nn.Sequential()
     model.add_module("conv1", nn.Conv2d(3, 4, 3, bias=True))
     model.add_module("fc", nn.Linear(4, 2))
-    groups = param_groups(model, BASE_LR, WD, lr_multipliers("flat"))
+    groups = param_groups(model, BASE_LR, WD, lr_multipliers("flat", groups=["stem", "head"]))
     by_name = {g["name"]: g for g in groups}
-    assert set(by_name) == {"stem", "stem/no_decay", "fc", "fc/no_decay"}
+    assert set(by_name) == {"stem", "stem/no_decay", "head", "head/no_decay"}  # the generic fallback's names
     assert by_name["stem/no_decay"]["params"] == [model.conv1.bias]
     assert by_name["stem/no_decay"]["weight_decay"] == 0.0
 
@@ -100,9 +100,18 @@ def test_lr_multiplier_schemes():
         lr_multipliers("cosine")
 
 
-def test_foreign_parameter_names_are_refused():
-    with pytest.raises(ValueError, match="belongs to no ResNet group"):
-        param_groups(nn.Sequential(nn.Linear(2, 2)), BASE_LR, WD, lr_multipliers())
+def test_groups_without_a_multiplier_are_refused():
+    with pytest.raises(UserError, match="missing for groups: head"):  # a generic model has no "fc" group
+        param_groups(nn.Sequential(nn.Conv2d(3, 2, 1), nn.Linear(2, 2)), BASE_LR, WD, lr_multipliers())
+
+
+def test_notebook_scheme_for_any_depth():
+    """head 1, then 1/2, 1/4, 1/6 ... below it, whatever the number of groups; geometric decays per group."""
+    names = ["stem", "stage1", "stage2", "head"]
+    assert lr_multipliers("notebook", groups=names) == pytest.approx(
+        {"stem": 1 / 6, "stage1": 1 / 4, "stage2": 1 / 2, "head": 1.0})
+    assert lr_multipliers("geometric", 0.3, names) == pytest.approx(
+        {"stem": 0.3**3, "stage1": 0.3**2, "stage2": 0.3, "head": 1.0})
 
 
 @pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])

@@ -18,7 +18,7 @@ from pipeline.lock import holder_path
 from pipeline.manifest import write_json_atomic
 from train import config as cfgmod
 from train import rundir
-from train.engine import TRAINER_KEYS
+from train.lifecycle import TRAINER_KEYS
 
 MANIFEST = {"classes": ["a", "b", "c"], "splits": {"train": {"num_samples": 30}}}
 
@@ -72,7 +72,7 @@ def test_fresh_start_and_refusals(tmp_path: Path) -> None:
         ({"lr": 0.02}, False, "config differs in lr, which --force cannot change (it can change epochs and the "
                               "shard set)"),
         ({"lr": 0.02, "arch": "resnet18"}, True, "config differs in arch, lr, which --force cannot change"),
-        ({"batch_size": 8}, True, "config differs in batch_size, which --force cannot change"),
+        ({"batch_size": 8, "grad_accum": 3}, False, None),  # the engine keeps the global batch (test_elastic)
         ({"epochs": 7}, False, "config differs in epochs (pass --force to resume anyway)"),
         ({"epochs": 7}, True, None),
         ({"workers": 0, "shards": "elsewhere", "keep_checkpoints": 5}, False, None),
@@ -154,7 +154,7 @@ def test_auto_lr_reuses_the_saved_choice_and_names_a_damaged_config(tmp_path: Pa
 
 
 def test_metrics_kept_on_resume_drop_a_partial_line_and_the_old_test_record(tmp_path: Path) -> None:
-    from train.engine import kept_records
+    from train.tracking import kept_records
 
     records = [{"kind": "step", "step": 1}, {"kind": "step", "step": 2}, {"kind": "epoch", "step": 2},
                {"kind": "step", "step": 3}, {"kind": "test", "step": 3}]

@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from pipeline.cub import read_cub
+from pipeline.sources import Settings
+from pipeline.sources import cub as cub_layout
 from pipeline.splits import assign_splits, num_valid
 
 
 def test_splits(cub_source: Path) -> None:
-    records = read_cub(cub_source / "CUB_200_2011").records
+    records = cub_layout.read(cub_source / "CUB_200_2011", Settings()).records
     splits = assign_splits(records, valid_fraction=0.25, seed=0)
     ids = {name: [r.image_id for r in rs] for name, rs in splits.items()}
 

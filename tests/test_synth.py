@@ -138,3 +138,24 @@ def test_bad_arguments_are_user_errors(tmp_path: Path, kwargs: dict[str, int], m
     with pytest.raises(UserError, match=message):
         synth(tmp_path, progress=False, **kwargs)
     assert not any(tmp_path.iterdir())
+
+
+def test_other_layouts_hold_the_same_images_and_are_byte_identical(made: Path, tmp_path: Path) -> None:
+    cub = {digest for name, digest in _tree_digest(made / "CUB_200_2011").items() if name.startswith("images/")}
+    for layout, folder in (("nabirds", "nabirds"), ("imagefolder", "imagefolder")):
+        root = synth(tmp_path / "a", classes=CLASSES, per_class=PER_CLASS, seed=0, tgz=True, progress=False,
+                     layout=layout)
+        again = synth(tmp_path / "b", classes=CLASSES, per_class=PER_CLASS, seed=0, tgz=True, progress=False,
+                      layout=layout)
+        assert root.name == folder and _tree_digest(root) == _tree_digest(again)
+        assert (tmp_path / "a" / f"{folder}.tgz").read_bytes() == (tmp_path / "b" / f"{folder}.tgz").read_bytes()
+        images = {name: digest for name, digest in _tree_digest(root).items() if not name.endswith((".txt", "README"))}
+        assert len(images) == CLASSES * PER_CLASS
+        jpgs = {digest for name, digest in images.items() if name.endswith(".jpg")}
+        assert jpgs <= cub and len(jpgs) == (len(images) if layout == "nabirds" else len(images) - 3)  # ids 3, 7, 11
+
+
+def test_unknown_layout_is_a_user_error(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="--layout must be one of cub, nabirds, imagefolder"):
+        synth(tmp_path, progress=False, layout="coco")
+    assert not any(tmp_path.iterdir())

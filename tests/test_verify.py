@@ -13,7 +13,7 @@ import pytest
 from support import assert_one_line_error, run_cli
 
 from pipeline.manifest import load_manifest
-from pipeline.writer import tar_bytes
+from pipeline.shardformat.tarwrite import tar_bytes
 
 
 @pytest.fixture

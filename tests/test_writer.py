@@ -24,10 +24,12 @@ from PIL import Image
 from support import ROOT, assert_one_line_error, cli_env, run_cli
 
 from pipeline import manifest as mf
-from pipeline.cub import read_cub
+from pipeline.build import build
 from pipeline.errors import UserError
 from pipeline.manifest import load_manifest, sha256_file
-from pipeline.writer import BuildOptions, build
+from pipeline.plan import BuildOptions
+from pipeline.sources import Settings
+from pipeline.sources import cub as cub_layout
 
 
 def _digests(out: Path) -> dict[str, str]:
@@ -36,7 +38,7 @@ def _digests(out: Path) -> dict[str, str]:
 
 def test_manifest_contract(shard_set: Path, cub_source: Path) -> None:
     manifest = load_manifest(str(shard_set))
-    cub = read_cub(cub_source / "CUB_200_2011")
+    cub = cub_layout.read(cub_source / "CUB_200_2011", Settings())
     assert manifest["classes"] == cub.classes
     assert manifest["options"]["resize_short"] == SMALL_OPTIONS.resize_short
     assert len(manifest["source"]["fingerprint"]) == 64
@@ -71,7 +73,7 @@ def test_samples_read_back_with_tarfile(shard_set: Path, cub_source: Path) -> No
                 assert manifest["classes"][meta["class_index"]] == meta["class_name"]
                 assert key == f"{meta['image_id']:05d}"
                 test_ids.add(meta["image_id"])
-    official_test = {r.image_id for r in read_cub(cub_source / "CUB_200_2011").records if not r.is_train}
+    official_test = {r.image_id for r in cub_layout.read(cub_source / "CUB_200_2011", Settings()).records if not r.is_train}
     assert test_ids == official_test
 
 
@@ -201,7 +203,7 @@ def test_killed_build_resumes_to_identical_bytes(cub_source: Path, shard_set: Pa
 
 
 def _break_one_image(cub_copy: Path, how: str) -> str:
-    cub = read_cub(cub_copy)
+    cub = cub_layout.read(cub_copy, Settings())
     record = cub.records[3]
     path = cub.image_path(record)
     if how == "truncate":
@@ -210,7 +212,7 @@ def _break_one_image(cub_copy: Path, how: str) -> str:
         path.write_bytes(b"<html>not found</html>")
     else:
         path.unlink()
-    return f"images/{record.path}"
+    return record.path
 
 
 @pytest.mark.parametrize("how", ["truncate", "garbage", "missing"])
@@ -246,23 +248,6 @@ def test_bad_arguments(cub_source: Path, tmp_path: Path) -> None:
         extra = ["--num-jobs", "3"] if flag == "--job-index" else []
         result = run_cli("pipeline", "build", "--source", source, "--out", str(tmp_path / "o"), flag, value, *extra)
         assert_one_line_error(result, message)
-
-
-def test_tar_bytes_equal_what_tarfile_writes() -> None:
-    import os
-
-    from pipeline.writer import _tarinfo, tar_bytes
-
-    members = [(f"{i:05d}.{ext}", os.urandom(i * 37 + 1)) for i in range(40) for ext in ("cls", "jpg", "json")]
-    members += [("n" * 100, b"longest name"), ("empty.cls", b"")]
-    expected = io.BytesIO()
-    with tarfile.open(fileobj=expected, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
-    assert tar_bytes(members) == expected.getvalue()
-    assert tar_bytes([]) == tarfile.NUL * tarfile.RECORDSIZE
-    with pytest.raises(ValueError, match="too long"):
-        tar_bytes([("n" * 101, b"")])
 
 
 def _limited(limit: int) -> Callable[[], None]:

@@ -18,7 +18,7 @@ from accelerate.utils import set_seed
 from safetensors.torch import save_file
 
 from train import config as cfgmod
-from train import engine
+from train import engine, tracking
 
 CLASSES = 6
 INPUT_SEED = 1234
@@ -31,7 +31,7 @@ def main() -> None:
     cfgmod.add_arguments(parser)
     args = parser.parse_args()
     config = cfgmod.make_config(args)
-    accelerator = engine.make_accelerator(config, with_tracker=False)
+    accelerator = tracking.make_accelerator(config, with_tracker=False)
     world, rank = accelerator.num_processes, accelerator.process_index
     assert world * config.grad_accum == 2, (world, config.grad_accum)  # two half-batches per optimizer step
 

@@ -11,9 +11,7 @@ from typing import NoReturn
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations checks online for updates otherwise
 
 from pipeline.errors import UserError, report_errors  # noqa: E402
-from pipeline.manifest import load_manifest  # noqa: E402
 from pipeline.outputs import output_dir_problem, output_file_problem  # noqa: E402
-from pipeline.remote import set_io_timeout  # noqa: E402
 from train import config as cfgmod  # noqa: E402
 
 
@@ -31,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m train", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     fit = commands.add_parser("fit", help="train on a shard set; best-by-valid model evaluated on test",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=cfgmod.HelpFormatter)
     cfgmod.add_arguments(fit)
     _add_lr_find(commands)
     _add_evaluate(commands)
@@ -42,45 +40,49 @@ def _parser() -> argparse.ArgumentParser:
 
 def _add_lr_find(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("lr-find", help="LR range test on fit's data, model and groups; plot, suggestion",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=cfgmod.HelpFormatter)
     cfgmod.add_arguments(p)
     p.add_argument("--out", type=Path, required=True, help="writes OUT/lr_find.png and OUT/lr_find.json")
-    p.add_argument("--start-lr", dest="lr_find_start", type=float, help="first LR of the exponential sweep "
-                   f"(same as --lr-find-start; default {cfgmod.Config.lr_find_start})")
-    p.add_argument("--end-lr", dest="lr_find_end", type=float,
-                   help=f"last LR of the sweep (same as --lr-find-end; default {cfgmod.Config.lr_find_end})")
-    p.add_argument("--steps", dest="lr_find_steps", type=int, help="optimizer steps, fewer if the loss diverges "
-                   f"(same as --lr-find-steps; default {cfgmod.Config.lr_find_steps})")
+    hidden = argparse.SUPPRESS  # not given: the YAML's or the default
+    p.add_argument("--start-lr", dest="lr_find_start", type=float, default=hidden,
+                   help="first LR of the exponential sweep (same as --lr-find-start)")
+    p.add_argument("--end-lr", dest="lr_find_end", type=float, default=hidden,
+                   help="last LR of the sweep (same as --lr-find-end)")
+    p.add_argument("--steps", dest="lr_find_steps", type=int, default=hidden,
+                   help="optimizer steps, fewer if the loss diverges (same as --lr-find-steps)")
 
 
 def _add_evaluate(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("evaluate", help="a run's best model on one split: metrics.json, predictions, plots",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=cfgmod.HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="run directory of `fit` (or its checkpoints/best)")
     p.add_argument("--shards", required=True, help=cfgmod.HELP["shards"])
-    p.add_argument("--split", choices=("train", "valid", "test"), default="test")
+    p.add_argument("--split", choices=("train", "valid", "test"), default="test", help="which split to score")
     p.add_argument("--out", type=Path, required=True, help="report directory")
     p.add_argument("--batch-size", type=int, default=64, help="per process")
     p.add_argument("--workers", type=int, default=2, help="data loader processes per process")
     p.add_argument("--precision", choices=cfgmod.PRECISIONS, default="auto", help=cfgmod.HELP["precision"])
     p.add_argument("--wandb", choices=cfgmod.WANDB_MODES, default="disabled", help="log the report to W&B")
-    p.add_argument("--wandb-project", default="cubstream")
-    p.add_argument("--io-timeout", type=float, default=None, metavar="SECONDS", help=cfgmod.HELP["io_timeout"])
+    p.add_argument("--wandb-project", default="cubstream", help="W&B project of the report")
+    p.add_argument("--io-timeout", type=float, default=0.0, metavar="SECONDS", help=cfgmod.HELP["io_timeout"])
 
 
 def _add_predict(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("predict", help="top-5 species of image files, folders or globs",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=cfgmod.HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="run directory of `fit` (or its checkpoints/best)")
     p.add_argument("--json", action="store_true", help="one JSON line per image instead of a table")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders (recursive) or globs")
 
 
 def _add_export(commands: argparse._SubParsersAction) -> None:
-    p = commands.add_parser("export", help="TorchScript or ONNX file of a run's best model, checked on reload")
+    p = commands.add_parser("export", help="TorchScript or ONNX file of a run's best model, checked on reload",
+                            formatter_class=cfgmod.HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="run directory of `fit` (or its checkpoints/best)")
-    p.add_argument("--format", required=True, choices=("torchscript", "onnx"))
+    from train.export import FORMATS
+
+    p.add_argument("--format", required=True, choices=FORMATS, help="file format")
     p.add_argument("--out", type=Path, required=True, help="file to write (.pt / .onnx)")
 
 
@@ -105,69 +107,28 @@ def _check_output(parser: argparse.ArgumentParser, problem: str | None) -> None:
 
 
 def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """Check what argparse cannot (one `error:` line, exit 2), then hand over to train.commands."""
+    from train import commands
+
     if args.command == "fit":
+        return commands.fit(_config(parser, args))
+    if args.command == "lr-find":
         config = _config(parser, args)
-        set_io_timeout(config.io_timeout or None)  # inherited by DataLoader workers and launched processes
-        load_manifest(config.shards)  # a bad --shards fails in a second, before torch is imported
-        from train.engine import fit
-        from train.stopping import STOP_EXIT, Stopped
-
-        try:
-            fit(config)
-        except Stopped as stop:  # the checkpoint is written
-            if str(stop):
-                print(stop, flush=True)
-            return STOP_EXIT
-    elif args.command == "lr-find":
-        return _lr_find(parser, args)
-    elif args.command == "evaluate":
-        return _evaluate(parser, args)
-    elif args.command == "predict":
-        return _predict(parser, args)
-    elif args.command == "export":
-        return _export(parser, args)
-    return 0
-
-
-def _lr_find(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    config = _config(parser, args)
-    _check_output(parser, output_dir_problem(args.out, "--out"))
-    set_io_timeout(config.io_timeout or None)
-    load_manifest(config.shards)
-    from train.commands import lr_find
-
-    lr_find(config, args.out)
-    return 0
-
-
-def _evaluate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    if args.batch_size < 1 or args.workers < 0:
-        parser.error(f"evaluate needs --batch-size >= 1 and --workers >= 0, got {args.batch_size} and "
-                     f"{args.workers}")
-    _check_output(parser, output_dir_problem(args.out, "--out"))
-    set_io_timeout(args.io_timeout or None)  # 0: the environment's or the default
-    from train.commands import evaluate
-
-    evaluate(args.checkpoint, args.shards, args.split, args.out, args.batch_size, args.workers, args.precision,
-             args.wandb, args.wandb_project)
-    return 0
-
-
-def _predict(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    if args.batch_size < 1:
-        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
-    from train.predict import predict
-
-    return 1 if predict(args.checkpoint, args.images, as_json=args.json, batch_size=args.batch_size) else 0
-
-
-def _export(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+        _check_output(parser, output_dir_problem(args.out, "--out"))
+        return commands.lr_find(config, args.out)
+    if args.command == "evaluate":
+        if args.batch_size < 1 or args.workers < 0:
+            parser.error(f"evaluate needs --batch-size >= 1 and --workers >= 0, got {args.batch_size} and "
+                         f"{args.workers}")
+        _check_output(parser, output_dir_problem(args.out, "--out"))
+        return commands.evaluate(args.checkpoint, args.shards, args.split, args.out, args.batch_size, args.workers,
+                                 args.precision, args.wandb, args.wandb_project, args.io_timeout)
+    if args.command == "predict":
+        if args.batch_size < 1:
+            parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+        return commands.predict(args.checkpoint, args.images, as_json=args.json, batch_size=args.batch_size)
     _check_output(parser, output_file_problem(args.out, "--out"))
-    from train.export import export
-
-    diff = export(args.checkpoint, args.format, args.out)
-    print(f"wrote {args.out} ({args.format}); reloaded: max abs logit difference {diff:.3g} on a check batch")
-    return 0
+    return commands.export(args.checkpoint, args.format, args.out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,14 +11,15 @@ would seed each transform's generators with the *same* seed, so every transform 
 draws (flip and colour jitter, both p=0.5, would always happen together). Instead one pair of generators is
 shared across the whole pipeline (`Compose.set_random_state`) and re-seeded from the seed on every call, so
 the draws are sequential, independent of earlier calls, and identical in any process. The numpy generator
-gets its PCG64 state straight from splitmix64 of the seed: seeding it through numpy's SeedSequence would
-cost 20 us an image, 2% of the whole train stream.
+gets its PCG64 state straight from splitmix64 of the seed: seeding it through numpy's SeedSequence costs
+several times more per image (bench/micro.py measures both).
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Callable
 
 import albumentations as A
 import cv2
@@ -34,9 +35,6 @@ cv2.setNumThreads(1)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-TRAIN_PRESETS = ("standard", "notebook", "none")
-
-
 def eval_transform(image_size: int, crop_pct: float = 0.875) -> A.Compose:
     """Resize the short side to round(image_size / crop_pct), then centre-crop image_size x image_size."""
     _check_size(image_size)
@@ -50,15 +48,11 @@ def eval_transform(image_size: int, crop_pct: float = 0.875) -> A.Compose:
 
 
 def train_transform(preset: str, image_size: int, crop_scale: tuple[float, float] = (0.35, 1.0)) -> A.Compose:
-    """The training augmentation for `preset`: "standard", "notebook" or "none" (the eval transform)."""
+    """The training augmentation of `preset`, one of TRAIN_PRESETS."""
     _check_size(image_size)
-    if preset == "standard":
-        return _standard(image_size, crop_scale)
-    if preset == "notebook":
-        return _notebook(image_size)
-    if preset == "none":
-        return eval_transform(image_size)
-    raise UserError(f"unknown augmentation preset {preset!r}; valid presets: {', '.join(TRAIN_PRESETS)}")
+    if preset not in TRAIN_PRESETS:
+        raise UserError(f"unknown augmentation preset {preset!r}; valid presets: {', '.join(TRAIN_PRESETS)}")
+    return TRAIN_PRESETS[preset](image_size, crop_scale)
 
 
 def _standard(size: int, crop_scale: tuple[float, float]) -> A.Compose:
@@ -69,15 +63,16 @@ def _standard(size: int, crop_scale: tuple[float, float]) -> A.Compose:
         [
             A.RandomResizedCrop(size=(size, size), scale=(low, high)),
             A.HorizontalFlip(p=0.5),
-            # Brightness and saturation only. No hue: colour tells bird species apart (and hue was ~30% of
-            # the stream). No contrast: ColorJitter converts every image to gray for its mean (~0.1 ms).
+            # Brightness and saturation only. No hue: colour tells bird species apart (and hue was a large
+            # share of the stream). No contrast: ColorJitter converts every image to gray for its mean
+            # (bench/micro.py measures that cost).
             A.ColorJitter(brightness=0.2, contrast=0.0, saturation=0.2, hue=0.0, p=0.5),
         ],
         seed=0,
     )
 
 
-def _notebook(size: int) -> A.Compose:
+def _notebook(size: int, crop_scale: tuple[float, float]) -> A.Compose:
     """The classic CUB notebook: squash to size x size, small rotation, flip, padded random crop.
 
     Borders (rotation corners and padding) are filled with black, as torchvision's RandomRotation and
@@ -94,6 +89,19 @@ def _notebook(size: int) -> A.Compose:
         ],
         seed=0,
     )
+
+
+def _none(size: int, crop_scale: tuple[float, float]) -> A.Compose:
+    """No augmentation: the eval transform."""
+    return eval_transform(size)
+
+
+# The presets by name (`--augment`): each builds a uint8 HWC -> size x size pipeline from (size, crop_scale).
+TRAIN_PRESETS: dict[str, Callable[[int, tuple[float, float]], A.Compose]] = {
+    "standard": _standard,
+    "notebook": _notebook,
+    "none": _none,
+}
 
 
 def _check_size(image_size: int) -> None:

@@ -252,7 +252,7 @@ def load_model(run_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     from train.model import build_model
 
     state, meta = load_best(run_dir)
-    model = build_model(meta["arch"], len(meta["classes"]), "none")
+    model = build_model(meta["arch"], len(meta["classes"]), "none", meta["image_size"])
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

@@ -1,36 +1,81 @@
-"""`lr-find` and `evaluate`: one or several processes (`accelerate launch`), like `fit`."""
+"""One function per command (fit, lr-find, evaluate, predict, export): the wiring from checked arguments to
+the work (accelerator, manifest, model, the loops) and the lines a command ends with; each returns the
+exit status. `fit`, `lr-find` and `evaluate` run in one or several processes (`accelerate launch`).
+
+The modules that import torch are imported inside each command, so that a bad --shards fails before."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
-import torch
-from accelerate.utils import set_seed
-
 from pipeline.errors import UserError
 from pipeline.manifest import load_manifest
-from train import augment, checkpoint, engine, report
+from pipeline.remote import set_io_timeout
 from train.config import Config
 
 
-def lr_find(config: Config, out: Path) -> float:
+def fit(config: Config) -> int:
+    """`fit`; a stop signal ends it with stopping.STOP_EXIT once its checkpoint is written."""
+    set_io_timeout(config.io_timeout or None)  # inherited by DataLoader workers and launched processes
+    load_manifest(config.shards)  # a bad --shards fails in a second, before torch is imported
+    from train.stopping import STOP_EXIT, Stopped
+
+    try:
+        run_fit(config)
+    except Stopped as stop:  # the checkpoint is written
+        if str(stop):
+            print(stop, flush=True)
+        return STOP_EXIT
+    return 0
+
+
+def run_fit(config: Config) -> dict[str, Any]:
+    """Train, keep the best-by-valid-loss model, evaluate it on test, write results.json.
+
+    The main process holds the run directory's lock for the whole run and makes every decision about how
+    the run starts (fresh, or from which checkpoint); every process learns the outcome, so a refusal is the
+    same one line everywhere and nothing is written before it. config.yaml is written once, when the config
+    is complete (with --lr auto, once lr-find has chosen on the prepared model)."""
+    from train import engine, lifecycle, lr_finder, stopping, tracking
+
+    with contextlib.ExitStack() as held:  # the lock and the stop-signal handlers, until fit returns or fails
+        held.enter_context(stopping.installed(config.stop_signals, config.stop_grace))
+        accelerator = tracking.make_accelerator(config)
+        manifest = load_manifest(config.shards)
+        start, steps_per_epoch = lifecycle.begin(held, accelerator, config, manifest)
+        model, optimizer = engine.prepared_model(accelerator, config, manifest)
+        if config.lr == "auto":
+            config.lr = lr_finder.choose_lr(accelerator, model, optimizer, manifest, config, Path(config.run_dir))
+        lifecycle.record_config(accelerator, config)
+        return engine.train(accelerator, model, optimizer, config, manifest, start, steps_per_epoch)
+
+
+def lr_find(config: Config, out: Path) -> int:
     """The LR range test on fit's stream, model, groups and precision; lr_find.{json,png} in `out`."""
-    accelerator = engine.make_accelerator(config, with_tracker=False)
+    set_io_timeout(config.io_timeout or None)
+    load_manifest(config.shards)  # a bad --shards fails before torch is imported
+    from accelerate.utils import set_seed
+
+    from train import engine, lifecycle, lr_finder, report, tracking
+
+    accelerator = tracking.make_accelerator(config, with_tracker=False)
     manifest = load_manifest(config.shards)
-    engine.batches_per_epoch(accelerator, manifest, config)  # one-line error when a batch does not fit
+    lifecycle.batches_per_epoch(accelerator, manifest, config)  # one-line error when a batch does not fit
     set_seed(config.seed)
     model, optimizer = engine.build_model_and_optimizer(accelerator, config, manifest)
     model, optimizer = accelerator.prepare(model, optimizer)
-    result = engine.lr_find(accelerator, model, optimizer, manifest, config)
+    result = lr_finder.lr_find(accelerator, model, optimizer, manifest, config)
     if accelerator.is_main_process:
         report.write_lr_find(out, result)
     stopped = " (stopped early: the loss diverged)" if result.diverged else ""  # not when the steps ran out
-    engine.say(accelerator, f"{len(result.lrs)} steps from {result.lrs[0]:.3g} to {result.lrs[-1]:.3g}{stopped}; "
-                            f"plot and values in {out}/lr_find.png, lr_find.json")
-    engine.say(accelerator, f"suggested LR: {result.suggested_lr:.4g} (steepest descent of the smoothed loss)")
+    say = tracking.say
+    say(accelerator, f"{len(result.lrs)} steps from {result.lrs[0]:.3g} to {result.lrs[-1]:.3g}{stopped}; "
+                     f"plot and values in {out}/lr_find.png, lr_find.json")
+    say(accelerator, f"suggested LR: {result.suggested_lr:.4g} (steepest descent of the smoothed loss)")
     accelerator.end_training()
-    return result.suggested_lr
+    return 0
 
 
 def check_classes(meta: dict[str, Any], manifest: dict[str, Any], run: str, shards: str) -> None:
@@ -47,18 +92,24 @@ def check_classes(meta: dict[str, Any], manifest: dict[str, Any], run: str, shar
 
 
 def evaluate(run: str, shards: str, split: str, out: Path, batch_size: int, workers: int, precision: str,
-             wandb: str, wandb_project: str) -> dict[str, Any]:
+             wandb: str, wandb_project: str, io_timeout: float = 0.0) -> int:
     """Metrics, predictions and plots of a run's best model on one split of a shard set, into `out`."""
+    set_io_timeout(io_timeout or None)  # 0: the environment's or the default
+    import torch
+
+    from train import augment, checkpoint, evaluation, tracking
+
     model, meta = checkpoint.load_model(Path(run))
     manifest = load_manifest(shards)
     check_classes(meta, manifest, run, shards)
     if manifest["splits"][split]["num_samples"] == 0:
         raise UserError(f"the {split} split of {shards} is empty: nothing to evaluate")
-    accelerator = engine.make_accelerator(Config(precision=precision, wandb=wandb, run_dir=str(out)))
+    accelerator = tracking.make_accelerator(Config(precision=precision, wandb=wandb, run_dir=str(out)))
     model = model.to(accelerator.device, memory_format=torch.channels_last)
     transform = augment.Augment(augment.eval_transform(meta["image_size"], meta["crop_pct"]))
-    result = engine.evaluate(accelerator, model, shards, manifest, split, transform, batch_size, workers,
-                             collect=True)
+    stats = (meta["mean"], meta["std"])
+    result = evaluation.evaluate(accelerator, model, shards, manifest, split, transform, stats, batch_size,
+                                 workers, collect=True)
     if result["num_samples"] == 0:
         raise UserError(f"the {split} split of {shards}: all {result['bad_samples']} samples are corrupt, "
                         "nothing to evaluate")
@@ -66,12 +117,29 @@ def evaluate(run: str, shards: str, split: str, out: Path, batch_size: int, work
         if accelerator.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
         accelerator.init_trackers(wandb_project, config={"checkpoint": run, "shards": shards, "split": split},
-                                  init_kwargs={"wandb": {"dir": str(out), "mode": engine.wandb_mode(wandb),
+                                  init_kwargs={"wandb": {"dir": str(out), "mode": tracking.wandb_mode(wandb),
                                                          "job_type": "evaluate"}})
-    engine.write_evaluation_report(accelerator, result, meta["classes"], out, split, step=0)
-    engine.say(accelerator, f"{split}: top1 {result['top1']:.4f} top5 {result['top5']:.4f} loss {result['loss']:.4f} "
-                            f"on {result['num_samples']} images ({accelerator.num_processes} process(es))")
+    evaluation.write_evaluation_report(accelerator, result, meta["classes"], out, split, step=0)
+    say = tracking.say
+    say(accelerator, f"{split}: top1 {result['top1']:.4f} top5 {result['top5']:.4f} loss {result['loss']:.4f} "
+                     f"on {result['num_samples']} images ({accelerator.num_processes} process(es))")
     if result["bad_samples"]:
-        engine.say(accelerator, f"warning: {result['bad_samples']} corrupt sample(s) skipped")
+        say(accelerator, f"warning: {result['bad_samples']} corrupt sample(s) skipped")
     accelerator.end_training()
-    return result
+    return 0
+
+
+def predict(run: str, images: list[str], as_json: bool, batch_size: int) -> int:
+    """Top-5 species of each image; status 1 when some image could not be read."""
+    from train.predict import predict as predict_images
+
+    return 1 if predict_images(run, images, as_json=as_json, batch_size=batch_size) else 0
+
+
+def export(run: str, fmt: str, out: Path) -> int:
+    """The best model as TorchScript or ONNX, reloaded and compared on a check batch."""
+    from train.export import export as export_model
+
+    diff = export_model(run, fmt, out)
+    print(f"wrote {out} ({fmt}); reloaded: max abs logit difference {diff:.3g} on a check batch")
+    return 0

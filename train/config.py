@@ -1,10 +1,12 @@
-"""Run configuration: one dataclass; defaults < YAML file < command line (every option has a YAML key)."""
+"""Run configuration: one dataclass; defaults < YAML file < command line (every option has a YAML key).
+
+The command line is built from the dataclass: an option not given is absent from the parsed namespace (so it
+does not override the YAML), and `--help` shows each option's real default and its choices."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -12,14 +14,16 @@ from typing import Any
 import yaml
 
 from pipeline.errors import UserError
-from train.stopping import DEFAULT_SIGNALS, parse_signals
-
-ARCH_CHOICES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
-PRECISIONS = ("auto", "no", "fp16", "bf16")
-OPTIMIZER_CHOICES = ("adam", "adamw", "sgd")
-AUGMENT_CHOICES = ("standard", "notebook", "none")
-LR_SCHEMES = ("notebook", "geometric", "flat")
-WANDB_MODES = ("auto", "online", "offline", "disabled")
+from train.stopping import DEFAULT_SIGNALS
+from train.validate import (  # noqa: F401 (the config's checks, used through this module)
+    PRECISIONS,
+    RANGES,
+    REGISTRIES,
+    WANDB_MODES,
+    check,
+    choices,
+    registry,
+)
 
 
 @dataclass
@@ -88,10 +92,17 @@ HELP = {
     "config": "YAML file of options (keys = option names with _); the command line overrides it",
     "batch_size": "per process", "workers": "data loader processes per training process",
     "augment": "train augmentation preset",
-    "pretrained": "imagenet (torchvision's, through the torch hub cache) | none | PATH or http(s) URL of a "
-                  "torchvision-format state dict (a URL is downloaded once into the torch hub cache)",
-    "lr": "peak LR of the fc group; other groups get lr_scheme's multipliers (auto: run lr-find first)",
-    "lr_scheme": "discriminative LRs: notebook (stem /10 .. layer4 /2), geometric (lr_decay per group), flat",
+    "arch": "our ResNets (resnet18..resnet152, the notebook's) or a torchvision classification model by name",
+    "image_size": "train and eval crop size in pixels (a ViT needs a multiple of its patch size)",
+    "crop_pct": "eval crop / resize of the short side (torchvision ImageNet weights of other archs bring theirs)",
+    "pretrained": "imagenet (torchvision's weights API, through the torch hub cache; their mean/std and eval "
+                  "resize/crop with it) | none | PATH or http(s) URL of a torchvision-format state dict (a URL is "
+                  "downloaded once into the torch hub cache)",
+    "lr": "peak LR of the head group (fc for a ResNet); the other groups get lr_scheme's multipliers (auto: run "
+          "lr-find first)",
+    "lr_scheme": "discriminative LRs over stem, stages, head: notebook (head 1, then /2, /4, /6 ...: a ResNet's "
+                 "layer4 /2 .. stem /10), geometric (lr_decay per group below the head), flat",
+    "lr_decay": "per-group LR factor of lr_scheme geometric",
     "precision": "mixed precision (auto: from the accelerate launch config, else no)", "resume": "auto: continue from the newest complete checkpoint",
     "force": "resume with another --epochs (the LR schedule is rebuilt, continuous at the resumed step) or "
              "another shard set with the same classes", "compile": "torch.compile the model",
@@ -107,20 +118,57 @@ HELP = {
 }
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Each option's help ends with its choices and its real default (the Config default for run options,
+    whose parsed default is "not given"); required options say so."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        extra = []
+        if action.dest in CHOICE_OPTIONS:
+            extra.append("choices: " + ", ".join(registry(action.dest)))
+        if action.required:
+            extra.append("required")
+        elif action.option_strings and action.default is not argparse.SUPPRESS and action.nargs != 0:
+            extra.append(f"default: {_shown(action.default)}")
+        elif action.dest in DEFAULTS and action.default is argparse.SUPPRESS:
+            extra.append(f"default: {_shown(DEFAULTS[action.dest])}")
+        elif action.nargs == 0 and action.option_strings and action.dest != "help":
+            extra.append("default: off")
+        text = action.help or ""
+        return f"{text} ({'; '.join(extra).replace('%', '%%')})".lstrip() if extra else text
+
+
+CHOICE_OPTIONS = tuple(REGISTRIES)  # options whose values come from a registry
+DEFAULTS = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            for f in fields(Config)}
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, list | tuple):
+        return " ".join(map(str, value))
+    return repr(value) if value == "" else str(value)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One --flag per Config field, default None so that only what the user typed overrides the YAML."""
+    """One --flag per Config field; an option not given stays out of the namespace (argparse.SUPPRESS), so
+    only what the user typed overrides the YAML."""
     parser.add_argument("--config", type=Path, help=HELP["config"])
     for f in fields(Config):
         flag = "--" + f.name.replace("_", "-")
-        kind = type(f.default) if f.default is not dataclasses.MISSING else list
+        kind = type(DEFAULTS[f.name])
+        common = {"default": argparse.SUPPRESS, "help": HELP.get(f.name, f.name.replace("_", " "))}
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=HELP.get(f.name))
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
         elif kind is list:
-            parser.add_argument(flag, type=float, nargs=2, default=None, help=HELP.get(f.name))
+            parser.add_argument(flag, type=float, nargs=2, metavar=("MIN", "MAX"), **common)
         elif f.name == "lr":
-            parser.add_argument(flag, type=parse_lr, default=None, help=HELP.get(f.name))
+            parser.add_argument(flag, type=parse_lr, **common)
         else:
-            parser.add_argument(flag, type=kind, default=None, help=HELP.get(f.name))
+            parser.add_argument(flag, type=kind, **common)
 
 
 def parse_lr(text: str) -> float | str:
@@ -152,9 +200,8 @@ def load_yaml(path: Path) -> dict[str, Any]:
 def make_config(args: argparse.Namespace) -> Config:
     values = load_yaml(args.config) if getattr(args, "config", None) else {}
     for f in fields(Config):
-        value = getattr(args, f.name, None)
-        if value is not None:
-            values[f.name] = value
+        if hasattr(args, f.name):  # given on the command line
+            values[f.name] = getattr(args, f.name)
     try:
         config = Config(**values)
     except TypeError as e:
@@ -199,101 +246,6 @@ def _whole_number(name: str, value: Any) -> int:
     if isinstance(number, float) and not number.is_integer():
         raise UserError(f"option {name}: expected a whole number, got {value!r}")
     return int(number)
-
-
-# Ranges of the numeric options: (low, low_inclusive, high, high_inclusive), None for no bound. Every float
-# must also be finite (nan and inf are refused, from the command line and from YAML).
-MAX_IMAGE_SIZE = 2048
-MAX_SEED = 2**32 - 1  # numpy's seed range
-RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
-    "image_size": (16, True, MAX_IMAGE_SIZE, True),
-    "batch_size": (1, True, None, False),
-    "eval_batch_size": (0, True, None, False),  # 0: the train batch size
-    "workers": (0, True, None, False),
-    "crop_pct": (0, False, 1, True),
-    "shuffle_buffer": (1, True, None, False),
-    "lr_find_start": (0, False, None, False),
-    "lr_find_end": (0, False, None, False),
-    "lr_find_steps": (3, True, None, False),  # lr_finder.MIN_STEPS: a slope needs 3 points
-    "lr_decay": (0, False, 1, True),
-    "weight_decay": (0, True, None, False),
-    "momentum": (0, True, 1, False),
-    "epochs": (1, True, None, False),
-    "pct_start": (0, False, 1, False),
-    "div_factor": (1, True, None, False),
-    "final_div_factor": (1, True, None, False),
-    "grad_accum": (1, True, None, False),
-    "clip_grad": (0, True, None, False),  # 0: no clipping
-    "label_smoothing": (0, True, 1, False),
-    "seed": (0, True, MAX_SEED, True),
-    "checkpoint_every": (0, True, None, False),  # 0: epoch ends only
-    "keep_checkpoints": (1, True, None, False),
-    "log_every": (1, True, None, False),
-    "dist_timeout": (1, True, None, False),
-    "io_timeout": (0, True, None, False),  # 0: the environment's or the default
-    "stop_grace": (0, True, None, False),  # 0: no deadline
-}
-
-
-SWEEP_FLAGS = {"lr_find_start": "--lr-find-start/--start-lr", "lr_find_end": "--lr-find-end/--end-lr",
-               "lr_find_steps": "--lr-find-steps/--steps"}  # lr-find's own names for them
-
-
-def _flag(name: str) -> str:
-    return SWEEP_FLAGS.get(name) or "--" + name.replace("_", "-")
-
-
-def _range_problem(name: str, value: float) -> str | None:
-    low, low_in, high, high_in = RANGES[name]
-    if isinstance(value, float) and not math.isfinite(value):
-        return f"{_flag(name)} must be a finite number, got {value}"
-    too_low = low is not None and (value < low if low_in else value <= low)
-    too_high = high is not None and (value > high if high_in else value >= high)
-    if not (too_low or too_high):
-        return None
-    if high is None:
-        return f"{_flag(name)} must be {'>=' if low_in else '>'} {_show(low)}, got {_show(value)}"
-    interval = f"{'[' if low_in else '('}{_show(low)}, {_show(high)}{']' if high_in else ')'}"
-    return f"{_flag(name)} must be in {interval}, got {_show(value)}"
-
-
-def _show(number: float) -> str:
-    return str(int(number)) if float(number).is_integer() else f"{number:g}"
-
-
-def check(config: Config, require_shards: bool = True) -> list[str]:
-    """Problems with a config, as argparse-style messages (empty list: fine)."""
-    problems = []
-    if require_shards and not config.shards:
-        problems.append("--shards is required (a shard set directory or URL)")
-    for name, choices in (("arch", ARCH_CHOICES), ("precision", PRECISIONS), ("optimizer", OPTIMIZER_CHOICES),
-                          ("augment", AUGMENT_CHOICES), ("lr_scheme", LR_SCHEMES), ("wandb", WANDB_MODES)):
-        if getattr(config, name) not in choices:
-            problems.append(f"--{name.replace('_', '-')}: invalid choice {getattr(config, name)!r} "
-                            f"(choose from {', '.join(choices)})")
-    for name in RANGES:
-        problem = _range_problem(name, getattr(config, name))
-        if problem:
-            problems.append(problem)
-    if config.lr != "auto" and not (config.lr > 0 and math.isfinite(config.lr)):  # also refuses nan
-        problems.append(f"--lr must be > 0 and finite, got {config.lr}")
-    if not config.lr_find_start < config.lr_find_end:
-        problems.append("the LR sweep needs --start-lr < --end-lr (lr_find_start, lr_find_end), got "
-                        f"{config.lr_find_start} and {config.lr_find_end}")
-    low, high = config.crop_scale
-    if not (math.isfinite(low) and math.isfinite(high) and 0 < low <= high <= 1):
-        problems.append(f"--crop-scale needs two numbers 0 < min <= max <= 1, got {low:g} {high:g}")
-    if config.resume not in ("", "auto"):
-        problems.append(f"--resume: only 'auto' is supported, got {config.resume!r}")
-    try:
-        parse_signals(config.stop_signals)
-    except ValueError as e:
-        problems.append(f"--stop-signals: {e}")
-    if not config.run_dir:
-        problems.append("--run-dir must not be empty")
-    if not config.wandb_project:
-        problems.append("--wandb-project must not be empty")
-    return problems
 
 
 def to_dict(config: Config) -> dict[str, Any]:

@@ -36,7 +36,9 @@ def check_batch(meta: dict[str, Any], batch: int = CHECK_BATCH) -> torch.Tensor:
 def export_torchscript(model: torch.nn.Module, example: torch.Tensor, meta: dict[str, Any], out: Path) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit is deprecated, still supported
-        traced = torch.jit.trace(model, example)
+        # torch's own trace check re-traces and compares graphs, which fails on some models (a ViT's) for
+        # names alone; the reloaded export is compared with the checkpoint's logits instead (_check).
+        traced = torch.jit.trace(model, example, check_trace=False)
         torch.jit.save(traced, str(out), _extra_files={"meta.json": json.dumps(meta)})
 
 

@@ -5,8 +5,8 @@ one batch at that LR. The loss is smoothed as torch-lr-finder does (smoothing 0.
 0.95 * previous smoothed, starting from the first loss) and the test stops early once the smoothed loss
 exceeds 5x the best one seen, or is not finite (divergence).
 
-The LR set at each step is that of the fc group; the other discriminative groups keep their ratio to it
-(whatever LRs the optimizer was built with, relative to its largest group LR).
+The LR set at each step is that of the head group (fc for a ResNet); the other discriminative groups keep
+their ratio to it (whatever LRs the optimizer was built with, relative to its largest group LR).
 
 Suggested LR: the point of steepest descent of the smoothed loss against log(LR) (the LRs are evenly spaced
 in log LR, so: the most negative `numpy.gradient` of the smoothed losses), searched from the end of the
@@ -15,6 +15,9 @@ loss rises). It lies below the LR of the lowest loss, where training is still fa
 descent at all (the lowest loss in the first 10%), the LR of the lowest loss.
 
 The model and optimizer are restored afterwards: their state dicts are deep-copied before and loaded after.
+
+`lr_find` runs the test on fit's own model, param groups, data stream and train step (what `lr-find` and
+`fit --lr auto` use); `choose_lr` is `--lr auto`'s choice from it.
 """
 
 from __future__ import annotations
@@ -23,11 +26,18 @@ import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 
 from pipeline.errors import UserError
+from train import engine
+from train.config import Config
+from train.lifecycle import batches_per_epoch
+from train.tracking import say
 
 SKIP_START = 10
 MIN_STEPS = 3  # a slope needs 3 points
@@ -35,7 +45,7 @@ MIN_STEPS = 3  # a slope needs 3 points
 
 @dataclass
 class RangeTest:
-    lrs: list[float]  # the fc group's LR at each completed step
+    lrs: list[float]  # the head group's LR at each completed step
     losses: list[float]  # smoothed losses (bias-free EMA), one per LR
     suggested_lr: float
     suggested_index: int
@@ -56,7 +66,7 @@ def exponential_lrs(start_lr: float, end_lr: float, steps: int) -> list[float]:
 
 
 def relative_lrs(optimizer: torch.optim.Optimizer) -> list[float]:
-    """Each param group's LR as a fraction of the largest one (the fc group's, for our schemes)."""
+    """Each param group's LR as a fraction of the largest one (the head group's, for our schemes)."""
     lrs = [float(group["lr"]) for group in optimizer.param_groups]
     top = max(lrs)
     return [lr / top for lr in lrs]
@@ -118,3 +128,48 @@ def steepest_descent(losses: list[float]) -> int:
         return lowest
     slopes = np.gradient(np.asarray(losses[start:lowest + 1], dtype=np.float64))
     return start + int(np.argmin(slopes))
+
+
+# ---------------------------------------------------------------- on fit's model, stream and train step
+
+
+def lr_find(accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, manifest: dict[str, Any],
+            config: Config) -> RangeTest:
+    """The LR range test (config.lr_find_*) with fit's data stream, train step (precision, accumulation,
+    clipping) and param groups; model, optimizer, gradient scaler and accumulation counter are restored."""
+    # fit's train batches (same augmentation, order, rank split) from epoch 0, enough for every step
+    epochs = -(-config.lr_find_steps * config.grad_accum // batches_per_epoch(accelerator, manifest, config))
+    stream = engine.train_batches(accelerator, manifest, config, 0, start_batch=0, epochs=epochs)
+
+    def step() -> float:
+        total = torch.zeros((), device=accelerator.device)
+        for _ in range(config.grad_accum):
+            total += engine._train_step(accelerator, model, optimizer, next(stream), config)[2]
+        return accelerator.reduce(total / config.grad_accum, "mean").item()  # the same on every process
+
+    saved_step = accelerator.step
+    scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+    model.train()
+    try:
+        return range_test(step, accelerator.unwrap_model(model), optimizer, start_lr=config.lr_find_start,
+                          end_lr=config.lr_find_end, steps=config.lr_find_steps)
+    finally:
+        stream.close()
+        accelerator.step = saved_step
+        if scaler is not None:
+            accelerator.scaler.load_state_dict(scaler)
+
+
+def choose_lr(accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, manifest: dict[str, Any],
+              config: Config, run_dir: Path) -> float:
+    """`--lr auto`: run the range test, scale every group to its suggestion, record it in run_dir/lr_find/
+    (config.yaml, with the chosen LR, is lifecycle.record_config's)."""
+    result = lr_find(accelerator, model, optimizer, manifest, config)
+    set_lr(optimizer, result.suggested_lr, relative_lrs(optimizer))
+    config.lr = result.suggested_lr
+    if accelerator.is_main_process:
+        from train import report
+
+        report.write_lr_find(run_dir / "lr_find", result)
+    say(accelerator, f"--lr auto: lr-find suggests {result.suggested_lr:.3g} (plot in {run_dir}/lr_find/)")
+    return result.suggested_lr

@@ -1,30 +1,36 @@
-"""Discriminative learning rates per ResNet stage and a one-cycle schedule, as in the classic CUB notebook.
+"""Discriminative learning rates per model group and a one-cycle schedule, as in the classic CUB notebook.
 
-Parameters are grouped by ResNet stage (stem, layer1..layer4, fc), each stage with its own LR
-(base_lr * multiplier), and split again into decay / no-decay: norm-layer parameters and biases
+Parameters are grouped into the model's stem, stages in depth order and head (train.groups), each group with
+its own LR (base_lr * multiplier), and split again into decay / no-decay: norm-layer parameters and biases
 (every 1-D parameter) get no weight decay.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from pipeline.errors import UserError
-from train.model import PARAM_GROUPS as GROUPS
-from train.model import param_group_of
+from train.groups import RESNET_GROUPS, assign
 
-NOTEBOOK_MULTIPLIERS = {
-    "stem": 1 / 10,
-    "layer1": 1 / 8,
-    "layer2": 1 / 6,
-    "layer3": 1 / 4,
-    "layer4": 1 / 2,
-    "fc": 1.0,
-}
-SCHEMES = ("notebook", "geometric", "flat")
-OPTIMIZERS = ("adam", "adamw", "sgd")
 NO_DECAY_SUFFIX = "/no_decay"
+
+# LR schemes: the multiplier of the group `depth` groups below the head (the head is depth 0), given
+# lr_decay. notebook: the head 1, then 1/2, 1/4, 1/6, ... (a ResNet: fc 1, layer4 /2, layer3 /4, layer2 /6,
+# layer1 /8, stem /10, the notebook's exact values); geometric: lr_decay per group; flat: one LR.
+SCHEMES: dict[str, Callable[[int, float], float]] = {
+    "notebook": lambda depth, decay: 1.0 / (2 * depth) if depth else 1.0,
+    "geometric": lambda depth, decay: decay**depth,
+    "flat": lambda depth, decay: 1.0,
+}
+# Optimizers: "adam" (the notebook's; L2 weight decay), "adamw" (decoupled decay), "sgd" (Nesterov momentum).
+OPTIMIZERS: dict[str, Callable[[list[dict], float, float, tuple[float, float]], torch.optim.Optimizer]] = {
+    "adam": lambda groups, lr, momentum, betas: torch.optim.Adam(groups, lr=lr, betas=betas),
+    "adamw": lambda groups, lr, momentum, betas: torch.optim.AdamW(groups, lr=lr, betas=betas),
+    "sgd": lambda groups, lr, momentum, betas: torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True),
+}
 
 _NORM_TYPES = (
     nn.modules.batchnorm._BatchNorm,
@@ -34,24 +40,21 @@ _NORM_TYPES = (
 )
 
 
-def lr_multipliers(scheme: str = "notebook", decay: float = 0.5) -> dict[str, float]:
-    """LR multiplier per group: "notebook" (1/10 .. 1), "geometric" (fc 1, layer4 decay, .. stem decay^5), "flat"."""
-    if scheme == "notebook":
-        return dict(NOTEBOOK_MULTIPLIERS)
-    if scheme == "geometric":
-        if not 0.0 < decay <= 1.0:
-            raise UserError(f"geometric LR decay must be in (0, 1], got {decay}")
-        depth_from_head = range(len(GROUPS) - 1, -1, -1)  # stem 5 .. fc 0
-        return {group: decay**depth for group, depth in zip(GROUPS, depth_from_head, strict=True)}
-    if scheme == "flat":
-        return dict.fromkeys(GROUPS, 1.0)
-    raise UserError(f"unknown LR scheme {scheme!r}; valid schemes: {', '.join(SCHEMES)}")
+def lr_multipliers(scheme: str = "notebook", decay: float = 0.5,
+                   groups: tuple[str, ...] | list[str] = RESNET_GROUPS) -> dict[str, float]:
+    """LR multiplier per group; `groups` in depth order, stem first, head last (see SCHEMES)."""
+    if scheme not in SCHEMES:
+        raise UserError(f"unknown LR scheme {scheme!r}; valid schemes: {', '.join(SCHEMES)}")
+    if scheme == "geometric" and not 0.0 < decay <= 1.0:
+        raise UserError(f"geometric LR decay must be in (0, 1], got {decay}")
+    last = len(groups) - 1
+    return {group: SCHEMES[scheme](last - index, decay) for index, group in enumerate(groups)}
 
 
 def _norm_param_names(model: nn.Module) -> set[str]:
     names = set()
     for module_name, module in model.named_modules():
-        if isinstance(module, _NORM_TYPES):
+        if isinstance(module, _NORM_TYPES) or type(module).__name__ == "LayerNorm2d":
             for param_name, _ in module.named_parameters(recurse=False):
                 names.add(f"{module_name}.{param_name}" if module_name else param_name)
     return names
@@ -60,11 +63,12 @@ def _norm_param_names(model: nn.Module) -> set[str]:
 def param_groups(
     model: nn.Module, base_lr: float, weight_decay: float, multipliers: dict[str, float]
 ) -> list[dict]:
-    """Optimizer param groups: one per (discriminative group, decay / no-decay), empty ones skipped.
+    """Optimizer param groups: one per (model group, decay / no-decay) in depth order, empty ones skipped.
 
     Frozen parameters (requires_grad False) are left out; every trainable parameter is in exactly one group.
     """
-    missing = [g for g in GROUPS if g not in multipliers]
+    owner = assign(model)
+    missing = sorted({g for g in owner.values() if g not in multipliers})
     if missing:
         raise UserError(f"LR multipliers missing for groups: {', '.join(missing)}")
     norm_names = _norm_param_names(model)
@@ -73,10 +77,10 @@ def param_groups(
         if not param.requires_grad:
             continue
         no_decay = param.ndim <= 1 or name in norm_names
-        key = param_group_of(name) + (NO_DECAY_SUFFIX if no_decay else "")
+        key = owner[name] + (NO_DECAY_SUFFIX if no_decay else "")
         buckets.setdefault(key, []).append(param)
     groups = []
-    for group in GROUPS:
+    for group in multipliers:
         lr = base_lr * multipliers[group]
         for key, decay in ((group, weight_decay), (group + NO_DECAY_SUFFIX, 0.0)):
             if buckets.get(key):
@@ -91,17 +95,10 @@ def build_optimizer(
     momentum: float = 0.9,
     betas: tuple[float, float] = (0.9, 0.999),
 ) -> torch.optim.Optimizer:
-    """ "adam" (the notebook's; L2 weight decay), "adamw" (decoupled decay) or "sgd" (Nesterov momentum).
-
-    `lr` is only the default for groups that carry no "lr" of their own.
-    """
-    if name == "adam":
-        return torch.optim.Adam(groups, lr=lr, betas=betas)
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=betas)
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True)
-    raise UserError(f"unknown optimizer {name!r}; valid optimizers: {', '.join(OPTIMIZERS)}")
+    """One of OPTIMIZERS. `lr` is only the default for groups that carry no "lr" of their own."""
+    if name not in OPTIMIZERS:
+        raise UserError(f"unknown optimizer {name!r}; valid optimizers: {', '.join(OPTIMIZERS)}")
+    return OPTIMIZERS[name](groups, lr, momentum, betas)
 
 
 def build_scheduler(

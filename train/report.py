@@ -1,6 +1,6 @@
 """Evaluation reports and the LR range test plot: metrics.json, predictions.csv and PNGs (matplotlib, Agg).
 
-Input: the per-sample records of `engine.evaluate(..., collect=True)` (every sample once, sorted by key):
+Input: the per-sample records of `evaluation.evaluate(..., collect=True)` (every sample once, sorted by key):
 {"key", "label", "pred", "conf", "features"} and the most confident wrong predictions with their uint8
 images ({"key", "label", "pred", "conf", "image": CHW uint8}, as the eval transform left them).
 """
@@ -24,9 +24,8 @@ from pipeline.manifest import write_atomic, write_json_atomic  # noqa: E402
 
 ANNOTATE_MAX_CLASSES = 30  # write the count in each confusion-matrix cell up to this many classes
 LEGEND_MAX_CLASSES = 20
-TSNE_MAX_POINTS = 2000  # t-SNE takes ~10-30 s per 2000 points on one core: a seeded subsample beyond this
+TSNE_MAX_POINTS = 2000  # t-SNE's cost grows faster than the points: a seeded subsample beyond this
 PCA_DIMS_BEFORE_TSNE = 50
-MOST_INCORRECT = 16
 PLOTS = ("confusion_matrix.png", "most_incorrect.png", "embeddings.png")
 
 
@@ -234,7 +233,7 @@ def _tsne(features: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
     reduced = _pca(features[chosen], PCA_DIMS_BEFORE_TSNE)
     perplexity = min(30.0, (len(chosen) - 1) / 3)
     tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=0)
-    with threadpool_limits(limits=_spare_cores()):  # OpenMP threads fighting for busy cores: 30x slower
+    with threadpool_limits(limits=_spare_cores()):  # OpenMP threads fighting for busy cores slow it down many times
         return tsne.fit_transform(reduced), chosen
 
 

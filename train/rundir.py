@@ -21,6 +21,9 @@ from train import config as cfgmod
 from train.checkpoint import checkpoint_problem, complete_checkpoints, remove_temporaries
 
 LOCK = ".lock"  # with .lock.meta and .lock.holder beside it (pipeline.lock)
+# Options a resumed run may change without --force: how the global batch is split (the claim keeps the
+# checkpoint's global batch, train.data.elastic.keep_global_batch).
+LAYOUT_CHANGES = {"batch_size", "grad_accum"}
 
 
 def shard_set_id(manifest: dict[str, Any]) -> str:
@@ -115,7 +118,7 @@ def check_changes(config: cfgmod.Config, manifest: dict[str, Any], run_dir: Path
         raise UserError(f"{run_dir}/config.yaml is missing; cannot tell how the run was started: restore it, "
                         "or train in another --run-dir")
     info = read_run_info(run_dir)
-    changed = cfgmod.changed_fields(saved, config)
+    changed = [name for name in cfgmod.changed_fields(saved, config) if name not in LAYOUT_CHANGES]
     fixed = [name for name in changed if name not in cfgmod.FORCE_CHANGES]
     if fixed:
         raise UserError(f"cannot resume {run_dir}: config differs in {', '.join(fixed)}, which --force cannot "

@@ -1,20 +1,28 @@
-"""The regular-file members of a tar stream, read from the headers directly (8x faster than `tarfile`).
+"""Reading shards: the fast reader of the train stream, and the strict grouping `verify` checks with.
 
-webdataset reads tars through `tarfile` in stream mode, which builds a TarInfo and decodes every header
-field for each member: ~50 us a member, three members a sample, about a tenth of the whole train stream.
-This reader takes only what a sample needs (name, size, type) from each 512-byte header and checks the
-header checksum as `tarfile` does. It understands what other writers add: ustar name prefixes, pax
-extended headers (webdataset's TarWriter writes them for every member) and GNU long names. Like
-webdataset, it skips everything but regular files and `__*__` meta members; grouping members into samples
-stays webdataset's (`group_by_keys`).
+`tar_members` reads the regular-file members of a tar stream from the headers directly. webdataset reads
+tars through `tarfile` in stream mode, which builds a TarInfo and decodes every header field for each
+member, a real share of the train stream's time with three small members a sample. This reader takes only
+what a sample needs (name, size, type) from each 512-byte header and checks the header checksum as
+`tarfile` does. It understands what other writers add: ustar name prefixes, pax extended headers
+(webdataset's TarWriter writes them for every member) and GNU long names. Like webdataset, it skips
+everything but regular files and `__*__` meta members; grouping members into samples stays webdataset's
+(`group_by_keys`).
+
+`strict_samples` reads a whole shard with `tarfile` (an independent reader of what tarwrite wrote) and
+refuses what a stream reader would silently get wrong: a member that is not a regular file, a member twice,
+a sample whose members are split by another's.
 """
 
 from __future__ import annotations
 
+import io
 import re
 import tarfile
 from collections.abc import Iterator
 from typing import BinaryIO
+
+from pipeline.shardformat.schema import split_name
 
 BLOCK = tarfile.BLOCKSIZE
 REGULAR = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)
@@ -104,3 +112,24 @@ def _read_exactly(stream: BinaryIO, size: int) -> bytes:
             raise tarfile.ReadError("unexpected end of data")
         data += chunk
     return data
+
+
+def strict_samples(data: bytes) -> tuple[dict[str, dict[str, bytes]], str]:
+    """Members grouped by key ({key: {suffix: payload}}), and the first grouping problem: a member that
+    appears twice, or a sample whose members are split by another's (readers group consecutive members, so
+    they would see it twice or read only its first part). tarfile.TarError or ValueError for a tar that
+    cannot be read, or a member that is not a regular file."""
+    samples: dict[str, dict[str, bytes]] = {}
+    previous = None
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for member in tar:
+            if not member.isfile():
+                raise ValueError(f"member {member.name} is not a regular file")
+            key, suffix = split_name(member.name)
+            if key != previous and key in samples:
+                return samples, f"sample {key}: duplicate sample ({member.name} after sample {previous})"
+            if suffix in samples.setdefault(key, {}):
+                return samples, f"sample {key}: duplicate member {member.name}"
+            samples[key][suffix] = tar.extractfile(member).read()
+            previous = key
+    return samples, ""

@@ -1,0 +1,95 @@
+"""The one sample check, and decoding: `verify` and the train stream reject a sample for the same reason.
+
+A sample is a mapping of member suffix -> payload (keys starting with "__", webdataset's `__key__` and
+`__url__`, are not members). `sample_problem` is cheap (member names, label, image header: no pixels), so the
+train stream can run it on samples it skips when resuming; `decode_sample` adds the full decode, which is
+what the train stream feeds to augmentation and what `verify` requires of every sample.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import simplejpeg
+from PIL import Image
+
+from pipeline.encode import one_line
+from pipeline.shardformat.schema import IMAGE, LABEL, is_refused
+
+log = logging.getLogger(__name__)
+# PIL names the in-memory file it could not identify by its repr, address included: dropped, so the same
+# bytes always give the same reason.
+_OBJECT_REPR = re.compile(r" ?<[^<>]* object at 0x[0-9a-fA-F]+>")
+
+
+class CorruptSample(Exception):
+    """One sample cannot be used (undecodable image, bad label, refused member); the message is the reason."""
+
+
+def sample_problem(sample: Mapping[str, Any], num_classes: int) -> str | None:
+    """Why a sample is unusable, from what is cheap to check (no image decoding); None if usable."""
+    members = [name for name in sample if not name.startswith("__")]
+    refused = [name for name in members if is_refused(name)]
+    if refused:
+        return f"pickle member .{refused[0]} refused (never unpickled)"
+    if IMAGE not in sample or LABEL not in sample:
+        return f"needs {IMAGE} and {LABEL}, has {sorted(members)}"
+    try:
+        label = int(sample[LABEL])
+    except ValueError:
+        return f"{LABEL} {sample[LABEL][:20]!r} is not an integer"
+    if not 0 <= label < num_classes:
+        return f"{LABEL} {label} out of range 0..{num_classes - 1}"
+    return _header_problem(sample[IMAGE])
+
+
+def decode_sample(sample: Mapping[str, Any], num_classes: int) -> tuple[int, np.ndarray]:
+    """(label, HWC uint8 RGB image) of a usable sample; CorruptSample naming the first problem otherwise."""
+    problem = sample_problem(sample, num_classes)
+    if problem is not None:
+        raise CorruptSample(problem)
+    try:
+        image = decode_rgb(sample[IMAGE])
+    except MemoryError:
+        raise
+    except Exception as e:  # PIL raises many types for corrupt data
+        raise CorruptSample(_undecodable(e)) from None
+    return int(sample[LABEL]), image
+
+
+def decode_rgb(data: bytes) -> np.ndarray:
+    """simplejpeg (libjpeg-turbo, fast) for JPEGs; PIL for anything else or what simplejpeg refuses."""
+    if simplejpeg.is_jpeg(data):
+        try:
+            # fastdct / fastupsample: faster, with differences far below augmentation noise
+            return simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=True, fastupsample=True)
+        except ValueError as e:
+            log.debug("simplejpeg failed (%s); trying PIL", e)
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def _header_problem(data: bytes) -> str | None:
+    """None if the image's header parses (simplejpeg for JPEGs, else PIL), the reason otherwise."""
+    if simplejpeg.is_jpeg(data):
+        try:
+            simplejpeg.decode_jpeg_header(data)
+            return None
+        except ValueError:
+            pass  # PIL may still read it, as decode_rgb then does
+    try:
+        with Image.open(io.BytesIO(data)):
+            return None
+    except MemoryError:
+        raise
+    except Exception as e:  # PIL raises many types for garbage input
+        return _undecodable(e)
+
+
+def _undecodable(error: Exception) -> str:
+    return f"{IMAGE} does not decode ({type(error).__name__}: {_OBJECT_REPR.sub('', one_line(error))})"

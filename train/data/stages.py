@@ -1,0 +1,125 @@
+"""The stages a worker's samples pass through: the train stream of one epoch (shards cycled, a seeded
+shuffle buffer, the resume skip) and decoding + augmenting (train and eval).
+
+A train stream depends on sample counts and seeds only, never on content (`stream_samples`), which is what
+lets train.data.elastic replay it on positions instead of samples.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import logging
+import random
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import numpy as np
+
+from pipeline.shardformat.check import CorruptSample, decode_sample, sample_problem
+from train.augment import sample_seed
+from train.data.shards import Shard, ShardError
+
+log = logging.getLogger(__name__)
+
+Transform = Callable[[np.ndarray, int], np.ndarray]
+
+
+def _rng(*parts: object) -> random.Random:
+    """A random generator seeded from `parts`, identical in every process."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "little"))
+
+
+def stream_samples(shards: tuple[Shard, ...], keep: tuple[frozenset[int], ...] | None, *, seed: int, epoch: int,
+                   stream: int | str, quota: int, shuffle_buffer: int,
+                   read: Callable[[Shard], Iterator[Any]]) -> Iterator[Any]:
+    """What one train stream delivers in one epoch, in order: the first `quota` items of its shards (read
+    endlessly, see `_cycled`; with `keep`, only positions keep[i] of shards[i]) shuffled together in a
+    seeded buffer, then the endless rest (read only to replace corrupt samples).
+
+    It depends on sample counts and seeds only, never on content: with `read` giving positions instead of
+    samples it replays which samples a stream delivered (train.data.elastic)."""
+    if keep is not None:
+        read = _only(read, dict(zip(shards, keep, strict=True)))
+    cycled = _cycled(shards, seed, epoch, stream, read)
+    head = _shuffled(itertools.islice(cycled, quota), min(shuffle_buffer, quota), _rng("buffer", seed, epoch, stream))
+    return itertools.chain(head, cycled)
+
+
+def _only(read: Callable[[Shard], Iterator[Any]], keep: dict[Shard, frozenset[int]]) -> Callable[[Shard], Iterator[Any]]:
+    """`read` keeping only the given positions of each shard (position = index in the shard as read),
+    stopping after the last one."""
+    def reader(shard: Shard) -> Iterator[Any]:
+        wanted = keep[shard]
+        last = max(wanted)
+        with contextlib.closing(read(shard)) as items:
+            for position, item in enumerate(items):
+                if position in wanted:
+                    yield item
+                    if position == last:
+                        return
+    return reader
+
+
+def _cycled(shards: tuple[Shard, ...], seed: int, epoch: int, stream: int | str,
+            read: Callable[[Shard], Iterator[Any]]) -> Iterator[Any]:
+    """What `read` gives for each of `shards` (samples, or positions), endlessly: the first pass in the
+    given order, later passes reshuffled."""
+    for cycle in itertools.count():
+        order = list(shards)
+        if cycle:
+            _rng("cycle", seed, epoch, stream, cycle).shuffle(order)
+        count = 0
+        for shard in order:
+            for sample in read(shard):
+                count += 1
+                yield sample
+        if count == 0:
+            raise ShardError(f"train shards {[s.url for s in shards]} hold no samples; the run stops")
+
+
+def _shuffled(samples: Iterable[dict[str, Any]], size: int, rng: random.Random) -> Iterator[dict[str, Any]]:
+    """Shuffle buffer of `size` raw samples; deterministic given the input order and `rng`."""
+    buffer: list[dict[str, Any]] = []
+    for sample in samples:
+        if len(buffer) < size:
+            buffer.append(sample)
+            continue
+        i = rng.randrange(size)
+        yield buffer[i]
+        buffer[i] = sample
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def _skipped(samples: Iterable[dict[str, Any]], count: int, num_classes: int) -> Iterator[dict[str, Any]]:
+    """Drop the first `count` usable samples (consumed before a resume) without decoding them; corrupt
+    ones in between are dropped too (they were reported before the interruption)."""
+    samples = iter(samples)
+    while count > 0:
+        if sample_problem(next(samples), num_classes) is None:
+            count -= 1
+    yield from samples
+
+
+def _decoded(samples: Iterable[dict[str, Any]], transform: Transform, num_classes: int, seed: int,
+             epoch: int, max_bad_run: int | None = None) -> Iterator[tuple[str, np.ndarray, int] | None]:
+    """(key, augmented HWC uint8 image, label) per sample; None for a dropped corrupt sample (one warning
+    line), so that the batch stage can count it."""
+    bad_run = 0
+    for sample in samples:
+        key = sample["__key__"]
+        try:
+            label, image = decode_sample(sample, num_classes)
+        except CorruptSample as e:
+            log.warning("dropped corrupt sample %s in shard %s: %s", key, sample["__url__"], e)
+            bad_run += 1
+            if max_bad_run is not None and bad_run > max_bad_run:
+                raise ShardError(f"{bad_run} corrupt samples in a row (last in {sample['__url__']}): "
+                                 f"the shard set is broken; check it with `python -m pipeline verify`") from None
+            yield None
+            continue
+        bad_run = 0
+        yield key, transform(image, sample_seed(seed, epoch, key)), label

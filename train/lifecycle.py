@@ -1,0 +1,215 @@
+"""A fit run's life in its run directory: claiming it (lock, where to start, how many steps are left, the
+global batch a resume keeps), run.json and config.yaml, the progress saved in every checkpoint, and
+loading a checkpoint back into every process."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+
+from pipeline.errors import UserError
+from train import data, rundir
+from train.config import Config, to_dict
+from train.config import save as save_config
+from train.data import elastic as resume_plan
+from train.optim import reschedule
+from train.tracking import say
+
+
+def batches_per_epoch(accelerator: Accelerator, manifest: dict[str, Any], config: Config) -> int:
+    """Train batches each process runs per epoch; a one-line error when one global batch does not fit."""
+    return data.train_batches_per_epoch(manifest["splits"]["train"]["num_samples"], config.batch_size,
+                                        accelerator.num_processes)
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved in every checkpoint as trainer.json."""
+
+    epoch: int = 0  # the epoch in progress (or next, when step_in_epoch == 0)
+    step_in_epoch: int = 0  # optimizer steps done in `epoch`
+    global_step: int = 0
+    best_loss: float = math.inf
+    best_epoch: int = -1
+    best_valid: dict[str, Any] = field(default_factory=dict)
+    partial: list[float] = field(default_factory=lambda: [0.0] * 4)  # train sums of the epoch so far (all ranks)
+    partial_bad: int = 0
+    world_size: int = 1  # world_size, workers, batch_size, grad_accum, shuffle_buffer: the layout of the
+    workers: int = 0  # run that saved it (resume_plan.Layout)
+    steps_per_epoch: int = 0  # optimizer steps of a whole epoch in the run that saved it
+    batch_size: int = 0
+    grad_accum: int = 1
+    shuffle_buffer: int = 0
+    segments: list[dict[str, Any]] = field(default_factory=list)  # the epoch's layouts if it changed mid-way
+
+
+# What trainer.json must hold to resume from it (older checkpoints lack the later fields).
+TRAINER_KEYS = tuple(name for name in Progress.__dataclass_fields__ if name not in (
+    "steps_per_epoch", "segments", *resume_plan.LAYOUT_KEYS))
+
+
+def epoch_steps(accelerator: Accelerator, manifest: dict[str, Any], config: Config) -> int:
+    """Optimizer steps per epoch (the same in every process)."""
+    batches = batches_per_epoch(accelerator, manifest, config)
+    if batches // config.grad_accum < 1:
+        raise UserError(f"--grad-accum {config.grad_accum} exceeds the {batches} batches of an epoch")
+    return batches // config.grad_accum
+
+
+def begin(held: contextlib.ExitStack, accelerator: Accelerator, config: Config,
+          manifest: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """Every process: the main process claims the run directory (the lock stays in `held`) and every process
+    takes its decisions into its config; returns how the run starts and the optimizer steps per epoch."""
+    steps_per_epoch = epoch_steps(accelerator, manifest, config)
+    start = on_main(accelerator, lambda: claim_run_dir(held, config, manifest, steps_per_epoch,
+                                                       accelerator.num_processes))
+    config.lr = start["lr"]
+    # a resumed run keeps its checkpoint's global batch: the main process may have chosen another
+    config.grad_accum = accelerator.gradient_accumulation_steps = start["grad_accum"]
+    return start, epoch_steps(accelerator, manifest, config)
+
+
+def on_main(accelerator: Accelerator, decide: Any) -> dict[str, Any]:
+    """Run `decide` in the main process only and hand its result (or its one-line error) to every process."""
+    from accelerate.utils import broadcast_object_list
+
+    outcome: dict[str, Any] = {}
+    failure: BaseException | None = None
+    if accelerator.is_main_process:
+        try:
+            outcome = decide()
+        except UserError as e:
+            outcome = {"error": str(e)}
+        except BaseException as e:  # a bug: the main process shows its traceback, the others stop too
+            outcome, failure = {"error": f"the main process failed ({type(e).__name__}: {e})"}, e
+    outcome = broadcast_object_list([outcome])[0]
+    if failure is not None:
+        raise failure
+    if "error" in outcome:
+        raise UserError(outcome["error"])
+    return outcome
+
+
+def claim_run_dir(held: contextlib.ExitStack, config: Config, manifest: dict[str, Any], steps_per_epoch: int,
+                  world: int) -> dict[str, Any]:
+    """Main process: lock the run directory (stale temporaries go), decide how the run starts (the LR a
+    resumed --lr auto run chose, the global batch a resume keeps) and write run.json: all before any
+    training. config.yaml is record_config's."""
+    run_dir = Path(config.run_dir)
+    held.enter_context(rundir.locked(run_dir))
+    rundir.resolve_auto_lr(config)
+    start = rundir.resume_point(config, manifest, TRAINER_KEYS)
+    for warning in start.skipped:
+        print(warning, file=sys.stderr)
+    remaining = config.epochs * steps_per_epoch
+    saved = None
+    if start.checkpoint is not None:
+        saved = resume_plan.saved_layout(start.state, {**to_dict(config), **(rundir.read_saved_config(run_dir) or {})})
+        config.grad_accum, line = resume_plan.keep_global_batch(saved, world, config.batch_size, config.grad_accum,
+                                                                start.checkpoint.name)
+        if line:
+            print(line, flush=True)
+            steps_per_epoch = data.train_batches_per_epoch(manifest["splits"]["train"]["num_samples"],
+                                                           config.batch_size, world) // config.grad_accum
+        remaining = steps_left(start, config, steps_per_epoch)
+    try:
+        info = rundir.write_run_info(config, manifest, resuming=start.checkpoint is not None)
+        if remaining > 0:  # results of an earlier ending would not describe this run
+            (run_dir / "results.json").unlink(missing_ok=True)
+        if start.checkpoint is None:  # written by record_config; until then no config of another run stands
+            (run_dir / "config.yaml").unlink(missing_ok=True)
+    except OSError as e:
+        raise _cannot_write(e, run_dir) from None
+    return {"lr": config.lr, "checkpoint": start.checkpoint and str(start.checkpoint), "state": start.state,
+            "wandb_id": info["wandb_id"], "grad_accum": config.grad_accum,
+            "saved_layout": saved and dataclasses.asdict(saved)}
+
+
+def record_config(accelerator: Accelerator, config: Config) -> None:
+    """config.yaml, written once per run by the main process, atomically, once the config is complete: after
+    the claim, and with --lr auto after lr-find has chosen the LR, so it always says what the run follows (a
+    resume compares itself with it and reuses its LR). A failure is the same one line in every process."""
+    if config.lr == "auto":
+        raise ValueError("record_config needs the LR that lr-find chose")
+    run_dir = Path(config.run_dir)
+
+    def write() -> dict[str, Any]:
+        try:
+            save_config(config, run_dir / "config.yaml")
+        except OSError as e:
+            raise _cannot_write(e, run_dir) from None
+        return {}
+
+    on_main(accelerator, write)
+
+
+def _cannot_write(error: OSError, run_dir: Path) -> UserError:
+    return UserError(f"cannot write {error.filename or run_dir}: {error.strerror or error}")
+
+
+def steps_left(start: rundir.Start, config: Config, steps_per_epoch: int) -> int:
+    """Optimizer steps the resumed run has still to do; refuses a checkpoint this run cannot continue."""
+    state, name = start.state, start.checkpoint
+    if state["step_in_epoch"] and state.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
+        raise UserError(f"{name} was saved mid-epoch with {state['steps_per_epoch']} steps per epoch, now "
+                        f"{steps_per_epoch}; resume with the same shard set, or from an epoch-end checkpoint")
+    remaining = (config.epochs - state["epoch"]) * steps_per_epoch - state["step_in_epoch"]
+    if remaining < 0:
+        least = state["epoch"] + (1 if state["step_in_epoch"] else 0)
+        raise UserError(f"cannot resume {config.run_dir} with --epochs {config.epochs}: {name.name} is at step "
+                        f"{state['global_step']}, in epoch {state['epoch'] + 1}; --epochs must be at least {least}")
+    return remaining
+
+
+def resume(accelerator: Accelerator, where: Path, state: dict[str, Any], scheduler: Any, config: Config,
+           steps_per_epoch: int, saved: resume_plan.Layout) -> Progress:
+    """Load a checkpoint into every process; a run whose length changed (--epochs, or steps per epoch) gets
+    its LR schedule rebuilt to end at its new last step, continuous at this one. `saved`: the layout that
+    wrote the checkpoint; under another one, the epoch in progress records the change (its segments)."""
+    accelerator.load_state(str(where))
+    progress = Progress(**{key: value for key, value in state.items() if key in Progress.__dataclass_fields__})
+    now = layout(accelerator, config)
+    progress.segments = resume_plan.as_records(resume_plan.segments_after_resume(state, saved, now))
+    for key, value in layout_fields(now).items():
+        setattr(progress, key, value)
+    progress.steps_per_epoch = steps_per_epoch
+    if now != saved:  # the accumulation counter of the ranks of this layout, at a step boundary
+        accelerator.step = progress.global_step * config.grad_accum
+    say(accelerator, f"resuming {config.run_dir} from {where.name} (epoch {progress.epoch + 1}, "
+                     f"step {progress.global_step})")
+    total = progress.global_step + (config.epochs - progress.epoch) * steps_per_epoch - progress.step_in_epoch
+    if total > progress.global_step and total != scheduler.total_steps:
+        say(accelerator, f"the LR schedule now ends at step {total} instead of {scheduler.total_steps}, "
+                         f"continuing from its LR at step {progress.global_step}")
+        reschedule(scheduler, total)
+    return progress
+
+
+def layout(accelerator: Accelerator, config: Config) -> resume_plan.Layout:
+    return resume_plan.Layout(accelerator.num_processes, config.workers, config.batch_size, config.grad_accum,
+                              config.shuffle_buffer)
+
+
+def layout_fields(layout: resume_plan.Layout) -> dict[str, int]:
+    """A layout by Progress's names (world_size for processes)."""
+    fields = dataclasses.asdict(layout)
+    return {"world_size": fields.pop("processes"), **fields}
+
+
+def resumed_chunks(config: Config, manifest: dict[str, Any], progress: Progress,
+                   steps_per_epoch: int) -> list[data.Chunk] | None:
+    """What the streams read of the epoch in progress when it changed layout (None: its normal streams)."""
+    if not progress.step_in_epoch or not progress.segments:
+        return None
+    return resume_plan.plan(data.train_shards(config.shards, manifest), seed=config.seed, epoch=progress.epoch,
+                            steps_per_epoch=steps_per_epoch, segments=resume_plan.segments_of(progress.segments),
+                            step=progress.step_in_epoch)
+
+

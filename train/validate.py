@@ -1,0 +1,165 @@
+"""Checks of a run configuration before any work: each option's range and choices, read from the registries
+that define them (architectures, augmentation presets, optimizers, LR schemes), and the combinations."""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import importlib
+import math
+from typing import TYPE_CHECKING
+
+from train.stopping import parse_signals
+
+if TYPE_CHECKING:
+    from train.config import Config
+
+PRECISIONS = ("auto", "no", "fp16", "bf16")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+REGISTRIES = {  # option -> (module, attribute) of the registry that defines its values
+    "arch": ("train.model", "arch_names"),
+    "augment": ("train.augment", "TRAIN_PRESETS"),
+    "optimizer": ("train.optim", "OPTIMIZERS"),
+    "lr_scheme": ("train.optim", "SCHEMES"),
+    "precision": ("train.validate", "PRECISIONS"),
+    "wandb": ("train.validate", "WANDB_MODES"),
+}
+
+
+@functools.cache
+def registry(name: str) -> tuple[str, ...]:
+    """The values of option `name`, read from its registry (imported only when asked: some import torch)."""
+    module, attribute = REGISTRIES[name]
+    found = getattr(importlib.import_module(module), attribute)
+    return tuple(found() if callable(found) else found)
+
+
+def choices() -> dict[str, tuple[str, ...]]:
+    """Every option with a fixed set of values, and the values."""
+    return {name: registry(name) for name in REGISTRIES}
+
+
+def choice_problem(name: str, value: object) -> str | None:
+    """One line naming the choices when `value` is not one of option `name`'s."""
+    if name == "arch":
+        from train.resnet import RESNETS
+
+        if value in RESNETS:  # ours: no need to import torchvision's registry
+            return None
+    valid = registry(name)
+    if value in valid:
+        return None
+    flag = "--" + name.replace("_", "-")
+    if name == "arch":  # too many to list in one line: the close ones, and where the list is
+        close = difflib.get_close_matches(str(value), valid, n=3)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        return (f"{flag}: invalid choice {value!r} ({hint}our resnet18..resnet152 or a torchvision "
+                f"classification model; python -m train fit --help lists all {len(valid)})")
+    return f"{flag}: invalid choice {value!r} (choose from {', '.join(valid)})"
+
+
+# Ranges of the numeric options: (low, low_inclusive, high, high_inclusive), None for no bound. Every float
+# must also be finite (nan and inf are refused, from the command line and from YAML).
+MAX_IMAGE_SIZE = 2048
+MAX_SEED = 2**32 - 1  # numpy's seed range
+RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
+    "image_size": (16, True, MAX_IMAGE_SIZE, True),
+    "batch_size": (1, True, None, False),
+    "eval_batch_size": (0, True, None, False),  # 0: the train batch size
+    "workers": (0, True, None, False),
+    "crop_pct": (0, False, 1, True),
+    "shuffle_buffer": (1, True, None, False),
+    "lr_find_start": (0, False, None, False),
+    "lr_find_end": (0, False, None, False),
+    "lr_find_steps": (3, True, None, False),  # lr_finder.MIN_STEPS: a slope needs 3 points
+    "lr_decay": (0, False, 1, True),
+    "weight_decay": (0, True, None, False),
+    "momentum": (0, True, 1, False),
+    "epochs": (1, True, None, False),
+    "pct_start": (0, False, 1, False),
+    "div_factor": (1, True, None, False),
+    "final_div_factor": (1, True, None, False),
+    "grad_accum": (1, True, None, False),
+    "clip_grad": (0, True, None, False),  # 0: no clipping
+    "label_smoothing": (0, True, 1, False),
+    "seed": (0, True, MAX_SEED, True),
+    "checkpoint_every": (0, True, None, False),  # 0: epoch ends only
+    "keep_checkpoints": (1, True, None, False),
+    "log_every": (1, True, None, False),
+    "dist_timeout": (1, True, None, False),
+    "io_timeout": (0, True, None, False),  # 0: the environment's or the default
+    "stop_grace": (0, True, None, False),  # 0: no deadline
+}
+
+
+SWEEP_FLAGS = {"lr_find_start": "--lr-find-start/--start-lr", "lr_find_end": "--lr-find-end/--end-lr",
+               "lr_find_steps": "--lr-find-steps/--steps"}  # lr-find's own names for them
+
+
+def _flag(name: str) -> str:
+    return SWEEP_FLAGS.get(name) or "--" + name.replace("_", "-")
+
+
+def _range_problem(name: str, value: float) -> str | None:
+    low, low_in, high, high_in = RANGES[name]
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{_flag(name)} must be a finite number, got {value}"
+    too_low = low is not None and (value < low if low_in else value <= low)
+    too_high = high is not None and (value > high if high_in else value >= high)
+    if not (too_low or too_high):
+        return None
+    if high is None:
+        return f"{_flag(name)} must be {'>=' if low_in else '>'} {_show(low)}, got {_show(value)}"
+    interval = f"{'[' if low_in else '('}{_show(low)}, {_show(high)}{']' if high_in else ')'}"
+    return f"{_flag(name)} must be in {interval}, got {_show(value)}"
+
+
+def _show(number: float) -> str:
+    return str(int(number)) if float(number).is_integer() else f"{number:g}"
+
+
+def _size_problem(config: Config) -> str | None:
+    from train.resnet import RESNETS
+
+    if config.arch in RESNETS:  # ours take any size (and need no torchvision import)
+        return None
+    from train.model import size_problem
+
+    return size_problem(config.arch, config.image_size, config.pretrained)
+
+
+def check(config: Config, require_shards: bool = True) -> list[str]:
+    """Problems with a config, as argparse-style messages (empty list: fine)."""
+    problems = []
+    if require_shards and not config.shards:
+        problems.append("--shards is required (a shard set directory or URL)")
+    problems += filter(None, (choice_problem(name, getattr(config, name)) for name in REGISTRIES))
+    for name in RANGES:
+        problem = _range_problem(name, getattr(config, name))
+        if problem:
+            problems.append(problem)
+    if config.lr != "auto" and not (config.lr > 0 and math.isfinite(config.lr)):  # also refuses nan
+        problems.append(f"--lr must be > 0 and finite, got {config.lr}")
+    if not problems:  # the arch and image size are known good on their own
+        problems += filter(None, [_size_problem(config)])
+    if not config.lr_find_start < config.lr_find_end:
+        problems.append("the LR sweep needs --start-lr < --end-lr (lr_find_start, lr_find_end), got "
+                        f"{config.lr_find_start} and {config.lr_find_end}")
+    low, high = config.crop_scale
+    if not (math.isfinite(low) and math.isfinite(high) and 0 < low <= high <= 1):
+        problems.append(f"--crop-scale needs two numbers 0 < min <= max <= 1, got {low:g} {high:g}")
+    if config.resume not in ("", "auto"):
+        problems.append(f"--resume: only 'auto' is supported, got {config.resume!r}")
+    try:
+        parse_signals(config.stop_signals)
+    except ValueError as e:
+        problems.append(f"--stop-signals: {e}")
+    if not config.run_dir:
+        problems.append("--run-dir must not be empty")
+    if not config.wandb_project:
+        problems.append("--wandb-project must not be empty")
+    return problems
+
+

@@ -1,0 +1,181 @@
+"""Pretrained weights: torchvision's ImageNet files (through its weights API and the torch hub cache), a state
+dict file, or one downloaded from an http(s) URL; loaded with strict key and shape checks except the head."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Iterator, Mapping
+from urllib.parse import urlparse
+
+import torch
+import torchvision
+from torch import Tensor, nn
+
+from pipeline.errors import UserError
+from pipeline.remote import io_timeout
+
+log = logging.getLogger(__name__)
+
+URL_SCHEMES = ("http://", "https://")
+
+
+def hub_cache_file(url: str) -> str:
+    """Where torch hub caches (and looks for) the file downloaded from `url`: $TORCH_HOME/hub/checkpoints/."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
+
+
+def _imagenet_state_dict(arch: str) -> Mapping[str, object]:
+    """torchvision's default ImageNet weights, from torch hub's cache or downloaded into it."""
+    weights = torchvision.models.get_model_weights(arch).DEFAULT
+    cache_file = hub_cache_file(weights.url)
+    was_cached = os.path.exists(cache_file)
+    try:
+        with _stall_timeout():
+            return weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
+    except Exception as exc:  # no network (URLError), bad hash, unreadable file: see _file_state_dict
+        if was_cached:
+            raise UserError(
+                f"cached ImageNet weights {cache_file} are unreadable ({_one_line(exc)}); "
+                f"delete that file to download it again, or pass --pretrained PATH"
+            ) from exc
+        raise UserError(
+            f"cannot download ImageNet weights for {arch} from {weights.url} ({_one_line(exc)}); "
+            f"put that file at {cache_file}, or pass --pretrained PATH"
+        ) from exc
+
+
+@contextlib.contextmanager
+def _stall_timeout() -> Iterator[None]:
+    """torch hub opens its downloads without a timeout: a server that stops sending would hang the run. The
+    default socket timeout bounds every read by the I/O timeout of shard reads (--io-timeout)."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(io_timeout())
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def _url_state_dict(url: str) -> Mapping[str, object]:
+    """A torchvision-format state dict from an http(s) URL, cached the way torchvision caches its own weights:
+    torch hub downloads it once into $TORCH_HOME/hub/checkpoints/ (to a temporary name, renamed when complete),
+    checks its sha256 when the file name carries a hash prefix as torchvision's do (`name-<hex>.pth`), and
+    it is loaded with weights_only=True. A download that is no usable state dict is not kept."""
+    cache_file = hub_cache_file(url)
+    if not os.path.basename(cache_file):
+        raise UserError(f"--pretrained {url}: the URL must end in the weights file's name")
+    was_cached = os.path.exists(cache_file)
+    try:
+        with _stall_timeout():
+            obj = torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=True, check_hash=True,
+                                                     weights_only=True)
+        return _unwrap_state_dict(obj, url)
+    except Exception as exc:  # HTTPError, URLError, a bad hash, anything torch.load raises, or no state dict
+        reason = str(exc) if isinstance(exc, UserError) else f"{url}: {_one_line(exc, sentences=True)}"
+        if was_cached:
+            raise UserError(f"pretrained weights {reason}; it is the cached file {cache_file}: delete it to "
+                            f"download it again") from exc
+        if not os.path.exists(cache_file):
+            raise UserError(f"cannot download pretrained weights {reason}; put that file at {cache_file}, "
+                            f"or pass --pretrained PATH") from exc
+        os.remove(cache_file)  # downloaded just now, but unusable: the next run downloads it again
+        raise UserError(f"pretrained weights {reason}; the download was not kept") from exc
+
+
+def _file_state_dict(path: str) -> Mapping[str, object]:
+    if not os.path.isfile(path):
+        raise UserError(
+            f"pretrained weights file {path!r} does not exist (use 'none', 'imagenet' or a path "
+            f"to a torchvision-format state dict)"
+        )
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # arbitrary bytes make the unpickler raise almost any type (IndexError, ...)
+        raise UserError(f"cannot read pretrained weights file {path}: {_one_line(exc, sentences=True)}") from exc
+    return _unwrap_state_dict(obj, path)
+
+
+def _unwrap_state_dict(obj: object, source: str) -> Mapping[str, object]:
+    """The state dict itself, also out of a checkpoint dict that keeps it under "state_dict" or "model"."""
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise UserError(f"{source} does not hold a state dict (a mapping of parameter names to tensors)")
+    return obj
+
+
+def state_dict_from(pretrained: str, arch: str) -> tuple[Mapping[str, object], str]:
+    """The state dict `pretrained` names ("imagenet", an http(s) URL or a file) and how to name its source."""
+    if pretrained == "imagenet":
+        return _imagenet_state_dict(arch), f"ImageNet weights for {arch}"
+    if pretrained.startswith(URL_SCHEMES):
+        return _url_state_dict(pretrained), pretrained
+    return _file_state_dict(pretrained), pretrained
+
+
+def load_pretrained(model: nn.Module, state_dict: Mapping[str, object], arch: str, source: str,
+                    head_keys: tuple[str, ...]) -> None:
+    """Load the backbone with strict key and shape checks, and the head (`head_keys`) only if its shape fits."""
+    own = model.state_dict()
+    _check_keys(own, state_dict, arch, source, head_keys)
+    _check_shapes(own, state_dict, arch, source, head_keys)
+    merged = {key: state_dict.get(key, own[key]) for key in own if key not in head_keys}
+    if all(key in state_dict and state_dict[key].shape == own[key].shape for key in head_keys):
+        merged.update({key: state_dict[key] for key in head_keys})
+    else:
+        log.info("%s: the head does not fit this number of classes; it keeps a fresh init", source)
+        merged.update({key: own[key] for key in head_keys})
+    model.load_state_dict(merged, strict=True)
+
+
+def _is_optional(key: str, head_keys: tuple[str, ...]) -> bool:
+    """Keys a weights file may lack: the head (replaced anyway) and BN's batch counter (absent from
+    state dicts saved before PyTorch 0.4.1, such as some of torchvision's ImageNet files)."""
+    return key in head_keys or key.endswith("num_batches_tracked")
+
+
+def _check_keys(own: Mapping[str, Tensor], given: Mapping[str, object], arch: str, source: str,
+                head_keys: tuple[str, ...]) -> None:
+    missing = [key for key in own if key not in given and not _is_optional(key, head_keys)]
+    unexpected = [key for key in given if key not in own]
+    if missing or unexpected:
+        raise UserError(
+            f"{source} does not fit {arch}: {len(missing)} missing keys{_preview(missing)}, "
+            f"{len(unexpected)} unexpected keys{_preview(unexpected)}"
+        )
+
+
+def _check_shapes(own: Mapping[str, Tensor], given: Mapping[str, object], arch: str, source: str,
+                  head_keys: tuple[str, ...]) -> None:
+    wrong = [
+        f"{key} {tuple(given[key].shape)} vs {tuple(own[key].shape)}"
+        for key in own
+        if key in given and key not in head_keys and given[key].shape != own[key].shape
+    ]
+    if wrong:
+        raise UserError(f"{source} does not fit {arch}: {len(wrong)} tensors of wrong shape{_preview(wrong)}")
+
+
+def _preview(items: list[str], limit: int = 5) -> str:
+    """ " [a, b, ... 3 more]": the first few items of a list that may be long, for a one-line message."""
+    if not items:
+        return ""
+    shown = ", ".join(items[:limit])
+    more = f", ... {len(items) - limit} more" if len(items) > limit else ""
+    return f" [{shown}{more}]"
+
+
+def _one_line(exc: BaseException, sentences: bool = False) -> str:
+    """The type and first line of an exception; with `sentences`, only its first sentence (torch.load's
+    errors go on with advice that does not apply here, such as retrying with weights_only=False)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    first = lines[0].split(". ", 1)[0].rstrip(".") if sentences else lines[0]
+    return f"{type(exc).__name__}: {first}"
