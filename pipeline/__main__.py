@@ -1,4 +1,4 @@
-"""`python -m pipeline {synth,download,build,merge,verify,inspect}`: CUB-200-2011 to checked WebDataset shards."""
+"""`python -m pipeline {synth,download,build,merge,verify,inspect}`: datasets to checked WebDataset shards."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import run_cli, serve
+from support import run_cli, serve, synth_shards
 
 from pipeline.build import build
 from pipeline.plan import BuildOptions
@@ -58,11 +58,8 @@ FIT_ARGS = ("--arch", "resnet18", "--pretrained", "none", "--image-size", "40", 
 @pytest.fixture(scope="session")
 def train_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 6-class synth shard set with uneven shards (8 samples each, the last ones shorter)."""
-    root = tmp_path_factory.mktemp("train-synth")
-    synth(root, progress=False, **TRAIN_SYNTH)
-    out = root / "shards"
-    build(root / "CUB_200_2011", out, BuildOptions(resize_short=48, shard_samples=8), workers=1, progress=False)
-    return out
+    return synth_shards(tmp_path_factory.mktemp("train-synth"), TRAIN_SYNTH,
+                        BuildOptions(resize_short=48, shard_samples=8))
 
 
 @pytest.fixture(scope="session")

@@ -61,19 +61,35 @@ def run_cli(*args: str, timeout: float = 300, env: dict[str, str] | None = None,
     return run_python("-m", *args, timeout=timeout, env=env, cwd=cwd)
 
 
-def run_main(capsys: pytest.CaptureFixture[str], *args: str) -> subprocess.CompletedProcess:
-    """`python -m train ARGS` inside the test process (no interpreter start-up, no torch re-import), for
-    commands that fail before any work and for the single-process ones (predict, export); shaped like
-    `run_cli`'s result."""
-    from train.__main__ import main
+def synth_shards(root: Path, synth_args: dict, options: object) -> Path:
+    """A synth CUB under `root` built into `root/shards` (one worker, no progress bar); returns the set."""
+    from pipeline.build import build
+    from pipeline.synth import synth
 
+    synth(root, progress=False, **synth_args)
+    build(root / "CUB_200_2011", root / "shards", options, workers=1, progress=False)
+    return root / "shards"
+
+
+def run_in_process(capsys: pytest.CaptureFixture[str], main: callable, name: str, *args: str
+                   ) -> subprocess.CompletedProcess:
+    """A CLI's `main(args)` inside the test process, shaped like `run_cli`'s result (argparse's exit too)."""
     capsys.readouterr()  # drop what earlier code printed
     try:
         code = main(list(args))
     except SystemExit as e:  # argparse errors
         code = e.code if isinstance(e.code, int) else 1
     captured = capsys.readouterr()
-    return subprocess.CompletedProcess(["train", *args], code, captured.out, captured.err)
+    return subprocess.CompletedProcess([name, *args], code, captured.out, captured.err)
+
+
+def run_main(capsys: pytest.CaptureFixture[str], *args: str) -> subprocess.CompletedProcess:
+    """`python -m train ARGS` inside the test process (no interpreter start-up, no torch re-import), for
+    commands that fail before any work and for the single-process ones (predict, export); shaped like
+    `run_cli`'s result."""
+    from train.__main__ import main
+
+    return run_in_process(capsys, main, "train", *args)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:

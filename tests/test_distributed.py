@@ -22,12 +22,10 @@ import procs
 import psutil
 import pytest
 from safetensors.torch import load_file
-from support import ROOT, free_port, launch_env
+from support import ROOT, free_port, launch_env, synth_shards
 
-from pipeline.build import build
 from pipeline.manifest import load_manifest
 from pipeline.plan import BuildOptions
-from pipeline.synth import synth
 
 pytestmark = pytest.mark.slow
 
@@ -47,10 +45,7 @@ FAILURE_BOUND_S = DIST_TIMEOUT_S + 15  # measured here: ~7 s after a SIGKILL (gl
 
 @pytest.fixture(scope="module")
 def dist_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("dist-synth")
-    synth(root, progress=False, **DIST_SYNTH)
-    out = root / "shards"
-    build(root / "CUB_200_2011", out, DIST_OPTIONS, workers=1, progress=False)
+    out = synth_shards(tmp_path_factory.mktemp("dist-synth"), DIST_SYNTH, DIST_OPTIONS)
     splits = load_manifest(str(out))["splits"]
     shape = {name: [s["num_samples"] for s in split["shards"]] for name, split in splits.items()}
     assert shape == {"train": [25, 25, 7], "valid": [12], "test": [25, 25, 19]}, shape  # what the tests assume

@@ -20,13 +20,11 @@ import procs
 import pytest
 import torch
 from conftest import FIT_ARGS
-from support import assert_one_line_error, free_port, launch_env, run_main, wait_for
+from support import assert_one_line_error, free_port, launch_env, run_main, synth_shards, wait_for
 from test_data import tiny_transform
 
-from pipeline.build import build
 from pipeline.manifest import load_manifest
 from pipeline.plan import BuildOptions
-from pipeline.synth import synth
 from train import data, keylog
 from train.data.elastic import Layout, Segment, delivered, keep_global_batch, plan
 from train.optim import build_scheduler
@@ -39,10 +37,7 @@ RUN_TIMEOUT_S = 240
 
 @pytest.fixture(scope="module")
 def elastic_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("elastic-synth")
-    synth(root, progress=False, **ELASTIC_SYNTH)
-    out = root / "shards"
-    build(root / "CUB_200_2011", out, ELASTIC_OPTIONS, workers=1, progress=False)
+    out = synth_shards(tmp_path_factory.mktemp("elastic-synth"), ELASTIC_SYNTH, ELASTIC_OPTIONS)
     sizes = [s["num_samples"] for s in load_manifest(str(out))["splits"]["train"]["shards"]]
     assert sizes == TRAIN_SIZES, sizes  # what the tests assume
     return out

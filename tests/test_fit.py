@@ -222,6 +222,7 @@ def test_second_fit_on_a_run_dir_is_refused_and_a_killed_holder_does_not_block(t
         assert_one_line_error(second, f"run directory {run_dir} is in use by pid {first.pid} on "
                                       f"{socket.gethostname()}", "wait for it to finish")
         assert first.poll() is None  # still training, its files untouched by the second
+        wait_for(lambda: (run_dir / "config.yaml").is_file(), 120, "the first fit's config.yaml")  # once resolved
         assert yaml.safe_load((run_dir / "config.yaml").read_text())["epochs"] == 20
         wait_for(lambda: checkpoint.exists() or first.poll() is not None, 240, "the first checkpoint")
     finally:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import FIT_ARGS
-from support import assert_one_line_error, run_main
+from support import assert_one_line_error, run_in_process, run_main
 from webdataset.tariterators import base_plus_ext
 
 from pipeline.__main__ import main as pipeline_main
@@ -27,13 +27,7 @@ BUILD = ("--resize-short", "48", "--shard-samples", "5", "--workers", "1", "--qu
 
 def pipeline(capsys: pytest.CaptureFixture[str], *args: str) -> subprocess.CompletedProcess:
     """`python -m pipeline ARGS` in this process, shaped like a subprocess result."""
-    capsys.readouterr()
-    try:
-        code = pipeline_main(list(args))
-    except SystemExit as e:  # argparse errors
-        code = e.code if isinstance(e.code, int) else 1
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess(["pipeline", *args], code, captured.out, captured.err)
+    return run_in_process(capsys, pipeline_main, "pipeline", *args)
 
 
 def build(capsys: pytest.CaptureFixture[str], source: Path, out: Path, *extra: str) -> dict:

@@ -1,1 +1,1 @@
-"""Training: streams cubstream shards into a ResNet (model, data, optimizer, loops, reports)."""
+"""Training: streams cubstream shards into a ResNet or a torchvision classifier (model, data, optimizer, loops, reports)."""
