@@ -20,7 +20,7 @@ from tqdm import tqdm
 from pipeline.errors import UserError
 from train import augment, checkpoint, data, keylog, lifecycle, stopping, tracking
 from train.config import Config
-from train.data import elastic as resume_plan
+from train.data import elastic
 from train.evaluation import eval_transform, evaluate, final_results, model_meta, norm_stats, replaces_best
 from train.groups import group_names
 from train.lifecycle import Progress
@@ -81,7 +81,7 @@ def train(accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, conf
     chunks = None
     if start["checkpoint"] is not None:
         progress = lifecycle.resume(accelerator, Path(start["checkpoint"]), start["state"], scheduler, config,
-                                    steps_per_epoch, resume_plan.Layout(**start["saved_layout"]))
+                                    steps_per_epoch, elastic.Layout(**start["saved_layout"]))
         chunks = lifecycle.resumed_chunks(config, manifest, progress, steps_per_epoch)
     log = MetricsLog(accelerator, run_dir / "metrics.jsonl", progress.global_step if start["checkpoint"] else None)
     tracking.start_run_tracker(accelerator, config, start["wandb_id"])

@@ -18,7 +18,7 @@ from pipeline.errors import UserError
 from train import data, rundir
 from train.config import Config, to_dict
 from train.config import save as save_config
-from train.data import elastic as resume_plan
+from train.data import elastic
 from train.optim import reschedule
 from train.tracking import say
 
@@ -42,7 +42,7 @@ class Progress:
     partial: list[float] = field(default_factory=lambda: [0.0] * 4)  # train sums of the epoch so far (all ranks)
     partial_bad: int = 0
     world_size: int = 1  # world_size, workers, batch_size, grad_accum, shuffle_buffer: the layout of the
-    workers: int = 0  # run that saved it (resume_plan.Layout)
+    workers: int = 0  # run that saved it (elastic.Layout)
     steps_per_epoch: int = 0  # optimizer steps of a whole epoch in the run that saved it
     batch_size: int = 0
     grad_accum: int = 1
@@ -52,7 +52,7 @@ class Progress:
 
 # What trainer.json must hold to resume from it (older checkpoints lack the later fields).
 TRAINER_KEYS = tuple(name for name in Progress.__dataclass_fields__ if name not in (
-    "steps_per_epoch", "segments", *resume_plan.LAYOUT_KEYS))
+    "steps_per_epoch", "segments", *elastic.LAYOUT_KEYS))
 
 
 def epoch_steps(accelerator: Accelerator, manifest: dict[str, Any], config: Config) -> int:
@@ -111,8 +111,8 @@ def claim_run_dir(held: contextlib.ExitStack, config: Config, manifest: dict[str
     remaining = config.epochs * steps_per_epoch
     saved = None
     if start.checkpoint is not None:
-        saved = resume_plan.saved_layout(start.state, {**to_dict(config), **(rundir.read_saved_config(run_dir) or {})})
-        config.grad_accum, line = resume_plan.keep_global_batch(saved, world, config.batch_size, config.grad_accum,
+        saved = elastic.saved_layout(start.state, {**to_dict(config), **(rundir.read_saved_config(run_dir) or {})})
+        config.grad_accum, line = elastic.keep_global_batch(saved, world, config.batch_size, config.grad_accum,
                                                                 start.checkpoint.name)
         if line:
             print(line, flush=True)
@@ -169,14 +169,14 @@ def steps_left(start: rundir.Start, config: Config, steps_per_epoch: int) -> int
 
 
 def resume(accelerator: Accelerator, where: Path, state: dict[str, Any], scheduler: Any, config: Config,
-           steps_per_epoch: int, saved: resume_plan.Layout) -> Progress:
+           steps_per_epoch: int, saved: elastic.Layout) -> Progress:
     """Load a checkpoint into every process; a run whose length changed (--epochs, or steps per epoch) gets
     its LR schedule rebuilt to end at its new last step, continuous at this one. `saved`: the layout that
     wrote the checkpoint; under another one, the epoch in progress records the change (its segments)."""
     accelerator.load_state(str(where))
     progress = Progress(**{key: value for key, value in state.items() if key in Progress.__dataclass_fields__})
     now = layout(accelerator, config)
-    progress.segments = resume_plan.as_records(resume_plan.segments_after_resume(state, saved, now))
+    progress.segments = elastic.as_records(elastic.segments_after_resume(state, saved, now))
     for key, value in layout_fields(now).items():
         setattr(progress, key, value)
     progress.steps_per_epoch = steps_per_epoch
@@ -192,12 +192,12 @@ def resume(accelerator: Accelerator, where: Path, state: dict[str, Any], schedul
     return progress
 
 
-def layout(accelerator: Accelerator, config: Config) -> resume_plan.Layout:
-    return resume_plan.Layout(accelerator.num_processes, config.workers, config.batch_size, config.grad_accum,
+def layout(accelerator: Accelerator, config: Config) -> elastic.Layout:
+    return elastic.Layout(accelerator.num_processes, config.workers, config.batch_size, config.grad_accum,
                               config.shuffle_buffer)
 
 
-def layout_fields(layout: resume_plan.Layout) -> dict[str, int]:
+def layout_fields(layout: elastic.Layout) -> dict[str, int]:
     """A layout by Progress's names (world_size for processes)."""
     fields = dataclasses.asdict(layout)
     return {"world_size": fields.pop("processes"), **fields}
@@ -208,8 +208,8 @@ def resumed_chunks(config: Config, manifest: dict[str, Any], progress: Progress,
     """What the streams read of the epoch in progress when it changed layout (None: its normal streams)."""
     if not progress.step_in_epoch or not progress.segments:
         return None
-    return resume_plan.plan(data.train_shards(config.shards, manifest), seed=config.seed, epoch=progress.epoch,
-                            steps_per_epoch=steps_per_epoch, segments=resume_plan.segments_of(progress.segments),
+    return elastic.plan(data.train_shards(config.shards, manifest), seed=config.seed, epoch=progress.epoch,
+                            steps_per_epoch=steps_per_epoch, segments=elastic.segments_of(progress.segments),
                             step=progress.step_in_epoch)
 
 
