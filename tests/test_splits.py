@@ -15,10 +15,10 @@ def test_splits(cub_source: Path) -> None:
     splits = assign_splits(records, valid_fraction=0.25, seed=0)
     ids = {name: [r.image_id for r in rs] for name, rs in splits.items()}
 
-    assert set(ids["test"]) == {r.image_id for r in records if not r.is_train}
+    assert set(ids["test"]) == {r.image_id for r in records if r.split == "test"}
     assert sorted(ids["train"] + ids["valid"] + ids["test"]) == [r.image_id for r in records]
 
-    official_train = Counter(r.label for r in records if r.is_train)
+    official_train = Counter(r.label for r in records if r.split == "train")
     valid = Counter(r.label for r in splits["valid"])
     for label, count in official_train.items():
         assert valid[label] == num_valid(count, 0.25) >= 1  # stratified: every class, its share

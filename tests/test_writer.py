@@ -73,7 +73,7 @@ def test_samples_read_back_with_tarfile(shard_set: Path, cub_source: Path) -> No
                 assert manifest["classes"][meta["class_index"]] == meta["class_name"]
                 assert key == f"{meta['image_id']:05d}"
                 test_ids.add(meta["image_id"])
-    official_test = {r.image_id for r in cub_layout.read(cub_source / "CUB_200_2011", Settings()).records if not r.is_train}
+    official_test = {r.image_id for r in cub_layout.read(cub_source / "CUB_200_2011", Settings()).records if r.split == "test"}
     assert test_ids == official_test
 
 

@@ -59,10 +59,6 @@ class Record:
         if self.split not in SPLIT_FLAGS:
             raise ValueError(f"split must be one of {SPLIT_FLAGS}, got {self.split!r}")
 
-    @property
-    def is_train(self) -> bool:
-        return self.split == "train"
-
 
 @dataclass(frozen=True)
 class Settings:
