@@ -118,17 +118,22 @@ def plan(shards: list[Shard], *, seed: int, epoch: int, steps_per_epoch: int, se
                                                             end)))
     last = segments[-1]
     chunks = _cut(shards, seed, epoch, steps_per_epoch, last, seen)
-    done = delivered(shards, seed, epoch, steps_per_epoch, last, seen, step)
+    done = delivered(shards, seed, epoch, steps_per_epoch, last, seen, step, chunks=chunks)
     return [Chunk(chunk, len(already), _tag(last, stream)) for stream, (chunk, already) in
             enumerate(zip(chunks, done, strict=True))]
 
 
 def delivered(shards: list[Shard], seed: int, epoch: int, steps_per_epoch: int, segment: Segment,
-              seen: set[Position], step: int) -> list[list[Position]]:
+              seen: set[Position], step: int, chunks: list[tuple[Position, ...]] | None = None
+              ) -> list[list[Position]]:
     """Per stream of `segment`, the positions it delivered from the segment's start to optimizer step
-    `step` of the epoch; `seen`: what the segments before it delivered."""
+    `step` of the epoch; `seen`: what the segments before it delivered; `chunks`: the segment's chunks when
+    the caller has cut them already (they are cut from `seen` otherwise)."""
     layout = segment.layout
-    chunks = _cut(shards, seed, epoch, steps_per_epoch, segment, seen) if segment.from_step else None
+    if not segment.from_step:
+        chunks = None  # the epoch's first layout reads the normal streams
+    elif chunks is None:
+        chunks = _cut(shards, seed, epoch, steps_per_epoch, segment, seen)
     with warnings.catch_warnings():  # more streams than shards: the run that read them warned already
         warnings.simplefilter("ignore")
         normal = stream_shards(shards, seed=seed, epoch=epoch, num_streams=layout.processes * layout.streams)
