@@ -19,11 +19,11 @@ from train.config import Config
 def fit(config: Config) -> int:
     """`fit`; a stop signal ends it with stopping.STOP_EXIT once its checkpoint is written."""
     set_io_timeout(config.io_timeout or None)  # inherited by DataLoader workers and launched processes
-    load_manifest(config.shards)  # a bad --shards fails in a second, before torch is imported
+    manifest = load_manifest(config.shards)  # a bad --shards fails in a second, before torch is imported
     from train.stopping import STOP_EXIT, Stopped
 
     try:
-        run_fit(config)
+        run_fit(config, manifest)
     except Stopped as stop:  # the checkpoint is written
         if str(stop):
             print(stop, flush=True)
@@ -31,7 +31,7 @@ def fit(config: Config) -> int:
     return 0
 
 
-def run_fit(config: Config) -> dict[str, Any]:
+def run_fit(config: Config, manifest: dict[str, Any]) -> dict[str, Any]:
     """Train, keep the best-by-valid-loss model, evaluate it on test, write results.json.
 
     The main process holds the run directory's lock for the whole run and makes every decision about how
@@ -43,7 +43,6 @@ def run_fit(config: Config) -> dict[str, Any]:
     with contextlib.ExitStack() as held:  # the lock and the stop-signal handlers, until fit returns or fails
         held.enter_context(stopping.installed(config.stop_signals, config.stop_grace))
         accelerator = tracking.make_accelerator(config)
-        manifest = load_manifest(config.shards)
         start, steps_per_epoch = lifecycle.begin(held, accelerator, config, manifest)
         model, optimizer = engine.prepared_model(accelerator, config, manifest)
         if config.lr == "auto":
@@ -55,13 +54,12 @@ def run_fit(config: Config) -> dict[str, Any]:
 def lr_find(config: Config, out: Path) -> int:
     """The LR range test on fit's stream, model, groups and precision; lr_find.{json,png} in `out`."""
     set_io_timeout(config.io_timeout or None)
-    load_manifest(config.shards)  # a bad --shards fails before torch is imported
+    manifest = load_manifest(config.shards)  # a bad --shards fails before torch is imported
     from accelerate.utils import set_seed
 
     from train import engine, lifecycle, lr_finder, report, tracking
 
     accelerator = tracking.make_accelerator(config, with_tracker=False)
-    manifest = load_manifest(config.shards)
     lifecycle.batches_per_epoch(accelerator, manifest, config)  # one-line error when a batch does not fit
     set_seed(config.seed)
     model, optimizer = engine.build_model_and_optimizer(accelerator, config, manifest)
