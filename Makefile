@@ -1,10 +1,14 @@
-# `make test` and `make demo` create .venv when missing and install only when pyproject.toml changed.
+# `make test` and `make demo` create .venv when missing and install exactly the versions in requirements.lock
+# (what the tests last passed with; re-installed when the lock or pyproject.toml changes).
+# `make upgrade` re-resolves the lock to the newest versions pyproject.toml allows, then runs the tests.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# torch first, pinned: an unpinned torch would make pip fetch several GB of CUDA wheels.
-TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
+LOCK := requirements.lock
+PIP_PIN ?= pip==26.3
+# The lock is for CPython 3.11 on x86_64 Linux; `uv pip compile` resolves it from the package index alone.
+LOCK_ARGS := pyproject.toml --extra dev --python-version 3.11 --python-platform x86_64-manylinux_2_28 --quiet
 
 export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_SILENT := true
@@ -14,16 +18,26 @@ DEMO_DATA ?= data/demo
 DEMO_SHARDS ?= shards/demo
 DEMO_RUN ?= runs/demo
 
-.PHONY: install test test-fast test-slow lint demo bench clean
+.PHONY: install lock upgrade test test-fast test-slow lint demo bench clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH_PIN)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q $(PIP_PIN)
+	$(PY) -m pip install -q -r $(LOCK)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 install: $(VENV)/.installed
+
+# After editing pyproject.toml's dependencies: re-resolve, keeping every pin that still fits.
+lock: install
+	$(PY) -m uv pip compile $(LOCK_ARGS) -o $(LOCK)
+	$(MAKE) install
+
+# Move every package to the newest version pyproject.toml allows, install that, and run the tests.
+upgrade: install
+	$(PY) -m uv pip compile $(LOCK_ARGS) --upgrade -o $(LOCK)
+	$(MAKE) test
 
 lint: install
 	$(PY) -m ruff check .

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from support import assert_one_line_error, run_main
+from support import ONE_THREAD, assert_one_line_error, run_cli, run_main
 from torch import nn
 
 from pipeline.errors import UserError
@@ -129,12 +129,14 @@ def _step_lrs(run: Path) -> list[dict[str, float]]:
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_every_command_runs(arch: str, train_shards: Path, tmp_path: Path, capsys) -> None:
-    """fit (1 epoch, from scratch), lr-find, evaluate, predict and export, in-process, for each family."""
+    """fit (1 epoch, from scratch), lr-find and evaluate as a user runs them, predict and export in-process, for
+    each family."""
     size, expected = ARCHS[arch]
     run, common = tmp_path / "run", ("--shards", str(train_shards), "--arch", arch, "--pretrained", "none",
                                      "--image-size", str(size), "--batch-size", "32", "--workers", "0",
                                      "--wandb", "disabled", "--log-every", "1", "--lr", "0.002")
-    result = run_main(capsys, "fit", *common, "--epochs", "1", "--run-dir", str(run), "--keep-checkpoints", "1")
+    result = run_cli("train", "fit", *common, "--epochs", "1", "--run-dir", str(run), "--keep-checkpoints", "1",
+                     env=ONE_THREAD)
     assert result.returncode == 0, result.stderr[-2000:]
     steps = _step_lrs(run)
     depth = {name: len(expected) - 1 - i for i, name in enumerate(expected)}  # the notebook scheme by hand
@@ -144,13 +146,13 @@ def test_every_command_runs(arch: str, train_shards: Path, tmp_path: Path, capsy
     test_samples = load_manifest(str(train_shards))["splits"]["test"]["num_samples"]
     assert json.loads((run / "results.json").read_text())["test"]["num_samples"] == test_samples
 
-    result = run_main(capsys, "lr-find", *common, "--out", str(tmp_path / "lr"), "--steps", "3", "--end-lr", "1",
-                      "--batch-size", "8")
+    result = run_cli("train", "lr-find", *common, "--out", str(tmp_path / "lr"), "--steps", "3", "--end-lr", "1",
+                     "--batch-size", "8", env=ONE_THREAD)
     assert result.returncode == 0, result.stderr[-2000:]
     assert len(json.loads((tmp_path / "lr" / "lr_find.json").read_text())["lrs"]) == 3
 
-    result = run_main(capsys, "evaluate", "--checkpoint", str(run), "--shards", str(train_shards), "--workers", "0",
-                      "--batch-size", "32", "--out", str(tmp_path / "eval"))
+    result = run_cli("train", "evaluate", "--checkpoint", str(run), "--shards", str(train_shards), "--workers", "0",
+                     "--batch-size", "32", "--out", str(tmp_path / "eval"), env=ONE_THREAD)
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["num_samples"] == test_samples
     assert (tmp_path / "eval" / "embeddings.png").stat().st_size > 0

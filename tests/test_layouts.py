@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import FIT_ARGS
-from support import assert_one_line_error, run_in_process, run_main
+from support import ONE_THREAD, assert_one_line_error, run_cli, run_in_process, run_main
 from webdataset.tariterators import base_plus_ext
 
 from pipeline.__main__ import main as pipeline_main
@@ -310,13 +310,14 @@ def test_fit_evaluate_predict_on_a_layout(layout: str, tmp_path: Path, capsys: p
     assert manifest["splits"]["test"]["num_samples"] == len(test_images)
 
     run = tmp_path / "run"
-    fitted = run_main(capsys, "fit", "--shards", str(tmp_path / "shards"), *FIT_ARGS, "--epochs", "1",
-                      "--batch-size", "4", "--run-dir", str(run))
+    fitted = run_cli("train", "fit", "--shards", str(tmp_path / "shards"), *FIT_ARGS, "--epochs", "1",
+                     "--batch-size", "4", "--run-dir", str(run), env=ONE_THREAD)
     assert fitted.returncode == 0, fitted.stderr[-3000:]
     assert json.loads((run / "results.json").read_text())["test"]["num_samples"] == len(test_images)
 
-    evaluated = run_main(capsys, "evaluate", "--checkpoint", str(run), "--shards", str(tmp_path / "shards"),
-                         "--split", "test", "--out", str(tmp_path / "eval"), "--workers", "0")
+    evaluated = run_cli("train", "evaluate", "--checkpoint", str(run), "--shards", str(tmp_path / "shards"),
+                         "--split", "test", "--out", str(tmp_path / "eval"), "--workers", "0",
+                         env=ONE_THREAD)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["num_samples"] == len(test_images)

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
-from support import assert_png
+from support import assert_png, run_python
 
-from train import report
+from train import embedding, report
 from train.lr_finder import RangeTest
 
 CLASSES = ["001.Black_footed_Albatross", "002.Laysan_Albatross", "003.Sooty_Albatross", "004.Groove_billed_Ani"]
@@ -114,12 +115,77 @@ def test_write_lr_find(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "lrf").iterdir()) == ["lr_find.json", "lr_find.png"]
 
 
-def test_a_report_that_fails_midway_has_no_metrics_json(tmp_path: Path) -> None:
-    """metrics.json is written last and an older one removed first: a reader never takes a half-written
-    report for a whole one; no temporary file is left."""
+def test_a_plot_that_fails_is_one_warning_and_the_rest_is_written(tmp_path: Path, capsys) -> None:
+    """metrics.json and predictions.csv come first; a plot that raises is one warning line naming it, its
+    older copy is gone (never a stale plot beside new numbers), the other plots are drawn, no temporary file
+    is left."""
     (tmp_path / "metrics.json").write_text('{"top1": 0.5}')
+    (tmp_path / "most_incorrect.png").write_bytes(b"an older report's plot")
     wrong = [{**_wrong()[0], "image": np.zeros(3, dtype=np.uint8)}]  # not an image: the mistakes plot fails
     metrics = {"top1": 4 / 6, "top5": 1.0, "loss": 0.75, "num_samples": 6}
-    with pytest.raises(ValueError, match="axes don't match array"):
-        report.write_report(tmp_path, metrics, _records(), wrong, CLASSES)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["confusion_matrix.png", "predictions.csv"]
+    capsys.readouterr()
+    payload = report.write_report(tmp_path, metrics, _records(), wrong, CLASSES)
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"warning: {tmp_path / 'most_incorrect.png'} not drawn: ValueError: axes don't match array"]
+    assert json.loads((tmp_path / "metrics.json").read_text()) == payload and payload["top1"] == 4 / 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["confusion_matrix.png", "embeddings.png", "metrics.json",
+                                                           "predictions.csv"]
+    assert_png(tmp_path / "embeddings.png")
+
+
+@pytest.mark.parametrize("kind", ["constant", "nan", "inf"])
+def test_degenerate_features_never_take_the_process_down(kind: str, tmp_path: Path, capsys) -> None:
+    """Features with no variance (a model that has collapsed) or with NaN / inf rows (a diverged one): this
+    crashed scikit-learn's t-SNE with a segmentation fault inside the calling process (or raised its
+    traceback). Now the non-finite rows are left out and named, constant features give a panel that says so,
+    and the report is whole without a warning."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 40)
+    features = rng.normal(size=(120, 64)).astype(np.float32) + labels[:, None]
+    if kind == "constant":
+        features[:] = 0.25
+    else:
+        features[::3, 5] = np.nan if kind == "nan" else np.inf
+    records = [{"key": f"{i:06d}", "label": int(label), "pred": int(label), "conf": 0.9, "features": row}
+               for i, (label, row) in enumerate(zip(labels, features, strict=True))]
+    capsys.readouterr()
+    report.write_report(tmp_path, {"top1": 1.0, "top5": 1.0, "loss": 0.1, "num_samples": 120}, records, [],
+                        CLASSES[:3])
+    assert capsys.readouterr().err == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["metrics.json", "predictions.csv", *report.PLOTS])
+    assert_png(tmp_path / "embeddings.png")
+    if kind != "constant":  # 40 rows dropped, 80 embedded: the same result as the finite rows alone
+        points, chosen = embedding.tsne(features[np.isfinite(features).all(axis=1)])
+        assert points.shape == (80, 2) and np.isfinite(points).all() and chosen.tolist() == list(range(80))
+    else:
+        with pytest.raises(embedding.EmbeddingError, match="the same for every image"):
+            embedding.tsne(features)
+
+
+def test_a_crash_in_the_tsne_process_is_an_error_not_a_crash(tmp_path: Path, monkeypatch) -> None:
+    """The t-SNE child dying by a signal (as scikit-learn's native code did) is an EmbeddingError naming the
+    status: here the child is made to die by SIGSEGV itself."""
+    hook = tmp_path / "sitecustomize.py"
+    hook.write_text("import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n")
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    features = np.random.default_rng(0).normal(size=(20, 8)).astype(np.float32)
+    with pytest.raises(embedding.EmbeddingError, match="t-SNE's process ended with status -11"):
+        embedding.tsne(features)
+
+
+@pytest.mark.slow
+def test_the_whole_report_path_after_fit_with_workers_in_one_process(train_shards: Path, tmp_path: Path) -> None:
+    """fit and evaluate with DataLoader workers, then a collapsed model's report, in one process (the t-SNE of
+    equal features crashed it); the fit's failing plot is one warning and results.json is written."""
+    args = ("--arch", "resnet18", "--pretrained", "none", "--image-size", "40", "--batch-size", "8", "--lr", "0.003",
+            "--epochs", "1", "--wandb", "disabled")
+    result = run_python(str(Path(__file__).with_name("report_after_fit.py")), str(train_shards), str(tmp_path),
+                        *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    done = json.loads(result.stdout.splitlines()[-1])
+    whole = sorted(["metrics.json", "predictions.csv", *report.PLOTS])
+    assert done == {"fit": 0, "evaluate": 0, "results": True, "eval": whole, "collapsed": whole,
+                    "run/report": ["confusion_matrix.png", "embeddings.png", "metrics.json", "predictions.csv"]}
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: {tmp_path / 'run' / 'report' / 'most_incorrect.png'} not drawn: "
+                        "RuntimeError: simulated plot failure"]

@@ -11,6 +11,7 @@ import csv
 import io
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +22,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pipeline.manifest import write_atomic, write_json_atomic  # noqa: E402
+from train import embedding  # noqa: E402
 
 ANNOTATE_MAX_CLASSES = 30  # write the count in each confusion-matrix cell up to this many classes
 LEGEND_MAX_CLASSES = 20
-TSNE_MAX_POINTS = 2000  # t-SNE's cost grows faster than the points: a seeded subsample beyond this
-PCA_DIMS_BEFORE_TSNE = 50
 PLOTS = ("confusion_matrix.png", "most_incorrect.png", "embeddings.png")
 
 
@@ -85,21 +85,27 @@ def write_predictions_csv(path: Path, rows: list[list[Any]]) -> None:
 
 def write_report(out: Path, metrics: dict[str, Any], records: list[dict[str, Any]], wrong: list[dict[str, Any]],
                  classes: list[str], title: str = "") -> dict[str, Any]:
-    """predictions.csv, the three PNGs and, last, metrics.json into `out` (each file written whole under a
-    temporary name, then renamed: a report with metrics.json is complete); returns the metrics.json
-    payload."""
+    """metrics.json and predictions.csv first, then the three PNGs into `out` (each file written whole under a
+    temporary name, then renamed); returns the metrics.json payload. A plot that cannot be drawn is one
+    warning line on stderr and is missing from `out` (an older report's copy is removed first): the numbers
+    never depend on a plot."""
     out.mkdir(parents=True, exist_ok=True)
     labels = np.array([r["label"] for r in records], dtype=np.int64)
     preds = np.array([r["pred"] for r in records], dtype=np.int64)
     matrix = confusion_matrix(labels, preds, len(classes))
     payload = metrics_json(metrics, matrix, classes)
-    (out / "metrics.json").unlink(missing_ok=True)  # an older report's, until the new one is whole
     write_predictions_csv(out / "predictions.csv", prediction_rows(records, classes))
-    plot_confusion_matrix(matrix, classes, out / "confusion_matrix.png", title)
-    plot_most_incorrect(wrong, classes, out / "most_incorrect.png")
-    features = np.stack([r["features"] for r in records]).astype(np.float32) if records else np.zeros((0, 1))
-    plot_embeddings(features, labels, classes, out / "embeddings.png")
     write_json_atomic(out / "metrics.json", payload)
+    features = np.stack([r["features"] for r in records]).astype(np.float32) if records else np.zeros((0, 1))
+    plots = {"confusion_matrix.png": lambda path: plot_confusion_matrix(matrix, classes, path, title),
+             "most_incorrect.png": lambda path: plot_most_incorrect(wrong, classes, path),
+             "embeddings.png": lambda path: plot_embeddings(features, labels, classes, path)}
+    for name, draw in plots.items():
+        (out / name).unlink(missing_ok=True)
+        try:
+            draw(out / name)
+        except Exception as e:  # a plot is an extra: say why it is missing, keep the rest of the report
+            print(f"warning: {out / name} not drawn: {type(e).__name__}: {e}", file=sys.stderr)
     return payload
 
 
@@ -174,19 +180,26 @@ def plot_most_incorrect(wrong: list[dict[str, Any]], classes: list[str], path: P
 
 
 def plot_embeddings(features: np.ndarray, labels: np.ndarray, classes: list[str], path: Path) -> None:
-    """PCA and t-SNE (seeded) of the penultimate features, one colour per class."""
+    """PCA and t-SNE (seeded) of the penultimate features, one colour per class; images whose features are
+    not finite are left out (the titles say how many), a panel that cannot be computed says why."""
+    keep = embedding.finite_rows(features)
+    dropped = len(features) - len(keep)
+    features, labels = features[keep], labels[keep]
+    note = f", {dropped} with non-finite features left out" if dropped else ""
     fig, (left, right) = plt.subplots(1, 2, figsize=(14, 6.5))
-    if len(features) >= 2 and features.shape[1] >= 2:
-        _scatter(left, _pca(features, 2), labels, classes)
-        left.set_title(f"PCA of the penultimate features ({len(features)} images)")
-    else:
-        _no_plot(left, "PCA: fewer than 2 images")
-    embedded, chosen = _tsne(features)
-    if embedded is None:
-        _no_plot(right, "t-SNE: too few images")
-    else:
+    try:
+        if len(features) < 2 or features.shape[1] < 2:
+            raise embedding.EmbeddingError(f"too few images ({len(features)})")
+        _scatter(left, embedding.pca(features, 2), labels, classes)
+        left.set_title(f"PCA of the penultimate features ({len(features)} images{note})")
+    except embedding.EmbeddingError as e:
+        _no_plot(left, f"PCA: {e}")
+    try:
+        embedded, chosen = embedding.tsne(features)
         _scatter(right, embedded, labels[chosen], classes)
-        right.set_title(f"t-SNE ({len(chosen)} of {len(features)} images)")
+        right.set_title(f"t-SNE ({len(chosen)} of {len(features)} images{note})")
+    except embedding.EmbeddingError as e:
+        _no_plot(right, f"t-SNE: {e}")
     if len(classes) <= LEGEND_MAX_CLASSES and len(features):
         handles = [plt.Line2D([], [], marker="o", linestyle="", color=_colour(i, len(classes)),
                               label=short_name(name)) for i, name in enumerate(classes)]
@@ -210,35 +223,6 @@ def _scatter(ax: plt.Axes, points: np.ndarray, labels: np.ndarray, classes: list
 def _no_plot(ax: plt.Axes, text: str) -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center")
     ax.set_axis_off()
-
-
-def _pca(features: np.ndarray, dims: int) -> np.ndarray:
-    from sklearn.decomposition import PCA
-
-    return PCA(n_components=min(dims, *features.shape), random_state=0).fit_transform(features)
-
-
-def _tsne(features: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
-    """2-D t-SNE of at most TSNE_MAX_POINTS images (seeded subsample), after PCA to 50 dims; perplexity
-    30, lowered for small sets (it must stay below the number of points)."""
-    n = len(features)
-    chosen = np.arange(n)
-    if n < 5 or features.shape[1] < 2:
-        return None, chosen
-    if n > TSNE_MAX_POINTS:
-        chosen = np.sort(np.random.default_rng(0).choice(n, TSNE_MAX_POINTS, replace=False))
-    from sklearn.manifold import TSNE
-    from threadpoolctl import threadpool_limits
-
-    reduced = _pca(features[chosen], PCA_DIMS_BEFORE_TSNE)
-    perplexity = min(30.0, (len(chosen) - 1) / 3)
-    tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=0)
-    with threadpool_limits(limits=_spare_cores()):  # OpenMP threads fighting for busy cores slow it down many times
-        return tsne.fit_transform(reduced), chosen
-
-
-def _spare_cores() -> int:
-    return max(1, len(os.sched_getaffinity(0)) - 1) if hasattr(os, "sched_getaffinity") else 1
 
 
 def plot_lr_find(lrs: list[float], losses: list[float], suggested_index: int, path: Path) -> None:
