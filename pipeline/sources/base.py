@@ -115,6 +115,15 @@ class Layout(Protocol):
         """Parse and cross-check the source at `root`; every problem is one UserError line."""
 
 
+def visible_dirs(path: Path) -> list[Path]:
+    """The folders in `path` whose names do not start with a dot (links to folders too), sorted; none when
+    `path` cannot be listed."""
+    try:
+        return sorted(p for p in path.iterdir() if not p.name.startswith(".") and p.is_dir())
+    except OSError:
+        return []
+
+
 def image_sizes(dataset: Dataset) -> list[int]:
     """Each record's file size in bytes, -1 where it is missing or not a regular file (one stat each)."""
     root = str(dataset.root)
@@ -132,6 +141,8 @@ def image_sizes(dataset: Dataset) -> list[int]:
 def check_records(dataset: Dataset, settings: Settings) -> None:
     """What every layout must deliver: labels in range, unique keys, extras that do not shadow fields, and
     boxes where --crop-bbox needs them."""
+    if not dataset.records:
+        raise UserError(f"{dataset.root}: 0 images: nothing to build")
     if settings.need_boxes and any(record.bbox is None for record in dataset.records):
         raise UserError(f"--crop-bbox: the {dataset.layout} layout has no bounding boxes ({dataset.root})")
     seen: dict[str, Record] = {}
