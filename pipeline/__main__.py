@@ -155,14 +155,15 @@ def run(args: argparse.Namespace) -> int:
 
         print(_summary(args.out, merge(args.out)))
     elif args.command == "verify":
-        from pipeline.verify import verify
+        from pipeline.verify import summary, verify
 
         problems = verify(args.location, progress=not args.quiet)
         for line in problems:
             print(f"BAD {line}", file=sys.stderr)
         if problems:
-            raise UserError(f"{len(problems)} bad shard(s) in {args.location}")
-        print(f"OK {args.location}: every shard's size, sha256 and samples check out")
+            raise UserError(summary(args.location, problems))
+        print(f"OK {args.location}: every shard's size, sha256 and samples check out; keys are unique, splits "
+              "and class counts agree")
     elif args.command == "inspect":
         from pipeline.verify import inspect
 
