@@ -109,7 +109,8 @@ class Layout(Protocol):
     LOOKS_FOR: str  # for the error when no layout matches, e.g. "images.txt (CUB_200_2011/)"
 
     def find_root(self, path: Path) -> Path | None:
-        """The directory holding this layout's files: `path` or a folder in it; None if it is not there."""
+        """The directory holding this layout's files: `path` or a folder in it; None if it is not there, a
+        UserError if `path` is a tree this layout recognises but must refuse."""
 
     def read(self, root: Path, settings: Settings) -> Dataset:
         """Parse and cross-check the source at `root`; every problem is one UserError line."""
