@@ -245,3 +245,16 @@ def test_forged_set_with_consistent_sizes_and_checksums_fails(
     assert_one_line_error(result, "class_counts of 1 split(s) differ" if wrong_counts else "1 bad shard(s)")
     bad = [line for line in result.stderr.splitlines() if line.startswith("BAD ")]
     assert bad == [f"BAD {set_copy}/{said[0].format(key=keys[0])}"]
+
+
+def test_bad_shards_and_wrong_class_counts_are_counted_apart(set_copy: Path) -> None:
+    said: list[str] = []
+    _forge(set_copy, lambda manifest, members: said.append(_relabel(record_too=True)(manifest, members)))
+    shard = set_copy / load_manifest(str(set_copy))["splits"]["test"]["shards"][0]["name"]
+    data = bytearray(shard.read_bytes())
+    data[2000] ^= 0x01
+    shard.write_bytes(bytes(data))
+    result = run_cli("pipeline", "verify", str(set_copy), "--quiet")
+    assert_one_line_error(result, "1 bad shard(s) and class_counts of 1 split(s) differ from the labels")
+    assert [line for line in result.stderr.splitlines() if line.startswith("BAD ")] == \
+        [f"BAD {shard} (test): sha256 mismatch", f"BAD {set_copy}/{said[0]}"]
