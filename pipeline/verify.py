@@ -1,4 +1,5 @@
-"""`verify` (every shard's size, sha256, members and JPEGs) and `inspect` (a per-split summary)."""
+"""`verify` (every shard's size, sha256, members and JPEGs; across the set: unique keys, each sample's split,
+and class counts) and `inspect` (a per-split summary)."""
 
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ def verify(location: str, progress: bool = True) -> list[str]:
 
 def summary(location: str, problems: list[str]) -> str:
     """verify's error line: how many shards are bad, and how many splits' class_counts are wrong."""
-    wrong_counts = sum(line.split("): ", 1)[-1].startswith(CLASS_COUNTS) for line in problems)
+    wrong_counts = sum(f"): {CLASS_COUNTS} say " in line for line in problems)
     parts = [f"{len(problems) - wrong_counts} bad shard(s)"] if len(problems) > wrong_counts else []
     if wrong_counts:
         parts.append(f"{CLASS_COUNTS} of {wrong_counts} split(s) differ from the labels in the shards")
