@@ -82,7 +82,8 @@ def _parser() -> argparse.ArgumentParser:
     p = commands.add_parser("merge", help="after J build jobs: check every part and shard, write manifest.json")
     p.add_argument("out", type=Path)
 
-    p = commands.add_parser("verify", help="exit 0 only if every shard's sha256, members and JPEGs are good")
+    p = commands.add_parser("verify", help="exit 0 only if every shard's sha256, members and JPEGs are "
+                            "good, keys are unique and splits and class counts agree")
     p.add_argument("location", help="shards/NAME, an http(s) base URL, or 'pipe:COMMAND {}' (e.g. "
                    "'pipe:aws s3 cp s3://BUCKET/PREFIX/{} -')")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -155,14 +156,15 @@ def run(args: argparse.Namespace) -> int:
 
         print(_summary(args.out, merge(args.out)))
     elif args.command == "verify":
-        from pipeline.verify import verify
+        from pipeline.verify import summary, verify
 
         problems = verify(args.location, progress=not args.quiet)
         for line in problems:
             print(f"BAD {line}", file=sys.stderr)
         if problems:
-            raise UserError(f"{len(problems)} bad shard(s) in {args.location}")
-        print(f"OK {args.location}: every shard's size, sha256 and samples check out")
+            raise UserError(summary(args.location, problems))
+        print(f"OK {args.location}: every shard's size, sha256 and samples check out; keys are unique, splits "
+              "and class counts agree")
     elif args.command == "inspect":
         from pipeline.verify import inspect
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import json
 import os
 import re
 import socket
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 import urllib.parse
@@ -69,6 +71,20 @@ def synth_shards(root: Path, synth_args: dict, options: object) -> Path:
     synth(root, progress=False, **synth_args)
     build(root / "CUB_200_2011", root / "shards", options, workers=1, progress=False)
     return root / "shards"
+
+
+def samples(out: Path) -> dict[str, dict]:
+    """key -> sample JSON of every sample in the shard set `out` (keys split from names as webdataset does)."""
+    from webdataset.tariterators import base_plus_ext
+
+    found = {}
+    for shard in sorted(out.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                key, extension = base_plus_ext(member.name)
+                if extension == "json":
+                    found[key] = json.loads(tar.extractfile(member).read())
+    return found
 
 
 def run_in_process(capsys: pytest.CaptureFixture[str], main: callable, name: str, *args: str

@@ -8,12 +8,11 @@ import json
 import os
 import shutil
 import subprocess
-import tarfile
 from pathlib import Path
 
 import pytest
 from conftest import FIT_ARGS
-from support import ONE_THREAD, assert_one_line_error, run_cli, run_in_process, run_main
+from support import ONE_THREAD, assert_one_line_error, run_cli, run_in_process, run_main, samples
 from webdataset.tariterators import base_plus_ext
 
 from pipeline.__main__ import main as pipeline_main
@@ -34,18 +33,6 @@ def build(capsys: pytest.CaptureFixture[str], source: Path, out: Path, *extra: s
     result = pipeline(capsys, "build", "--source", str(source), "--out", str(out), *BUILD, *extra)
     assert result.returncode == 0, result.stderr
     return json.loads((out / "manifest.json").read_text())
-
-
-def samples(out: Path) -> dict[str, dict]:
-    """key -> sample JSON of every sample in the set (keys split from names as webdataset does)."""
-    found = {}
-    for shard in sorted(out.glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            for member in tar.getmembers():
-                key, extension = base_plus_ext(member.name)
-                if extension == "json":
-                    found[key] = json.loads(tar.extractfile(member).read())
-    return found
 
 
 def digests(out: Path) -> dict[str, str]:

@@ -146,3 +146,115 @@ def test_sample_count_against_the_manifest(set_copy: Path) -> None:
     result = run_cli("pipeline", "verify", str(set_copy), "--quiet")
     assert_one_line_error(result, "1 bad shard(s)")
     assert f"BAD {shard} (train): 6 samples, manifest says 7" in result.stderr.splitlines()
+
+
+def _forge(set_dir: Path, edit: Callable[[dict, dict[str, Members]], None]) -> None:
+    """Apply `edit(manifest, members)` (members: shard name -> its (name, payload) list) and rewrite every shard
+    it changed, with the manifest's bytes, sha256 and sample counts updated to match, as a careful forger
+    would: only checks that read the samples and compare them across shards can find what changed."""
+    manifest_path = set_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    members = {}
+    for info in manifest["splits"].values():
+        for entry in info["shards"]:
+            with tarfile.open(set_dir / entry["name"]) as tar:
+                members[entry["name"]] = [(m.name, tar.extractfile(m).read()) for m in tar]
+    before = {name: list(found) for name, found in members.items()}
+    edit(manifest, members)
+    for info in manifest["splits"].values():
+        for entry in info["shards"]:
+            if members[entry["name"]] != before[entry["name"]]:
+                data = tar_bytes(members[entry["name"]])
+                (set_dir / entry["name"]).write_bytes(data)
+                entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest(),
+                             num_samples=len({name.split(".")[0] for name, _ in members[entry["name"]]}))
+        info["num_samples"] = sum(entry["num_samples"] for entry in info["shards"])
+    manifest_path.write_text(json.dumps(manifest))
+
+
+def _shard(manifest: dict, split: str) -> str:
+    return manifest["splits"][split]["shards"][0]["name"]
+
+
+def _label(sample: Members) -> int:
+    return int(next(data for name, data in sample if name.endswith(".cls")))
+
+
+def _copy_train_sample_to_test(manifest: dict, members: dict[str, Members]) -> str:
+    sample = members[_shard(manifest, "train")][:3]
+    members[_shard(manifest, "test")] += sample
+    manifest["splits"]["test"]["class_counts"][_label(sample)] += 1
+    return f"{_shard(manifest, 'test')} (test): sample {{key}}: key also in {_shard(manifest, 'train')}"
+
+
+def _move_train_sample_to_test(manifest: dict, members: dict[str, Members]) -> str:
+    sample = members[_shard(manifest, "train")][:3]
+    del members[_shard(manifest, "train")][:3]
+    members[_shard(manifest, "test")] += sample
+    manifest["splits"]["train"]["class_counts"][_label(sample)] -= 1
+    manifest["splits"]["test"]["class_counts"][_label(sample)] += 1
+    return f"{_shard(manifest, 'test')} (test): sample {{key}}: json says split 'train', but the sample is in a test shard"
+
+
+def _relabel(record_too: bool) -> Callable[[dict, dict[str, Members]], str]:
+    """The first train sample gets the next class as its cls (and in its JSON record with `record_too`)."""
+    def edit(manifest: dict, members: dict[str, Members]) -> str:
+        (cls, label), jpg, (meta, record) = members[_shard(manifest, "train")][:3]
+        old = int(label)
+        new = (old + 1) % len(manifest["classes"])
+        if record_too:
+            record = json.dumps({**json.loads(record), "class_index": new}).encode()
+        members[_shard(manifest, "train")][:3] = [(cls, str(new).encode()), jpg, (meta, record)]
+        if not record_too:
+            return f"{_shard(manifest, 'train')} (train): sample {{key}}: json says class_index {old}, cls says {new}"
+        counts = manifest["splits"]["train"]["class_counts"]
+        first = min(old, new)
+        return (f"manifest.json (train): class_counts say {counts[first]} sample(s) of class {first} "
+                f"({manifest['classes'][first]!r}), the shards hold {counts[first] + (1 if first == new else -1)}")
+    return edit
+
+
+def _drop_record(manifest: dict, members: dict[str, Members]) -> str:
+    del members[_shard(manifest, "train")][2]
+    return f"{_shard(manifest, 'train')} (train): sample {{key}}: needs json, has ['cls', 'jpg']"
+
+
+# (kind, the forgery: returns the BAD line it must get, after the set's path, with {key} for the sample's key)
+FORGERIES: list[tuple[str, Callable[[dict, dict[str, Members]], str]]] = [
+    ("train sample copied into a test shard", _copy_train_sample_to_test),
+    ("train sample moved into a test shard", _move_train_sample_to_test),
+    ("label changed, class_counts not", _relabel(record_too=True)),
+    ("label changed, sample record not", _relabel(record_too=False)),
+    ("sample record missing", _drop_record),
+]
+
+
+@pytest.mark.parametrize("forge", [f[1] for f in FORGERIES], ids=[f[0] for f in FORGERIES])
+def test_forged_set_with_consistent_sizes_and_checksums_fails(
+        set_copy: Path, forge: Callable[[dict, dict[str, Members]], str]) -> None:
+    said: list[str] = []
+    keys: list[str] = []
+
+    def edit(manifest: dict, members: dict[str, Members]) -> None:
+        keys.append(members[_shard(manifest, "train")][0][0].split(".")[0])
+        said.append(forge(manifest, members))
+
+    _forge(set_copy, edit)
+    result = run_cli("pipeline", "verify", str(set_copy), "--quiet")
+    wrong_counts = said[0].startswith("manifest.json")
+    assert_one_line_error(result, "class_counts of 1 split(s) differ" if wrong_counts else "1 bad shard(s)")
+    bad = [line for line in result.stderr.splitlines() if line.startswith("BAD ")]
+    assert bad == [f"BAD {set_copy}/{said[0].format(key=keys[0])}"]
+
+
+def test_bad_shards_and_wrong_class_counts_are_counted_apart(set_copy: Path) -> None:
+    said: list[str] = []
+    _forge(set_copy, lambda manifest, members: said.append(_relabel(record_too=True)(manifest, members)))
+    shard = set_copy / load_manifest(str(set_copy))["splits"]["test"]["shards"][0]["name"]
+    data = bytearray(shard.read_bytes())
+    data[2000] ^= 0x01
+    shard.write_bytes(bytes(data))
+    result = run_cli("pipeline", "verify", str(set_copy), "--quiet")
+    assert_one_line_error(result, "1 bad shard(s) and class_counts of 1 split(s) differ from the labels")
+    assert [line for line in result.stderr.splitlines() if line.startswith("BAD ")] == \
+        [f"BAD {shard} (test): sha256 mismatch", f"BAD {set_copy}/{said[0]}"]

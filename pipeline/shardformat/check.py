@@ -3,12 +3,14 @@
 A sample is a mapping of member suffix -> payload (keys starting with "__", webdataset's `__key__` and
 `__url__`, are not members). `sample_problem` is cheap (member names, label, image header: no pixels), so the
 train stream can run it on samples it skips when resuming; `decode_sample` adds the full decode, which is
-what the train stream feeds to augmentation and what `verify` requires of every sample.
+what the train stream feeds to augmentation and what `verify` requires of every sample. `record_problem` is
+verify's own further check of the sample's JSON record (the train stream reads no JSON).
 """
 
 from __future__ import annotations
 
 import io
+import json
 import logging
 import re
 from collections.abc import Mapping
@@ -19,7 +21,7 @@ import simplejpeg
 from PIL import Image
 
 from pipeline.encode import one_line
-from pipeline.shardformat.schema import IMAGE, LABEL, is_refused
+from pipeline.shardformat.schema import IMAGE, LABEL, META, is_refused
 
 log = logging.getLogger(__name__)
 # PIL names the in-memory file it could not identify by its repr, address included: dropped, so the same
@@ -46,6 +48,24 @@ def sample_problem(sample: Mapping[str, Any], num_classes: int) -> str | None:
     if not 0 <= label < num_classes:
         return f"{LABEL} {label} out of range 0..{num_classes - 1}"
     return _header_problem(sample[IMAGE])
+
+
+def record_problem(sample: Mapping[str, Any], split: str) -> str | None:
+    """Why a usable sample's JSON record disagrees with its label or with the split of the shard holding it
+    (a sample copied from another split); None if it agrees."""
+    if META not in sample:
+        return f"needs {META}, has {sorted(name for name in sample if not name.startswith('__'))}"
+    try:
+        record = json.loads(sample[META])
+    except ValueError as e:  # UnicodeDecodeError included
+        return f"{META} is not JSON ({one_line(e)})"
+    if not isinstance(record, dict):
+        return f"{META} is not a JSON object"
+    if record.get("split") != split:
+        return f"{META} says split {record.get('split')!r}, but the sample is in a {split} shard"
+    if record.get("class_index") != int(sample[LABEL]):
+        return f"{META} says class_index {record.get('class_index')!r}, {LABEL} says {int(sample[LABEL])}"
+    return None
 
 
 def decode_sample(sample: Mapping[str, Any], num_classes: int) -> tuple[int, np.ndarray]:

@@ -109,10 +109,20 @@ class Layout(Protocol):
     LOOKS_FOR: str  # for the error when no layout matches, e.g. "images.txt (CUB_200_2011/)"
 
     def find_root(self, path: Path) -> Path | None:
-        """The directory holding this layout's files: `path` or a folder in it; None if it is not there."""
+        """The directory holding this layout's files: `path` or a folder in it; None if it is not there, a
+        UserError if `path` is a tree this layout recognises but must refuse."""
 
     def read(self, root: Path, settings: Settings) -> Dataset:
         """Parse and cross-check the source at `root`; every problem is one UserError line."""
+
+
+def visible_dirs(path: Path) -> list[Path]:
+    """The folders in `path` whose names do not start with a dot (links to folders too), sorted; none when
+    `path` cannot be listed."""
+    try:
+        return sorted(p for p in path.iterdir() if not p.name.startswith(".") and p.is_dir())
+    except OSError:
+        return []
 
 
 def image_sizes(dataset: Dataset) -> list[int]:
@@ -132,6 +142,8 @@ def image_sizes(dataset: Dataset) -> list[int]:
 def check_records(dataset: Dataset, settings: Settings) -> None:
     """What every layout must deliver: labels in range, unique keys, extras that do not shadow fields, and
     boxes where --crop-bbox needs them."""
+    if not dataset.records:
+        raise UserError(f"{dataset.root}: 0 images: nothing to build")
     if settings.need_boxes and any(record.bbox is None for record in dataset.records):
         raise UserError(f"--crop-bbox: the {dataset.layout} layout has no bounding boxes ({dataset.root})")
     seen: dict[str, Record] = {}

@@ -10,12 +10,14 @@ from pipeline.sources import listing
 from pipeline.sources.base import Dataset, Record, Settings, sample_key
 
 NAME = "cub"
-LOOKS_FOR = f"images.txt without hierarchy.txt (cub, e.g. {CUB_DIRNAME}/)"
+LOOKS_FOR = f"images.txt and CUB's other listing files (cub, e.g. {CUB_DIRNAME}/)"
 LISTING_FILES = ("classes.txt", "images.txt", "image_class_labels.txt", "train_test_split.txt", "bounding_boxes.txt")
 
 
 def find_root(path: Path) -> Path | None:
-    return listing.find_listing_root(path, "images.txt", CUB_DIRNAME)
+    """Any listing file but classes.txt claims a folder, so a tree with a file missing is read here and the
+    missing file named (NABirds, tried first, has taken the trees with NABirds' own files)."""
+    return listing.find_listing_root(path, CUB_DIRNAME, lambda folder: bool(listing.present(folder, listing.MARKERS)))
 
 
 def read(root: Path, settings: Settings) -> Dataset:
@@ -23,12 +25,14 @@ def read(root: Path, settings: Settings) -> Dataset:
     if settings.test_fraction is not None:
         raise UserError(f"--test-fraction: {root} has CUB's official test split (train_test_split.txt)")
     listing.require(root, LISTING_FILES, "CUB's")
+    images = listing.read_map(root, "images.txt", 1)
+    listing.require_rows(root, "images.txt", images, "images")
     class_rows = listing.read_map(root, "classes.txt", 1)
+    listing.require_rows(root, "classes.txt", class_rows, "classes")
     if sorted(class_rows) != list(range(1, len(class_rows) + 1)):
         raise UserError(f"classes.txt: class ids must be 1..{len(class_rows)} without gaps")
     classes = [class_rows[i][1][0] for i in range(1, len(class_rows) + 1)]
 
-    images = listing.read_map(root, "images.txt", 1)
     labels = listing.read_map(root, "image_class_labels.txt", 1)
     split = listing.read_map(root, "train_test_split.txt", 1)
     boxes = listing.read_map(root, "bounding_boxes.txt", 4)

@@ -8,12 +8,19 @@ the last field keeps its inner spaces. Every problem is one line naming the file
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from pipeline.errors import UserError
+from pipeline.sources.base import visible_dirs
 
 Row = tuple[int, list[str]]  # line number, fields after the id
+# Every listing file of the listing layouts (CUB, NABirds). A folder holding one is such a tree, perhaps with a
+# file missing: the listing layout names what is missing, and it is never read as an ImageFolder.
+FILES = ("classes.txt", "images.txt", "image_class_labels.txt", "train_test_split.txt", "bounding_boxes.txt",
+         "hierarchy.txt")
+# Those that claim a folder for a listing layout: classes.txt alone does not (ImageFolder trees often have one).
+MARKERS = FILES[1:]
 
 
 def rows(root: Path, name: str, num_fields: int, int_ids: bool = True) -> Iterator[tuple[int, int | str, list[str]]]:
@@ -60,6 +67,12 @@ def require(root: Path, names: tuple[str, ...], title: str) -> None:
             raise UserError(f"not {title} layout: {root / name} is missing")
 
 
+def require_rows(root: Path, name: str, table: dict, what: str) -> None:
+    """An empty listing file (or one of blank lines) is named, before anything is built from it."""
+    if not table:
+        raise UserError(f"{root / name}: 0 {what} (the file lists none)")
+
+
 def as_int(name: str, number: int, value: str) -> int:
     try:
         return int(value)
@@ -104,9 +117,16 @@ def bbox(row: Row) -> tuple[float, float, float, float]:
     return x, y, w, h
 
 
-def find_listing_root(path: Path, marker: str, folder: str, extra: str = "") -> Path | None:
-    """`path` or `path/folder` when it holds `marker` (and `extra`, when given), else None."""
-    for candidate in (path, path / folder):
-        if (candidate / marker).is_file() and (not extra or (candidate / extra).is_file()):
-            return candidate
-    return None
+def present(directory: Path, names: tuple[str, ...]) -> list[str]:
+    """Those of `names` that are files in `directory`."""
+    return [name for name in names if (directory / name).is_file()]
+
+
+def find_listing_root(path: Path, folder: str, is_root: Callable[[Path], bool]) -> Path | None:
+    """The first of `path`, `path/folder` (the dataset's own folder name) and `path`'s only folder (an
+    archive's top folder, or a copy under another name) for which `is_root` holds, else None."""
+    candidates = [path, path / folder]
+    folders = visible_dirs(path)
+    if len(folders) == 1:
+        candidates.append(folders[0])
+    return next((c for c in candidates if c.is_dir() and is_root(c)), None)

@@ -16,12 +16,24 @@ from pipeline.sources.base import Dataset, Record, Settings, sample_key
 
 NAME = "nabirds"
 LOOKS_FOR = "images.txt with hierarchy.txt (nabirds, e.g. nabirds/)"
+DIRNAME = "nabirds"
+# Files that only NABirds has besides its listing files (sizes.txt and photographers.txt ship with it).
+OWN_FILES = ("hierarchy.txt", "sizes.txt", "photographers.txt")
 LISTING_FILES = ("classes.txt", "images.txt", "image_class_labels.txt", "train_test_split.txt",
                  "bounding_boxes.txt", "hierarchy.txt")
 
 
 def find_root(path: Path) -> Path | None:
-    return listing.find_listing_root(path, "images.txt", "nabirds", extra="hierarchy.txt")
+    """A folder with hierarchy.txt, or with other listing files and either another file only NABirds has or
+    NABirds' folder name: a NABirds tree with a listing file missing is read here, and the file named."""
+    return listing.find_listing_root(path, DIRNAME, _is_root)
+
+
+def _is_root(folder: Path) -> bool:
+    if (folder / "hierarchy.txt").is_file():
+        return True
+    return bool(listing.present(folder, listing.MARKERS)) and (
+        folder.name == DIRNAME or bool(listing.present(folder, OWN_FILES)))
 
 
 def read(root: Path, settings: Settings) -> Dataset:
@@ -29,10 +41,12 @@ def read(root: Path, settings: Settings) -> Dataset:
     if settings.test_fraction is not None:
         raise UserError(f"--test-fraction: {root} has NABirds' official test split (train_test_split.txt)")
     listing.require(root, LISTING_FILES, "NABirds'")
+    images = listing.read_map(root, "images.txt", 1, int_ids=False)
+    listing.require_rows(root, "images.txt", images, "images")
     names = {class_id: fields[0] for class_id, (_, fields) in listing.read_map(root, "classes.txt", 1).items()}
+    listing.require_rows(root, "classes.txt", names, "classes")
     parents = _hierarchy(root, names)
 
-    images = listing.read_map(root, "images.txt", 1, int_ids=False)
     labels = listing.read_map(root, "image_class_labels.txt", 1, int_ids=False)
     split = listing.read_map(root, "train_test_split.txt", 1, int_ids=False)
     boxes = listing.read_map(root, "bounding_boxes.txt", 4, int_ids=False)
