@@ -342,13 +342,13 @@ def test_kubernetes_training_job(tmp_path: Path) -> None:
     spec, pod = job["spec"], job["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     argv = container["command"] + container.get("args", [])
-    assert argv[:2] == ["accelerate", "launch"] and pod["subdomain"] == service["metadata"]["name"]
-    split = argv.index("-m")
+    assert argv[:3] == ["python", "-m", "train.launch"] and pod["subdomain"] == service["metadata"]["name"]
+    split = argv.index("-m", 3)  # the launcher's options end at the training module
     rank_var = re.fullmatch(r"\$\((\w+)\)", argv[argv.index("--machine_rank") + 1]).group(1)
     (rank_env,) = [e for e in container["env"] if e["name"] == rank_var]
     assert rank_env["valueFrom"]["fieldRef"]["fieldPath"] == (
         "metadata.annotations['batch.kubernetes.io/job-completion-index']")
-    pod1 = [_k8s_expand(a, {rank_var: "1"}) for a in argv[2:split]]  # as Kubernetes runs it in pod 1
+    pod1 = [_k8s_expand(a, {rank_var: "1"}) for a in argv[3:split]]  # as Kubernetes runs it in pod 1
     launch = launch_command_parser().parse_args([*pod1, "--", "train"])
     assert launch.machine_rank == 1
     assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"] == launch.num_machines
@@ -374,4 +374,4 @@ def test_kubernetes_training_job(tmp_path: Path) -> None:
     assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]} in rules
     assert {"action": "Ignore", "onExitCodes": {"containerName": "train", "operator": "In", "values": [75]}} in rules
     assert spec["backoffLimit"] >= 1
-    assert pod["terminationGracePeriodSeconds"] > 30  # above the launcher's 30 s for its processes to stop
+    assert pod["terminationGracePeriodSeconds"] > config.stop_grace  # the launcher waits for the stop
