@@ -219,7 +219,7 @@ exit "$status"
 """
 FAKE_SCONTROL = """#!/bin/bash
 case "$1 $2" in
-    "show hostnames") [ "$3" = "$SLURM_JOB_NODELIST" ] && printf 'gpu-a17\\ngpu-b03\\n' ;;
+    "show hostnames") [ "$3" = "gpu-[a17,b03]" ] && printf 'gpu-a17\\ngpu-b03\\n' ;;  # else fails
     "show node") printf 'NodeName=%s Arch=x86_64 CoresPerSocket=16\\n   NodeAddr=10.0.0.%s NodeHostName=%s\\n' \\
         "$3" "${3#gpu-?}" "$3" ;;
     "requeue "*) echo "$2" >> "$REC/requeue" ;;
@@ -300,6 +300,17 @@ def test_slurm_train_command_lines_and_requeue_on_status_75(tmp_path: Path) -> N
             assert (rec / f"node{rank}.cpu").read_text().strip() == cpu, index
         assert (rec / "srun.args").read_text().splitlines()[:2] == ["--ntasks-per-node=1", "--kill-on-bad-exit=1"]
         assert (rec / "requeue").read_text().splitlines() == ["4242"] if requeued else not (rec / "requeue").exists()
+
+
+@pytest.mark.timeout(120)
+def test_slurm_train_stops_at_a_failed_setup_step(tmp_path: Path) -> None:
+    """A submit directory that is gone, or scontrol failing on a node list: the job fails before anything is
+    launched."""
+    for name, extra in (("cd", {"SLURM_SUBMIT_DIR": str(tmp_path / "gone")}),
+                        ("scontrol", {"SLURM_JOB_NODELIST": "gpu-x"})):
+        job, rec = _train_job(tmp_path / name, 2, "exit:0", **extra)
+        output, _ = job.communicate(timeout=60)
+        assert job.returncode != 0 and not (rec / "srun.args").exists(), (name, job.returncode, output)
 
 
 @pytest.mark.timeout(120)

@@ -65,30 +65,17 @@ def test_launch_passes_usr1_to_every_process_and_exits_with_their_status(train_s
     assert "second stop signal" not in output and "Traceback" not in output, output[-3000:]
     assert 75 in policy["Ignore"]  # a stop is retried without using up backoffLimit
 
+    bad = {  # a bad option of fit's, under torchrun and under one process (exec'd), and of the launcher's
+        "fit": ([*launch_args(free_port()), *command, "--bogus"], "error: unrecognized arguments: --bogus"),
+        "one": (["--num_processes", "1", *command, "--bogus"], "error: unrecognized arguments: --bogus"),
+        "launcher": (["--multi_gpu", "--num_processes", "1", *command], "error: You need to use at least 2 processes"),
+    }
     with procs.group(tmp_path / "bad-logs") as group:
-        group.start("launch", [*WRAPPER, *launch_args(free_port()), *command, "--bogus"], env)
-        assert group.finish(RUN_TIMEOUT_S) == [2], group.output("launch")[-3000:]
-        output = group.output("launch")
-    assert "error: unrecognized arguments: --bogus" in output and "Traceback" not in output, output[-3000:]
+        for name, (args, _) in bad.items():
+            group.start(name, [*WRAPPER, *args], env)
+        codes = group.finish(RUN_TIMEOUT_S)
+        outputs = {name: group.output(name) for name in bad}
+    assert codes == [2, 2, 2], outputs
+    for name, (_, line) in bad.items():
+        assert line in outputs[name] and "Traceback" not in outputs[name], outputs[name]
     assert policy["FailJob"] == [2]  # a bad option fails the Job at once
-
-
-@pytest.mark.timeout(2 * RUN_TIMEOUT_S)
-def test_processes_of_a_launcher_killed_by_usr1_stop_with_a_checkpoint(train_shards: Path, tmp_path: Path) -> None:
-    """USR1 to a plain `accelerate launch`'s group kills it (torchrun does not handle USR1); its processes,
-    in sessions of their own, do not get the signal, but see their launcher gone and stop as on SIGTERM,
-    their first stop signal: one step, a complete checkpoint, no second signal."""
-    run_dir, env = tmp_path / "run", launch_env(tmp_path)
-    with procs.group(tmp_path / "logs") as group:
-        launcher = group.start("launch", [*procs.launch_args(2, free_port()),
-                                          *fit_command(train_shards, run_dir, "--batch-size", "4")], env)
-        wait_for_step(run_dir, launcher)
-        ranks = psutil.Process(launcher.pid).children()
-        assert len(ranks) == 2, ranks
-        os.killpg(launcher.pid, signal.SIGUSR1)
-        assert group.finish(RUN_TIMEOUT_S) == [-signal.SIGUSR1]
-        _, alive = psutil.wait_procs(ranks, timeout=RUN_TIMEOUT_S)
-        assert not alive, group.output("launch")[-3000:]
-        output = group.output("launch")
-    assert_stop_checkpoint(output, run_dir, "SIGTERM")
-    assert "second stop signal" not in output and "Traceback" not in output, output[-3000:]
