@@ -21,8 +21,6 @@ import yaml
 from support import ROOT, free_port, launch_env
 from test_signals import RUN_TIMEOUT_S, assert_stop_checkpoint, fit_command, wait_for_step
 
-pytestmark = pytest.mark.slow  # multi-process runs
-
 K8S_TRAIN = ROOT / "examples" / "k8s" / "train-job.yaml"
 WRAPPER = [sys.executable, "-m", "train.launch"]
 
@@ -46,6 +44,13 @@ def launch_args(port: int) -> list[str]:
     return procs.launch_args(2, port)[2:]
 
 
+def test_exit_status_is_what_a_shell_reports() -> None:
+    from train.launch import exit_status
+
+    assert [exit_status(code) for code in (0, 2, 75, -signal.SIGKILL, -signal.SIGTERM)] == [0, 2, 75, 137, 143]
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(3 * RUN_TIMEOUT_S)
 def test_launch_passes_usr1_to_every_process_and_exits_with_their_status(train_shards: Path,
                                                                           tmp_path: Path) -> None:
@@ -79,3 +84,25 @@ def test_launch_passes_usr1_to_every_process_and_exits_with_their_status(train_s
     for name, (_, line) in bad.items():
         assert line in outputs[name] and "Traceback" not in outputs[name], outputs[name]
     assert policy["FailJob"] == [2]  # a bad option fails the Job at once
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2 * RUN_TIMEOUT_S)
+def test_processes_of_a_launcher_killed_by_usr1_stop_with_a_checkpoint(train_shards: Path, tmp_path: Path) -> None:
+    """USR1 to a plain `accelerate launch`'s group kills it (torchrun does not handle USR1); its processes,
+    in sessions of their own, do not get the signal, but see their launcher gone and stop as on SIGTERM,
+    their first stop signal: one step, a complete checkpoint, no second signal."""
+    run_dir, env = tmp_path / "run", launch_env(tmp_path)
+    with procs.group(tmp_path / "logs") as group:
+        launcher = group.start("launch", [*procs.launch_args(2, free_port()),
+                                          *fit_command(train_shards, run_dir, "--batch-size", "4")], env)
+        wait_for_step(run_dir, launcher)
+        ranks = psutil.Process(launcher.pid).children()
+        assert len(ranks) == 2, ranks
+        os.killpg(launcher.pid, signal.SIGUSR1)
+        assert group.finish(RUN_TIMEOUT_S) == [-signal.SIGUSR1]
+        _, alive = psutil.wait_procs(ranks, timeout=RUN_TIMEOUT_S)
+        assert not alive, group.output("launch")[-3000:]
+        output = group.output("launch")
+    assert_stop_checkpoint(output, run_dir, "SIGTERM")
+    assert "second stop signal" not in output and "Traceback" not in output, output[-3000:]

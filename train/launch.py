@@ -11,7 +11,9 @@ stop from a scheduler or a terminal.
   signal it got itself. Job controllers (a Kubernetes podFailurePolicy, a requeue rule) can then act on it.
 
 One process (no --multi_gpu) is started by exec: this process becomes the training process itself, which
-handles its signals and exit status on its own. QUIT keeps torchrun's handling."""
+handles its signals and exit status on its own. QUIT keeps torchrun's handling. Not for a Slurm step: srun
+signals every process of the step itself, so each would get the signal twice (examples/slurm/train.sbatch
+runs `accelerate launch` with USR1 ignored)."""
 
 from __future__ import annotations
 
@@ -36,12 +38,13 @@ def exit_status(returncode: int) -> int:
 
 
 def _forward(signum: int, frame: object) -> None:
-    """Pass the signal to the training processes (this process's children: torchrun starts no other); with
-    none started yet, end as the signal would have ended this process."""
+    """Pass the signal to the training processes, this process's children (torchrun starts no others, from
+    the main thread, where this handler runs: none is half-started now). With none started yet, exit as a
+    shell reports a process that signal killed (raising the signal would do nothing in a container's PID 1)."""
     ranks = psutil.Process().children()
     if not ranks:
-        signal.signal(signum, signal.SIG_DFL)
-        signal.raise_signal(signum)
+        sys.stdout.flush()
+        os._exit(128 + signum)
     for rank in ranks:
         with contextlib.suppress(psutil.NoSuchProcess):
             rank.send_signal(signum)
