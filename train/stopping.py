@@ -4,7 +4,9 @@ complete checkpoint there and exit with STOP_EXIT.
 
 A second stop signal, or the --stop-grace deadline after the first, ends the process at once with status
 128 + the signal's number, as a shell reports a process that signal killed (no stop checkpoint; the previous
-complete checkpoint stays, since checkpoints are written to a temporary directory and renamed)."""
+complete checkpoint stays, since checkpoints are written to a temporary directory and renamed).
+
+A process torchrun started whose launcher dies first stops as on its first stop signal."""
 
 from __future__ import annotations
 
@@ -110,7 +112,8 @@ def _watch_launcher(sig: int, done: threading.Event) -> None:
     unwatched. (The kernel's parent-death signal would come once per thread of the dying launcher.)"""
     while not done.wait(LAUNCHER_POLL_S):
         if os.getppid() != _PARENT:
-            os.kill(os.getpid(), sig)
+            if not requested():  # already stopping: a second signal would end it without the checkpoint
+                os.kill(os.getpid(), sig)
             return
 
 
