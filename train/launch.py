@@ -66,7 +66,9 @@ def run_torchrun(args: argparse.Namespace) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     os.environ.update(TORCHRUN_SIGNALS)
-    args.quiet = args.debug = False  # either makes accelerate exit 1 on a failure instead of raising it
+    if args.debug:  # the processes' debug mode, set here: accelerate's --debug also makes it exit 1 on a failure
+        os.environ["ACCELERATE_DEBUG_MODE"] = "true"
+    args.quiet = args.debug = False  # --quiet too: it only changes how accelerate reports a failure
     with forwarding():
         try:
             multi_gpu_launcher(args)
