@@ -5,7 +5,8 @@ stop from a scheduler or a terminal.
   process or to its process group, reach every training process of this machine exactly once, and this
   process waits for them to exit. A plain `accelerate launch` (torchrun inside) starts the training processes
   in sessions of their own, out of its group's reach; it passes on only TERM, INT, HUP and QUIT and kills the
-  processes 30 s later, and USR1 kills it outright, leaving them to train on unwatched.
+  processes 30 s later, and USR1 kills it outright (its processes notice within a second and stop: see
+  train.stopping).
 - It exits with the training processes' own status (75 after a stop, 2 for a bad option, 128 + N for a
   process killed by signal N), where `accelerate launch` exits 1 for any failed process and 128 + N for a
   signal it got itself. Job controllers (a Kubernetes podFailurePolicy, a requeue rule) can then act on it.
