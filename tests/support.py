@@ -8,6 +8,7 @@ import http.server
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -282,6 +283,30 @@ def serve(directory: Path | None = None, files: dict[str, bytes] | None = None) 
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
+
+
+def apt_install(packages: tuple[str, ...], commands: tuple[str, ...]) -> str:
+    """Install the Debian `packages` when one of `commands` is missing (as root, with apt-get; the package
+    lists updated if the first try fails: a fresh container has none). Returns why the commands are still
+    missing, or "" when they are all there."""
+    def missing() -> list[str]:
+        return [c for c in commands if shutil.which(c) is None]
+
+    def apt_get(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["apt-get", *args], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+
+    if not missing():
+        return ""
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        return f"{', '.join(missing())} not installed, and no apt-get as root to install {' '.join(packages)}"
+    result = apt_get("install", "-y", "-q", *packages)
+    if result.returncode != 0 and apt_get("update", "-q").returncode == 0:
+        result = apt_get("install", "-y", "-q", *packages)
+    if result.returncode != 0 or missing():
+        last = (result.stderr.strip() or result.stdout.strip() or "?").splitlines()[-1]
+        return f"`apt-get install -y {' '.join(packages)}` failed ({last})"
+    return ""
 
 
 def wait_for(condition: callable, timeout: float, what: str) -> None:

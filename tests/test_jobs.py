@@ -219,7 +219,7 @@ exit "$status"
 """
 FAKE_SCONTROL = """#!/bin/bash
 case "$1 $2" in
-    "show hostnames") [ "$3" = "$SLURM_JOB_NODELIST" ] && printf 'gpu-a17\\ngpu-b03\\n' ;;
+    "show hostnames") [ "$3" = "gpu-[a17,b03]" ] && printf 'gpu-a17\\ngpu-b03\\n' ;;  # else fails
     "show node") printf 'NodeName=%s Arch=x86_64 CoresPerSocket=16\\n   NodeAddr=10.0.0.%s NodeHostName=%s\\n' \\
         "$3" "${3#gpu-?}" "$3" ;;
     "requeue "*) echo "$2" >> "$REC/requeue" ;;
@@ -303,6 +303,17 @@ def test_slurm_train_command_lines_and_requeue_on_status_75(tmp_path: Path) -> N
 
 
 @pytest.mark.timeout(120)
+def test_slurm_train_stops_at_a_failed_setup_step(tmp_path: Path) -> None:
+    """A submit directory that is gone, or scontrol failing on a node list: the job fails before anything is
+    launched."""
+    for name, extra in (("cd", {"SLURM_SUBMIT_DIR": str(tmp_path / "gone")}),
+                        ("scontrol", {"SLURM_JOB_NODELIST": "gpu-x"})):
+        job, rec = _train_job(tmp_path / name, 2, "exit:0", **extra)
+        output, _ = job.communicate(timeout=60)
+        assert job.returncode != 0 and not (rec / "srun.args").exists(), (name, job.returncode, output)
+
+
+@pytest.mark.timeout(120)
 def test_slurm_train_usr1_reaches_every_node_then_requeues(tmp_path: Path) -> None:
     """USR1 to the batch script (Slurm's warning before the time limit): every node's training process gets
     it once and exits 75 while its launcher survives (it ignores USR1) and reports 1; the job requeues."""
@@ -342,13 +353,13 @@ def test_kubernetes_training_job(tmp_path: Path) -> None:
     spec, pod = job["spec"], job["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     argv = container["command"] + container.get("args", [])
-    assert argv[:2] == ["accelerate", "launch"] and pod["subdomain"] == service["metadata"]["name"]
-    split = argv.index("-m")
+    assert argv[:3] == ["python", "-m", "train.launch"] and pod["subdomain"] == service["metadata"]["name"]
+    split = argv.index("-m", 3)  # the launcher's options end at the training module
     rank_var = re.fullmatch(r"\$\((\w+)\)", argv[argv.index("--machine_rank") + 1]).group(1)
     (rank_env,) = [e for e in container["env"] if e["name"] == rank_var]
     assert rank_env["valueFrom"]["fieldRef"]["fieldPath"] == (
         "metadata.annotations['batch.kubernetes.io/job-completion-index']")
-    pod1 = [_k8s_expand(a, {rank_var: "1"}) for a in argv[2:split]]  # as Kubernetes runs it in pod 1
+    pod1 = [_k8s_expand(a, {rank_var: "1"}) for a in argv[3:split]]  # as Kubernetes runs it in pod 1
     launch = launch_command_parser().parse_args([*pod1, "--", "train"])
     assert launch.machine_rank == 1
     assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"] == launch.num_machines
@@ -374,4 +385,4 @@ def test_kubernetes_training_job(tmp_path: Path) -> None:
     assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]} in rules
     assert {"action": "Ignore", "onExitCodes": {"containerName": "train", "operator": "In", "values": [75]}} in rules
     assert spec["backoffLimit"] >= 1
-    assert pod["terminationGracePeriodSeconds"] > 30  # above the launcher's 30 s for its processes to stop
+    assert pod["terminationGracePeriodSeconds"] > config.stop_grace  # the launcher waits for the stop

@@ -34,7 +34,7 @@ import psutil
 import pytest
 from conftest import FIT_ARGS
 from safetensors.torch import load_file
-from support import ROOT, free_port, launch_env, run_cli, wait_for
+from support import ROOT, apt_install, free_port, launch_env, run_cli, wait_for
 
 pytestmark = pytest.mark.slow  # real daemons, jobs and 2-node trainings
 
@@ -99,31 +99,11 @@ NODE_LINE = ("NodeName={name} NodeHostname={name} NodeAddr=127.0.0.1 Port={port}
 # ---------------------------------------------------------------- the cluster
 
 
-def _missing() -> list[str]:
-    return [c for c in COMMANDS if shutil.which(c) is None]
-
-
-def _apt_get(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["apt-get", *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-
-
 def _unavailable() -> str:
-    """Why no Slurm can run here ("" when it can), after installing its packages when they are missing (with
-    the package lists updated if the first try fails: a fresh container has none)."""
+    """Why no Slurm can run here ("" when it can), after installing its packages when they are missing."""
     if os.geteuid() != 0:
         return "not root (slurmd starts jobs as root, and installing Slurm needs apt-get as root)"
-    if not _missing():
-        return ""
-    if shutil.which("apt-get") is None:
-        return f"{', '.join(_missing())} not installed, and no apt-get to install {' '.join(PACKAGES)}"
-    result = _apt_get("install", "-y", "-q", *PACKAGES)
-    if result.returncode != 0 and _apt_get("update", "-q").returncode == 0:
-        result = _apt_get("install", "-y", "-q", *PACKAGES)
-    if result.returncode != 0 or _missing():
-        last = (result.stderr.strip() or result.stdout.strip() or "?").splitlines()[-1]
-        return f"`apt-get install -y {' '.join(PACKAGES)}` failed ({last})"
-    return ""
+    return apt_install(PACKAGES, COMMANDS)
 
 
 # Decided when the module is collected, so that a skip is one line (a skip from a fixture is reported once

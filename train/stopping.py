@@ -4,7 +4,9 @@ complete checkpoint there and exit with STOP_EXIT.
 
 A second stop signal, or the --stop-grace deadline after the first, ends the process at once with status
 128 + the signal's number, as a shell reports a process that signal killed (no stop checkpoint; the previous
-complete checkpoint stays, since checkpoints are written to a temporary directory and renamed)."""
+complete checkpoint stays, since checkpoints are written to a temporary directory and renamed).
+
+A process torchrun started whose launcher dies first stops as on its first stop signal."""
 
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ _REQUEST: StopRequest | None = None
 # stop signal (sent to the whole process group) from its parent's own SIGTERM that ends it.
 _SHARED = mmap.mmap(-1, 1)
 WORKER_WAIT_S = 2.0  # how long a worker waits for its parent to take a SIGTERM as a stop request
+_PARENT = os.getppid()  # at import, early in the process: the launcher, for a process torchrun started
+LAUNCHER_POLL_S = 1.0
 
 
 class Stopped(Exception):  # noqa: N818 - not an error: the run did what was asked
@@ -87,14 +91,30 @@ def installed(names: str, grace: float) -> Iterator[StopRequest]:
     previous = {sig: signal.signal(sig, request.handle) for sig in signals}
     ACTIVE, _REQUEST = tuple(signals), request
     _SHARED[0] = 0
+    done = threading.Event()
+    if signals and "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun
+        threading.Thread(target=_watch_launcher, args=(signals[0], done), daemon=True).start()
     try:
         yield request
     finally:
+        done.set()
         if request.timer is not None:
             request.timer.cancel()
         ACTIVE, _REQUEST = (), None
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _watch_launcher(sig: int, done: threading.Event) -> None:
+    """torchrun starts each process in a session of its own, out of reach of a signal sent to the launcher's
+    process group: when the launcher dies first (killed, or by a signal it does not handle), this process
+    sends itself `sig` (its first stop signal), once, and stops with a checkpoint instead of training on
+    unwatched. (The kernel's parent-death signal would come once per thread of the dying launcher.)"""
+    while not done.wait(LAUNCHER_POLL_S):
+        if os.getppid() != _PARENT:
+            if not requested():  # already stopping: a second signal would end it without the checkpoint
+                os.kill(os.getpid(), sig)
+            return
 
 
 def requested() -> int:
