@@ -16,7 +16,7 @@ from torch import nn
 from pipeline.errors import UserError
 from pipeline.manifest import load_manifest
 from train import model as models
-from train.groups import assign, group_names, groups_of
+from train.model import assign, group_names, groups_of
 
 # Each family's smallest size that exercises it (ConvNeXt needs 32 px; a ViT a multiple of its patch: one
 # patch keeps ViT-B/16, 86M parameters, cheap), and
@@ -83,9 +83,12 @@ def test_size_rules_are_one_line() -> None:
 
 
 def test_preprocessing_comes_from_the_weights() -> None:
-    """torchvision's weights bring their own statistics and eval crop (EfficientNet-V2-L: 0.5 / 0.5)."""
+    """torchvision's weights bring their own statistics, eval crop and resize filter (EfficientNet-V2-L: 0.5 /
+    0.5, bicubic; from scratch: bilinear)."""
     assert models.preprocessing("efficientnet_v2_l", "imagenet", 0.875) == \
-        {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "crop_pct": 480 / 480}
+        {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "crop_pct": 480 / 480, "interpolation": "bicubic"}
+    assert models.preprocessing("efficientnet_b0", "imagenet", 0.875)["interpolation"] == "bicubic"
+    assert models.preprocessing("efficientnet_b0", "none", 0.875)["interpolation"] == "bilinear"
     assert models.preprocessing("convnext_tiny", "imagenet", 0.875)["crop_pct"] == 224 / 236
     assert models.preprocessing("resnet50", "imagenet", 0.8)["crop_pct"] == 0.8  # ours: the option
     assert models.preprocessing("convnext_tiny", "none", 0.8)["mean"] == [0.485, 0.456, 0.406]

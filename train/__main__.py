@@ -86,7 +86,8 @@ def _add_export(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, help="run directory of `fit` (or its checkpoints/best)")
     from train.export import FORMATS
 
-    p.add_argument("--format", required=True, choices=FORMATS, help="file format")
+    p.add_argument("--format", default="auto", choices=FORMATS,
+                   help="file format (auto: TorchScript when the model traces and its reload matches, else ONNX)")
     p.add_argument("--out", type=Path, required=True, help="file to write (.pt / .onnx)")
 
 

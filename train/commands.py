@@ -136,10 +136,11 @@ def predict(run: str, images: list[str], as_json: bool, batch_size: int) -> int:
 
 
 def export(run: str, fmt: str, out: Path) -> int:
-    """The best model as TorchScript or ONNX, reloaded and compared on a check batch."""
+    """The best model as TorchScript or ONNX (auto: TorchScript where the model traces, else ONNX), reloaded
+    and compared on a check batch."""
     from train.export import export as export_model
 
-    diff = export_model(run, fmt, out)
+    fmt, diff = export_model(run, fmt, out)
     print(f"wrote {out} ({fmt}); reloaded: max abs logit difference {diff:.3g} on a check batch")
     return 0
 

@@ -134,13 +134,19 @@ class Source:
 
 
 def dry_run_problem(build: Callable[[int], nn.Module], size: int) -> str | None:
-    """Why a model cannot take a `size` x `size` image, found by building it and running one image through it
-    on the meta device (shapes only: no memory, no compute); None when it runs."""
+    """Why a model cannot take a `size` x `size` image, found by running one image through it on the meta
+    device (shapes only: no memory, no compute); None when it runs. The model is built there too, or on the
+    CPU when its constructor reads tensor values (torchvision's RegNet), which the meta device has none of."""
     try:
+        try:
+            with torch.device("meta"):
+                model = build(size)
+        except Exception:  # any error of a constructor that needs values: it is built for real below
+            model = build(size)
+        model = model.to("meta").eval()
         with torch.device("meta"):
-            model = build(size).eval()
             model(torch.empty(1, 3, size, size))
-    except (RuntimeError, ValueError, AssertionError, IndexError, TypeError) as e:
+    except Exception as e:  # whatever the model raises at this size (RuntimeError, ValueError, AssertionError...)
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         return lines[0] if lines else type(e).__name__
     return None
