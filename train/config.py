@@ -95,7 +95,7 @@ HELP = {
     "arch": "the model: ",  # + each model source's syntax (HelpFormatter)
     "image_size": "train and eval crop size in pixels (checked against the model before any work: a ViT needs a "
                   "multiple of its patch size, some models a minimum)",
-    "crop_pct": "eval crop / resize of the short side (pretrained weights of torchvision and timm models bring "
+    "crop_pct": "eval crop / resize of the short side (pretrained weights of other models than ours bring "
                 "theirs)",
     "pretrained": "imagenet (the model's published weights, through its library's download and cache: torch hub or "
                   "Hugging Face; their mean/std, eval resize/crop and interpolation with it) | none | PATH (a .pth, "
