@@ -88,6 +88,12 @@ def test_local_checkpoint_loads_every_tensor_but_the_head(tmp_path: Path, form: 
     assert own["head.fc.weight"].shape == (6, 320)  # made anew for the data set's classes
 
 
+def test_a_folder_without_weights_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "models--timm--convnext_atto.d2_in1k" / "snapshots" / "abc").mkdir(parents=True)
+    with pytest.raises(UserError, match="holds none of model.safetensors, pytorch_model.bin"):
+        models.build_model("timm/convnext_atto", 6, str(tmp_path / "models--timm--convnext_atto.d2_in1k"), 32)
+
+
 def test_a_vit_checkpoint_loads_at_another_image_size(tmp_path: Path) -> None:
     """timm's own conversion (the model module's checkpoint filter) resamples a ViT's position embedding."""
     state = _checkpoint("vit_tiny_patch16_224", img_size=64)
