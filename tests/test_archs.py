@@ -16,7 +16,7 @@ from torch import nn
 from pipeline.errors import UserError
 from pipeline.manifest import load_manifest
 from train import model as models
-from train.groups import assign, group_names, groups_of
+from train.model import assign, group_names, groups_of
 
 # Each family's smallest size that exercises it (ConvNeXt needs 32 px; a ViT a multiple of its patch: one
 # patch keeps ViT-B/16, 86M parameters, cheap), and
@@ -73,7 +73,21 @@ def test_generic_fallback_uses_top_level_children() -> None:
     assert set(assign(model).values()) == {"stem", "stage1", "head"}  # "pool" holds no parameter
 
 
+@pytest.mark.parametrize(("arch", "size", "works"), [
+    ("alexnet", 32, 63), ("vgg11", 16, 32), ("convnext_tiny", 24, 32),
+    ("timm/convnext_atto", 16, 32), ("timm/crossvit_tiny_240", 64, 240),
+])
+def test_a_size_too_small_for_the_model_is_found_before_any_work(arch: str, size: int, works: int) -> None:
+    """A dry run on the meta device finds what the first forward pass would raise, and a size that works."""
+    problem = models.size_problem(arch, size, "none")
+    assert problem.startswith(f"--arch {arch} cannot take --image-size {size} (") and "\n" not in problem
+    assert problem.endswith(f"; try --image-size {works}")
+    assert models.size_problem(arch, works, "none") is None
+
+
 def test_size_rules_are_one_line() -> None:
+    assert models.size_problem("resnet18", 16, "none") is None  # ours: any size
+    assert models.size_problem("regnet_y_800mf", 32, "none") is None  # built on the CPU: no meta init
     assert models.size_problem("vit_b_16", 40, "none") == "--arch vit_b_16 needs --image-size divisible by 16, got 40"
     assert models.size_problem("vit_b_16", 32, "imagenet") == \
         "--arch vit_b_16 with --pretrained imagenet needs --image-size 224, got 32"
@@ -83,9 +97,12 @@ def test_size_rules_are_one_line() -> None:
 
 
 def test_preprocessing_comes_from_the_weights() -> None:
-    """torchvision's weights bring their own statistics and eval crop (EfficientNet-V2-L: 0.5 / 0.5)."""
+    """torchvision's weights bring their own statistics, eval crop and resize filter (EfficientNet-V2-L: 0.5 /
+    0.5, bicubic; from scratch: bilinear)."""
     assert models.preprocessing("efficientnet_v2_l", "imagenet", 0.875) == \
-        {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "crop_pct": 480 / 480}
+        {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "crop_pct": 480 / 480, "interpolation": "bicubic"}
+    assert models.preprocessing("efficientnet_b0", "imagenet", 0.875)["interpolation"] == "bicubic"
+    assert models.preprocessing("efficientnet_b0", "none", 0.875)["interpolation"] == "bilinear"
     assert models.preprocessing("convnext_tiny", "imagenet", 0.875)["crop_pct"] == 224 / 236
     assert models.preprocessing("resnet50", "imagenet", 0.8)["crop_pct"] == 0.8  # ours: the option
     assert models.preprocessing("convnext_tiny", "none", 0.8)["mean"] == [0.485, 0.456, 0.406]
@@ -175,4 +192,8 @@ def test_bad_arch_and_size_are_one_line_before_any_work(train_shards: Path, tmp_
                           "python -m train fit --help")
     assert_one_line_error(run_main(capsys, *base, "--arch", "vit_b_16", "--image-size", "40"),
                           "divisible by 16")
-    assert not (tmp_path / "run").exists()
+    assert_one_line_error(run_main(capsys, *base, "--arch", "alexnet", "--image-size", "32"),
+                          "--arch alexnet cannot take --image-size 32", "try --image-size 63")
+    assert_one_line_error(run_main(capsys, "lr-find", *base[1:], "--arch", "timm/convnext_atto", "--image-size", "16",
+                                   "--out", str(tmp_path / "lr")), "try --image-size 32")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "lr").exists()

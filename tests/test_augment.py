@@ -135,6 +135,17 @@ def test_eval_transform_rejects_bad_crop_pct():
         eval_transform(SIZE, crop_pct=1.5)
 
 
+def test_eval_transform_uses_the_weights_resize_filter():
+    """A model's metadata names its resize filter (timm's pretrained_cfg, torchvision's transforms): bicubic
+    gives other pixels than the default bilinear (the same as before for bilinear); an unknown name is refused."""
+    noise = np.random.default_rng(0).integers(0, 256, (97, 131, 3), dtype=np.uint8)
+    bilinear = Augment(eval_transform(SIZE, 0.875))(noise, 0)
+    assert Augment(eval_transform(SIZE, 0.875, "bilinear"))(noise, 0).tobytes() == bilinear.tobytes()
+    assert Augment(eval_transform(SIZE, 0.875, "bicubic"))(noise, 0).tobytes() != bilinear.tobytes()
+    with pytest.raises(UserError, match="interpolation 'sinc'"):
+        eval_transform(SIZE, 0.875, "sinc")
+
+
 def test_grayscale_input_becomes_three_equal_channels(image):
     gray = image[:, :, 0].copy()
     for preset in ("standard", "notebook", "none"):

@@ -175,11 +175,11 @@ def test_help_shows_real_defaults(capsys, command: str) -> None:
         assert "default: 0.875)" in options["--crop-pct"] and "default: none)" in options["--config"]
         assert f"default: {defaults.lr_find_steps})" in options["--lr-find-steps"]
         registries = cfgmod.choices()
-        for flag, name in (("--arch", "arch"), ("--augment", "augment"), ("--optimizer", "optimizer"),
-                           ("--lr-scheme", "lr_scheme")):
+        for flag, name in (("--augment", "augment"), ("--optimizer", "optimizer"), ("--lr-scheme", "lr_scheme")):
             assert f"choices: {', '.join(registries[name])};" in options[flag], flag
-        assert {"convnext_tiny", "efficientnet_b0", "mobilenet_v3_large", "vit_b_16", "regnet_y_800mf",
-                "resnet18", "resnet152"} <= set(registries["arch"])
+        # thousands of models: --help names each source's syntax and the command that lists them
+        assert "choices" not in options["--arch"] and "python -m train models" in options["--arch"]
+        assert all(part in options["--arch"] for part in ("resnet18 .. resnet152", "tv/NAME", "timm/NAME"))
         assert registries["optimizer"] == ("adam", "adamw", "sgd")
         assert registries["lr_scheme"] == ("notebook", "geometric", "flat")
         assert registries["augment"] == ("standard", "notebook", "none")

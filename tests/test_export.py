@@ -41,7 +41,7 @@ def test_onnx_round_trip_with_meta(fitted_run: Path, tmp_path: Path) -> None:
     import onnx
 
     out = tmp_path / "model.onnx"
-    assert export.export(str(fitted_run), "onnx", out) <= export.TOLERANCE
+    assert export.export(str(fitted_run), "onnx", out)[1] <= export.TOLERANCE
     x, expected, meta = _reference(fitted_run)
     props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert json.loads(props[export.META_KEY])["image_size"] == meta["image_size"]
@@ -68,7 +68,7 @@ def test_nothing_half_written(fitted_run: Path, tmp_path: Path, monkeypatch: pyt
         export.export(str(fitted_run), "torchscript", out)
     assert out.read_bytes() == b"an older export" and sorted(tmp_path.iterdir()) == [out]
     monkeypatch.undo()
-    assert export.export(str(fitted_run), "torchscript", out) <= export.TOLERANCE
+    assert export.export(str(fitted_run), "torchscript", out)[1] <= export.TOLERANCE
     assert sorted(tmp_path.iterdir()) == [out] and out.read_bytes()[:2] == b"PK"  # a TorchScript zip
     for target, message in ((tmp_path, "is a directory"), (Path("/dev/full"), "not a regular file"),
                             (Path("/sys/model.pt"), "cannot write in /sys")):

@@ -15,8 +15,7 @@ from torch import nn
 
 from pipeline.errors import UserError
 from train.groups import RESNET_GROUPS as PARAM_GROUPS
-from train.groups import assign
-from train.model import build_model
+from train.model import assign, build_model
 from train.resnet import RESNETS as ARCHS
 from train.resnet import ResNet
 
@@ -220,7 +219,7 @@ def test_unknown_arch_says_where_the_choices_are() -> None:
         build_model("resnet19", num_classes=5)
     message = assert_one_line(exc)
     assert "'resnet19'" in message and "did you mean resnet18" in message
-    assert "python -m train fit --help lists all" in message
+    assert "python -m train models [PATTERN]` lists" in message
 
 
 # --- "imagenet": torchvision's weights API through torch hub's cache ---------------------------------

@@ -1,1 +1,1 @@
-"""Training: streams cubstream shards into a ResNet or a torchvision classifier (model, data, optimizer, loops, reports)."""
+"""Training: streams cubstream shards into a model of any source (our ResNets, torchvision, timm)."""

@@ -1,4 +1,4 @@
-"""`python -m train {fit,lr-find,evaluate,predict,export}`; `accelerate launch -m train fit ...`."""
+"""`python -m train {fit,lr-find,evaluate,predict,export,models}`; `accelerate launch -m train fit ...`."""
 
 from __future__ import annotations
 
@@ -35,6 +35,10 @@ def _parser() -> argparse.ArgumentParser:
     _add_evaluate(commands)
     _add_predict(commands)
     _add_export(commands)
+    p = commands.add_parser("models", help="the models --arch takes, per source, with input size and weights",
+                            formatter_class=cfgmod.HelpFormatter)
+    p.add_argument("pattern", nargs="?", default="*", metavar="PATTERN",
+                   help="fnmatch pattern or substring of the --arch name (e.g. convnext, 'timm/vit_*')")
     return parser
 
 
@@ -82,7 +86,8 @@ def _add_export(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, help="run directory of `fit` (or its checkpoints/best)")
     from train.export import FORMATS
 
-    p.add_argument("--format", required=True, choices=FORMATS, help="file format")
+    p.add_argument("--format", default="auto", choices=FORMATS,
+                   help="file format (auto: TorchScript when the model traces and its reload matches, else ONNX)")
     p.add_argument("--out", type=Path, required=True, help="file to write (.pt / .onnx)")
 
 
@@ -123,6 +128,8 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         _check_output(parser, output_dir_problem(args.out, "--out"))
         return commands.evaluate(args.checkpoint, args.shards, args.split, args.out, args.batch_size, args.workers,
                                  args.precision, args.wandb, args.wandb_project, args.io_timeout)
+    if args.command == "models":
+        return commands.models(args.pattern)
     if args.command == "predict":
         if args.batch_size < 1:
             parser.error(f"--batch-size must be >= 1, got {args.batch_size}")

@@ -35,14 +35,23 @@ cv2.setNumThreads(1)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-def eval_transform(image_size: int, crop_pct: float = 0.875) -> A.Compose:
-    """Resize the short side to round(image_size / crop_pct), then centre-crop image_size x image_size."""
+# Resize filters by the names models' metadata uses (timm's pretrained_cfg, torchvision's InterpolationMode).
+INTERPOLATIONS = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC, "nearest": cv2.INTER_NEAREST,
+                  "area": cv2.INTER_AREA, "lanczos": cv2.INTER_LANCZOS4}
+
+
+def eval_transform(image_size: int, crop_pct: float = 0.875, interpolation: str = "bilinear") -> A.Compose:
+    """Resize the short side to round(image_size / crop_pct) with `interpolation`, then centre-crop
+    image_size x image_size."""
     _check_size(image_size)
     if not 0.0 < crop_pct <= 1.0:
         raise UserError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    if interpolation not in INTERPOLATIONS:
+        raise UserError(f"interpolation {interpolation!r}: choose from {', '.join(INTERPOLATIONS)}")
     resize_to = round(image_size / crop_pct)
     return A.Compose(
-        [A.SmallestMaxSize(max_size=resize_to), A.CenterCrop(height=image_size, width=image_size)],
+        [A.SmallestMaxSize(max_size=resize_to, interpolation=INTERPOLATIONS[interpolation]),
+         A.CenterCrop(height=image_size, width=image_size)],
         seed=0,
     )
 

@@ -104,7 +104,8 @@ def evaluate(run: str, shards: str, split: str, out: Path, batch_size: int, work
         raise UserError(f"the {split} split of {shards} is empty: nothing to evaluate")
     accelerator = tracking.make_accelerator(Config(precision=precision, wandb=wandb, run_dir=str(out)))
     model = model.to(accelerator.device, memory_format=torch.channels_last)
-    transform = augment.Augment(augment.eval_transform(meta["image_size"], meta["crop_pct"]))
+    transform = augment.Augment(augment.eval_transform(meta["image_size"], meta["crop_pct"],
+                                                       meta.get("interpolation", "bilinear")))  # older runs: none
     stats = (meta["mean"], meta["std"])
     result = evaluation.evaluate(accelerator, model, shards, manifest, split, transform, stats, batch_size,
                                  workers, collect=True)
@@ -135,9 +136,31 @@ def predict(run: str, images: list[str], as_json: bool, batch_size: int) -> int:
 
 
 def export(run: str, fmt: str, out: Path) -> int:
-    """The best model as TorchScript or ONNX, reloaded and compared on a check batch."""
+    """The best model as TorchScript or ONNX (auto: TorchScript where the model traces, else ONNX), reloaded
+    and compared on a check batch."""
     from train.export import export as export_model
 
-    diff = export_model(run, fmt, out)
+    fmt, diff = export_model(run, fmt, out)
     print(f"wrote {out} ({fmt}); reloaded: max abs logit difference {diff:.3g} on a check batch")
+    return 0
+
+
+def models(pattern: str) -> int:
+    """The models of each source whose --arch name matches `pattern`, with their native input size and where
+    their published weights come from; one line with the closest names when none matches."""
+    from train import archs
+
+    found = archs.listing(pattern)
+    if not any(rows for _, rows in found):
+        close = archs.closest(pattern.strip("*?[]"))
+        hint = f" (closest: {', '.join(close)})" if close else ""
+        raise UserError(f"no model matches {pattern!r}{hint}")
+    print("weights: cached = here already; download = fetched on first use of --pretrained imagenet; "
+          "none = no published weights (--pretrained none or a local file)")
+    for source, rows in found:
+        if rows:
+            print(f"\n{source.name}: {source.syntax}; {len(rows)} model(s)")
+            print(f"  {'--arch':<44} {'size':>5}  {'weights':<8}  note")
+            for row in rows:
+                print(f"  {row.arch:<44} {row.input_size:>5}  {row.weights:<8}  {row.note}".rstrip())
     return 0

@@ -92,12 +92,15 @@ HELP = {
     "config": "YAML file of options (keys = option names with _); the command line overrides it",
     "batch_size": "per process", "workers": "data loader processes per training process",
     "augment": "train augmentation preset",
-    "arch": "our ResNets (resnet18..resnet152, the notebook's) or a torchvision classification model by name",
-    "image_size": "train and eval crop size in pixels (a ViT needs a multiple of its patch size)",
-    "crop_pct": "eval crop / resize of the short side (torchvision ImageNet weights of other archs bring theirs)",
-    "pretrained": "imagenet (torchvision's weights API, through the torch hub cache; their mean/std and eval "
-                  "resize/crop with it) | none | PATH or http(s) URL of a torchvision-format state dict (a URL is "
-                  "downloaded once into the torch hub cache)",
+    "arch": "the model: ",  # + each model source's syntax (HelpFormatter)
+    "image_size": "train and eval crop size in pixels (checked against the model before any work: a ViT needs a "
+                  "multiple of its patch size, some models a minimum)",
+    "crop_pct": "eval crop / resize of the short side (pretrained weights of other models than ours bring "
+                "theirs)",
+    "pretrained": "imagenet (the model's published weights, through its library's download and cache: torch hub or "
+                  "Hugging Face; their mean/std, eval resize/crop and interpolation with it) | none | PATH (a .pth, "
+                  ".bin or .safetensors state dict, or a Hugging Face model folder) | http(s) URL of a state dict "
+                  "(downloaded once into the torch hub cache); the head is made anew for the shard set's classes",
     "lr": "peak LR of the head group (fc for a ResNet); the other groups get lr_scheme's multipliers (auto: run "
           "lr-find first)",
     "lr_scheme": "discriminative LRs over stem, stages, head: notebook (head 1, then /2, /4, /6 ...: a ResNet's "
@@ -135,6 +138,10 @@ class HelpFormatter(argparse.HelpFormatter):
         elif action.nargs == 0 and action.option_strings and action.dest != "help":
             extra.append("default: off")
         text = action.help or ""
+        if action.dest == "arch":
+            from train.archs import help_line
+
+            text += help_line() + "; `python -m train models [PATTERN]` lists them"
         return f"{text} ({'; '.join(extra).replace('%', '%%')})".lstrip() if extra else text
 
 

@@ -22,10 +22,9 @@ from train import augment, checkpoint, data, keylog, lifecycle, stopping, tracki
 from train.config import Config
 from train.data import elastic
 from train.evaluation import eval_transform, evaluate, final_results, model_meta, norm_stats, replaces_best
-from train.groups import group_names
 from train.lifecycle import Progress
 from train.metrics import Totals, format_metric
-from train.model import build_model
+from train.model import build_model, group_names
 from train.optim import build_optimizer, build_scheduler, group_lrs, lr_multipliers, param_groups
 from train.tracking import MetricsLog, say
 

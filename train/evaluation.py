@@ -22,8 +22,8 @@ if TYPE_CHECKING:
 
 
 def eval_transform(config: Config) -> augment.Augment:
-    crop_pct = preprocessing(config.arch, config.pretrained, config.crop_pct)["crop_pct"]
-    return augment.Augment(augment.eval_transform(config.image_size, crop_pct))
+    settings = preprocessing(config.arch, config.pretrained, config.crop_pct)
+    return augment.Augment(augment.eval_transform(config.image_size, settings["crop_pct"], settings["interpolation"]))
 
 
 def norm_stats(config: Config) -> tuple[list[float], list[float]]:

@@ -21,7 +21,7 @@ from pipeline.errors import UserError
 from pipeline.outputs import output_file_problem
 from train import checkpoint
 
-FORMATS = ("torchscript", "onnx")
+FORMATS = ("auto", "torchscript", "onnx")  # auto: TorchScript when the model traces and checks, else ONNX
 META_KEY = "cubstream_meta"
 TOLERANCE = 1e-3  # max abs logit difference accepted (float32, different kernels)
 CHECK_BATCH = 4
@@ -74,8 +74,9 @@ def run_onnx(path: Path, batch: torch.Tensor) -> np.ndarray:
     return session.run(None, {"images": batch.numpy()})[0]
 
 
-def export(run: str, fmt: str, out: Path) -> float:
-    """Write the export, reload it, return the max abs logit difference to the checkpoint's model.
+def export(run: str, fmt: str, out: Path) -> tuple[str, float]:
+    """Write the export, reload it, return its format and the max abs logit difference to the checkpoint's
+    model. "auto" writes TorchScript when the model traces and its reload matches, and ONNX otherwise.
 
     The file is written under a temporary name in the target directory, checked, and only then renamed to
     `out`: a failed write or check leaves no file at `out` (and an older one there untouched)."""
@@ -95,12 +96,28 @@ def export(run: str, fmt: str, out: Path) -> float:
         raise UserError(f"--out {out}: cannot create {out.parent} ({e.strerror or e})") from None
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
-        _write(fmt, model, check_batch(meta, 2), meta, tmp, out)
-        diff = _check(fmt, tmp, out, batch, expected)
+        if fmt == "auto":
+            fmt, diff = _first_that_works(model, meta, tmp, out, batch, expected)
+        else:
+            _write(fmt, model, check_batch(meta, 2), meta, tmp, out)
+            diff = _check(fmt, tmp, out, batch, expected)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    return diff
+    return fmt, diff
+
+
+def _first_that_works(model: torch.nn.Module, meta: dict[str, Any], tmp: Path, out: Path, batch: torch.Tensor,
+                      expected: np.ndarray) -> tuple[str, float]:
+    """TorchScript if the model traces and its reload gives the checkpoint's logits, else ONNX."""
+    try:
+        _write("torchscript", model, check_batch(meta, 2), meta, tmp, out)
+        return "torchscript", _check("torchscript", tmp, out, batch, expected)
+    except (RuntimeError, UserError) as e:  # a model torch.jit cannot trace (or whose trace differs)
+        if isinstance(e, UserError) and "cannot write" in str(e):
+            raise
+    _write("onnx", model, check_batch(meta, 2), meta, tmp, out)
+    return "onnx", _check("onnx", tmp, out, batch, expected)
 
 
 def _write(fmt: str, model: torch.nn.Module, example: torch.Tensor, meta: dict[str, Any], tmp: Path,

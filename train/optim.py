@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from pipeline.errors import UserError
-from train.groups import RESNET_GROUPS, assign
+from train.groups import RESNET_GROUPS
+from train.model import assign
 
 NO_DECAY_SUFFIX = "/no_decay"
 

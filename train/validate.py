@@ -1,9 +1,8 @@
 """Checks of a run configuration before any work: each option's range and choices, read from the registries
-that define them (architectures, augmentation presets, optimizers, LR schemes), and the combinations."""
+that define them (model sources, augmentation presets, optimizers, LR schemes), and the combinations."""
 
 from __future__ import annotations
 
-import difflib
 import functools
 import importlib
 import math
@@ -19,7 +18,6 @@ WANDB_MODES = ("auto", "online", "offline", "disabled")
 
 
 REGISTRIES = {  # option -> (module, attribute) of the registry that defines its values
-    "arch": ("train.model", "arch_names"),
     "augment": ("train.augment", "TRAIN_PRESETS"),
     "optimizer": ("train.optim", "OPTIMIZERS"),
     "lr_scheme": ("train.optim", "SCHEMES"),
@@ -43,21 +41,17 @@ def choices() -> dict[str, tuple[str, ...]]:
 
 def choice_problem(name: str, value: object) -> str | None:
     """One line naming the choices when `value` is not one of option `name`'s."""
-    if name == "arch":
-        from train.resnet import RESNETS
-
-        if value in RESNETS:  # ours: no need to import torchvision's registry
-            return None
     valid = registry(name)
     if value in valid:
         return None
-    flag = "--" + name.replace("_", "-")
-    if name == "arch":  # too many to list in one line: the close ones, and where the list is
-        close = difflib.get_close_matches(str(value), valid, n=3)
-        hint = f"did you mean {', '.join(close)}? " if close else ""
-        return (f"{flag}: invalid choice {value!r} ({hint}our resnet18..resnet152 or a torchvision "
-                f"classification model; python -m train fit --help lists all {len(valid)})")
-    return f"{flag}: invalid choice {value!r} (choose from {', '.join(valid)})"
+    return f"--{name.replace('_', '-')}: invalid choice {value!r} (choose from {', '.join(valid)})"
+
+
+def arch_problem(arch: str) -> str | None:
+    """One line naming the closest models when no model source has `arch` (too many to list)."""
+    from train.model import arch_problem as problem
+
+    return problem(arch)
 
 
 # Ranges of the numeric options: (low, low_inclusive, high, high_inclusive), None for no bound. Every float
@@ -121,10 +115,7 @@ def _show(number: float) -> str:
 
 
 def _size_problem(config: Config) -> str | None:
-    from train.resnet import RESNETS
-
-    if config.arch in RESNETS:  # ours take any size (and need no torchvision import)
-        return None
+    """Whether the model runs at --image-size (a dry run on the meta device: no memory, no compute)."""
     from train.model import size_problem
 
     return size_problem(config.arch, config.image_size, config.pretrained)
@@ -136,13 +127,14 @@ def check(config: Config, require_shards: bool = True) -> list[str]:
     if require_shards and not config.shards:
         problems.append("--shards is required (a shard set directory or URL)")
     problems += filter(None, (choice_problem(name, getattr(config, name)) for name in REGISTRIES))
+    problems += filter(None, [arch_problem(config.arch)])
     for name in RANGES:
         problem = _range_problem(name, getattr(config, name))
         if problem:
             problems.append(problem)
     if config.lr != "auto" and not (config.lr > 0 and math.isfinite(config.lr)):  # also refuses nan
         problems.append(f"--lr must be > 0 and finite, got {config.lr}")
-    if not problems:  # the arch and image size are known good on their own
+    if not problems:  # the arch and image size are known good on their own: can the model take that size?
         problems += filter(None, [_size_problem(config)])
     if not config.lr_find_start < config.lr_find_end:
         problems.append("the LR sweep needs --start-lr < --end-lr (lr_find_start, lr_find_end), got "

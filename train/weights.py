@@ -1,5 +1,6 @@
-"""Pretrained weights: torchvision's ImageNet files (through its weights API and the torch hub cache), a state
-dict file, or one downloaded from an http(s) URL; loaded with strict key and shape checks except the head."""
+"""Pretrained weights from a file (torch or safetensors), a Hugging Face cache folder, or an http(s) URL
+(downloaded once into torch hub's cache); loaded with strict key and shape checks except the head. Each model
+source (train.archs) brings its own "imagenet" weights and uses the helpers here."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ import logging
 import os
 import socket
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
-import torchvision
 from torch import Tensor, nn
 
 from pipeline.errors import UserError
@@ -27,28 +28,8 @@ def hub_cache_file(url: str) -> str:
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
 
 
-def _imagenet_state_dict(arch: str) -> Mapping[str, object]:
-    """torchvision's default ImageNet weights, from torch hub's cache or downloaded into it."""
-    weights = torchvision.models.get_model_weights(arch).DEFAULT
-    cache_file = hub_cache_file(weights.url)
-    was_cached = os.path.exists(cache_file)
-    try:
-        with _stall_timeout():
-            return weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
-    except Exception as exc:  # no network (URLError), bad hash, unreadable file: see _file_state_dict
-        if was_cached:
-            raise UserError(
-                f"cached ImageNet weights {cache_file} are unreadable ({_one_line(exc)}); "
-                f"delete that file to download it again, or pass --pretrained PATH"
-            ) from exc
-        raise UserError(
-            f"cannot download ImageNet weights for {arch} from {weights.url} ({_one_line(exc)}); "
-            f"put that file at {cache_file}, or pass --pretrained PATH"
-        ) from exc
-
-
 @contextlib.contextmanager
-def _stall_timeout() -> Iterator[None]:
+def stall_timeout() -> Iterator[None]:
     """torch hub opens its downloads without a timeout: a server that stops sending would hang the run. The
     default socket timeout bounds every read by the I/O timeout of shard reads (--io-timeout)."""
     previous = socket.getdefaulttimeout()
@@ -69,12 +50,12 @@ def _url_state_dict(url: str) -> Mapping[str, object]:
         raise UserError(f"--pretrained {url}: the URL must end in the weights file's name")
     was_cached = os.path.exists(cache_file)
     try:
-        with _stall_timeout():
+        with stall_timeout():
             obj = torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=True, check_hash=True,
                                                      weights_only=True)
         return _unwrap_state_dict(obj, url)
     except Exception as exc:  # HTTPError, URLError, a bad hash, anything torch.load raises, or no state dict
-        reason = str(exc) if isinstance(exc, UserError) else f"{url}: {_one_line(exc, sentences=True)}"
+        reason = str(exc) if isinstance(exc, UserError) else f"{url}: {one_line(exc, sentences=True)}"
         if was_cached:
             raise UserError(f"pretrained weights {reason}; it is the cached file {cache_file}: delete it to "
                             f"download it again") from exc
@@ -85,16 +66,44 @@ def _url_state_dict(url: str) -> Mapping[str, object]:
         raise UserError(f"pretrained weights {reason}; the download was not kept") from exc
 
 
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pth")  # in a Hugging Face model folder
+
+
+def weights_in_folder(folder: str) -> str:
+    """The weights file of a Hugging Face model folder: the folder itself, a snapshot of a hub cache folder
+    (`models--ORG--NAME`: the one `refs/main` names, else the only one), one line otherwise."""
+    candidates = [folder]
+    snapshots = os.path.join(folder, "snapshots")
+    if os.path.isdir(snapshots):
+        ref = os.path.join(folder, "refs", "main")
+        main = Path(ref).read_text().strip() if os.path.isfile(ref) else ""
+        found = [main] if main else sorted(os.listdir(snapshots))
+        candidates += [os.path.join(snapshots, name) for name in found]
+    for place in candidates:
+        for name in WEIGHT_FILES:
+            if os.path.isfile(os.path.join(place, name)):
+                return os.path.join(place, name)
+    raise UserError(f"pretrained weights folder {folder} holds none of {', '.join(WEIGHT_FILES)} (itself or in "
+                    "a hub cache snapshot)")
+
+
 def _file_state_dict(path: str) -> Mapping[str, object]:
+    if os.path.isdir(path):
+        path = weights_in_folder(path)
     if not os.path.isfile(path):
         raise UserError(
             f"pretrained weights file {path!r} does not exist (use 'none', 'imagenet' or a path "
-            f"to a torchvision-format state dict)"
+            f"to a state dict file: .pth, .bin or .safetensors)"
         )
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            obj = load_file(path, device="cpu")
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # arbitrary bytes make the unpickler raise almost any type (IndexError, ...)
-        raise UserError(f"cannot read pretrained weights file {path}: {_one_line(exc, sentences=True)}") from exc
+        raise UserError(f"cannot read pretrained weights file {path}: {one_line(exc, sentences=True)}") from exc
     return _unwrap_state_dict(obj, path)
 
 
@@ -110,10 +119,8 @@ def _unwrap_state_dict(obj: object, source: str) -> Mapping[str, object]:
     return obj
 
 
-def state_dict_from(pretrained: str, arch: str) -> tuple[Mapping[str, object], str]:
-    """The state dict `pretrained` names ("imagenet", an http(s) URL or a file) and how to name its source."""
-    if pretrained == "imagenet":
-        return _imagenet_state_dict(arch), f"ImageNet weights for {arch}"
+def state_dict_from(pretrained: str) -> tuple[Mapping[str, object], str]:
+    """The state dict `pretrained` names (an http(s) URL, a file or a folder) and how to name its source."""
     if pretrained.startswith(URL_SCHEMES):
         return _url_state_dict(pretrained), pretrained
     return _file_state_dict(pretrained), pretrained
@@ -171,7 +178,7 @@ def _preview(items: list[str], limit: int = 5) -> str:
     return f" [{shown}{more}]"
 
 
-def _one_line(exc: BaseException, sentences: bool = False) -> str:
+def one_line(exc: BaseException, sentences: bool = False) -> str:
     """The type and first line of an exception; with `sentences`, only its first sentence (torch.load's
     errors go on with advice that does not apply here, such as retrying with weights_only=False)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
