@@ -152,8 +152,8 @@ class Augment:
         if known is not None:
             return decode.scale_factor(*known)
         crop = self._source_crop()
-        if crop is None:
-            return 1
+        if crop is None or decode.scale_factor(shape, tuple(crop.size)) == 1:
+            return 1  # not even a crop of the whole image would shrink 2x: no need to draw the box
         self._seed(seed)
         x1, y1, x2, y2 = decode.first_crop_box(self.transform, shape)
         return decode.scale_factor((y2 - y1, x2 - x1), tuple(crop.size))
