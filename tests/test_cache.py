@@ -76,6 +76,19 @@ def test_fits_over_http_fetch_each_shard_once_per_node(train_shards: Path, serve
     assert served.requests == ["/manifest.json"]
 
 
+@pytest.mark.slow
+def test_evaluate_reads_through_the_cache(fitted_run: Path, train_shards: Path, served: object, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    test_shards = {s["name"] for s in load_manifest(str(train_shards))["splits"]["test"]["shards"]}
+    for turn in range(2):
+        result = run_cli("train", "evaluate", "--checkpoint", str(fitted_run), "--shards", served.url, "--split",
+                         "test", "--out", str(tmp_path / f"eval{turn}"), "--workers", "0", "--cache-dir", str(cache),
+                         timeout=240)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert tar_gets(served) == {name: 1 for name in test_shards}  # the second turn added none
+        assert len(list(cache.glob("*.tar"))) == len(test_shards)
+
+
 def test_changed_cached_copy_is_fetched_again_never_read(train_shards: Path, served: object, cache_env: Path) -> None:
     shard = shard_list(served.url, train_shards)[0]
     expected = read_keys(Shard(str(train_shards / shard.url.rsplit("/", 1)[-1]), shard.num_samples, shard.sha256))
