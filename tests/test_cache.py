@@ -176,6 +176,13 @@ def test_processes_sharing_a_cold_cache_fetch_each_shard_once(train_shards: Path
     assert tar_gets(served) == {s.url.rsplit("/", 1)[-1]: 1 for s in shards}
 
 
+def test_pipe_locations_are_cached_too(train_shards: Path, cache_env: Path) -> None:
+    shard = shard_list(str(train_shards), train_shards)[0]
+    piped = Shard(f"pipe:cat {shard.url}", shard.num_samples, shard.sha256)
+    assert read_keys(piped) == read_keys(shard)
+    assert [p.name for p in cache_env.glob("*.tar")] == [f"{shard.sha256}.tar"]
+
+
 def test_local_sets_are_never_copied(train_shards: Path, cache_env: Path) -> None:
     shard = shard_list(str(train_shards), train_shards)[0]
     assert len(read_keys(shard)) == shard.num_samples

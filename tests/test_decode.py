@@ -11,6 +11,7 @@ import simplejpeg
 from pipeline.shardformat.check import decode_rgb
 from train.augment import Augment, sample_seed, train_transform
 from train.data.stages import _decoded
+from train.decode import first_crop_box
 
 SIZE = 64
 
@@ -51,6 +52,8 @@ def test_the_crop_boxes_are_those_of_the_full_decode(jpeg: bytes) -> None:
         image, source = scaled.decode(jpeg, seed)
         scaled(image, seed, source)
         x1, y1, x2, y2 = full.transform.transforms[0].params["crop_coords"]
+        scaled._seed(seed)  # the box drawn before decoding, to choose the scale, is the same one
+        assert first_crop_box(scaled.transform, (480, 640)) == (x1, y1, x2, y2)
         fy, fx = image.shape[0] / 480, image.shape[1] / 640
         got = scaled.transform.transforms[0].params["crop_coords"]
         assert got == (round(x1 * fx), round(y1 * fy), round(x2 * fx), round(y2 * fy)), seed
