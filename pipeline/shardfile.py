@@ -31,7 +31,7 @@ class ShardFile:
         try:
             self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         except OSError as e:
-            raise UserError(f"{final}: cannot write ({e.strerror or e})") from None
+            raise _cannot_write(final, e) from None
         self.size = 0  # bytes handed to the writer so far (end-of-archive padding excluded)
         self.hash = hashlib.sha256()
         self.error: OSError | None = None
@@ -56,7 +56,7 @@ class ShardFile:
                 raise self.error
             os.fsync(self.fd)
         except OSError as e:
-            raise UserError(f"{self.final}: cannot write ({e.strerror or e})") from None
+            raise _cannot_write(self.final, e) from None
         finally:
             self._close()
         return self.size + len(tail), self.hash.hexdigest()
@@ -66,7 +66,7 @@ class ShardFile:
         try:
             os.replace(self.tmp, self.final)
         except OSError as e:
-            raise UserError(f"{self.final}: cannot write ({e.strerror or e})") from None
+            raise _cannot_write(self.final, e) from None
 
     def discard(self) -> None:
         """Stop writing and remove the temporary (nothing left that could look like a shard)."""
@@ -108,3 +108,8 @@ class ShardFile:
         if not self.closed:
             self.closed = True
             os.close(self.fd)
+
+
+def _cannot_write(final: Path, error: OSError) -> UserError:
+    """One line naming the shard and the reason (a full disk, a quota), as every failed write says it."""
+    return UserError(f"{final}: cannot write ({error.strerror or error})")

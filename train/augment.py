@@ -28,8 +28,7 @@ import torch
 
 from pipeline.errors import UserError
 from pipeline.shardformat.check import decode_rgb
-from train import decode
-from train.decode import SourceRandomResizedCrop
+from train import decode as scaled
 
 # OpenCV's thread pool does not survive fork(): a DataLoader worker forked after this process ran a
 # multi-threaded cv2 call can hang on its first cv2 call. Parallelism comes from loader workers instead.
@@ -64,7 +63,7 @@ def _standard(size: int, crop_scale: tuple[float, float]) -> A.Compose:
         raise UserError(f"crop_scale must satisfy 0 < min <= max <= 1, got {crop_scale}")
     return A.Compose(
         [
-            SourceRandomResizedCrop(size=(size, size), scale=(low, high)),  # a RandomResizedCrop (train.decode)
+            scaled.SourceRandomResizedCrop(size=(size, size), scale=(low, high)),  # a RandomResizedCrop
             A.HorizontalFlip(p=0.5),
             # Brightness and saturation only. No hue: colour tells bird species apart (and hue was a large
             # share of the stream). No contrast: ColorJitter converts every image to gray for its mean
@@ -141,26 +140,26 @@ class Augment:
         """The image in `data` decoded at the smallest DCT scaling that this pipeline's first step, for
         `seed`, shrinks no further than to its output (train.decode), and its full size for __call__'s
         `source_shape` (None when decoded at full size)."""
-        shape = decode.jpeg_shape(data)
+        shape = scaled.jpeg_shape(data)
         factor = 1 if shape is None else self._factor(shape, seed)
         if factor == 1:
             return decode_rgb(data), None
-        return decode.decode_scaled(data, shape, factor), shape
+        return scaled.decode_scaled(data, shape, factor), shape
 
     def _factor(self, shape: tuple[int, int], seed: int) -> int:
-        known = decode.region_and_target(self.transform, shape)
+        known = scaled.region_and_target(self.transform, shape)
         if known is not None:
-            return decode.scale_factor(*known)
+            return scaled.scale_factor(*known)
         crop = self._source_crop()
-        if crop is None or decode.scale_factor(shape, tuple(crop.size)) == 1:
+        if crop is None or scaled.scale_factor(shape, tuple(crop.size)) == 1:
             return 1  # not even a crop of the whole image would shrink 2x: no need to draw the box
         self._seed(seed)
-        x1, y1, x2, y2 = decode.first_crop_box(self.transform, shape)
-        return decode.scale_factor((y2 - y1, x2 - x1), tuple(crop.size))
+        x1, y1, x2, y2 = scaled.first_crop_box(self.transform, shape)
+        return scaled.scale_factor((y2 - y1, x2 - x1), tuple(crop.size))
 
-    def _source_crop(self) -> decode.SourceRandomResizedCrop | None:
+    def _source_crop(self) -> scaled.SourceRandomResizedCrop | None:
         first = self.transform.transforms[0]
-        return first if isinstance(first, decode.SourceRandomResizedCrop) else None
+        return first if isinstance(first, scaled.SourceRandomResizedCrop) else None
 
     def _seed(self, seed: int) -> None:
         if self.transform.py_random is not self.py_random:  # first call, or another Augment shares the Compose
