@@ -8,8 +8,12 @@ baseline: torchvision ImageFolder + PIL + the notebook's transforms (Resize 224,
           DataLoader iterated epoch after epoch, as the notebook does (its workers start each epoch).
 ours:     `train.data.train_loader` over the same train split (tar shards, simplejpeg, Albumentations
           "standard", uint8 out); one loader over many epochs, as `fit` reads it (workers start once).
-Same worker counts side by side, taking turns; the ratio is per core. Goals: >= 4.5x on shards
-resized to 256, >= 2.5x on original-size shards. Prints `loader img/s: X` (ours, last row) for scripts.
+decode:   the decode-only ceiling: simplejpeg decoding every train JPEG of the same shards at full size in a
+          plain loop on one core (bytes already in memory: no tar, augmentation, batching or processes).
+Same worker counts side by side, taking turns; the ratios are per core. Goals: >= 4.5x the notebook on
+shards resized to 256, >= 2.5x on original-size shards; >= 0.8x the decode-only ceiling on 256-px shards
+and > 1.0x on original-size ones (where the stream decodes at the smaller scale its crops need, the
+ceiling at full size). Prints `loader img/s: X` (ours, last row) for scripts.
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ from torchvision import datasets, transforms  # noqa: E402
 from pipeline.build import build  # noqa: E402
 from pipeline.manifest import load_manifest  # noqa: E402
 from pipeline.plan import BuildOptions  # noqa: E402
+from pipeline.shardformat.check import decode_rgb  # noqa: E402
+from pipeline.shardformat.schema import IMAGE  # noqa: E402
+from pipeline.shardformat.tarread import tar_members  # noqa: E402
 from pipeline.sources import Settings  # noqa: E402
 from pipeline.sources import cub as cub_layout  # noqa: E402
 from pipeline.splits import assign_splits  # noqa: E402
@@ -73,7 +80,27 @@ def our_batches(shards: str, size: int, workers: int) -> Iterator:
                                   seed=0, epoch=0, rank=0, world_size=1, epochs=EPOCHS))
 
 
-def compare(work: Path, size: int, seconds: float, per_class: int) -> float:
+def train_jpegs(shards: Path) -> list[bytes]:
+    """Every train image's bytes in the shard set, in manifest order."""
+    images = []
+    for shard in load_manifest(str(shards))["splits"]["train"]["shards"]:
+        with open(shards / shard["name"], "rb") as stream:
+            images += [payload for name, payload in tar_members(stream) if name.endswith("." + IMAGE)]
+    return images
+
+
+def decode_rate(images: list[bytes], seconds: float) -> float:
+    """Images/s of a full-size decode of `images`, round after round, for `seconds` on this core."""
+    count, start = 0, time.perf_counter()
+    for jpeg in itertools.cycle(images):
+        decode_rgb(jpeg)
+        count += 1
+        if time.perf_counter() - start >= seconds:
+            break
+    return count / (time.perf_counter() - start)
+
+
+def compare(work: Path, size: int, seconds: float, per_class: int, repeats: int = REPEATS) -> float:
     """Baseline and ours take turns, REPEATS times, best of each: both see the same machine state."""
     if not (work / "CUB_200_2011" / "images.txt").is_file():
         synth(work, classes=25, per_class=per_class, seed=0, progress=False)
@@ -83,20 +110,28 @@ def compare(work: Path, size: int, seconds: float, per_class: int) -> float:
         build(source, work / f"shards-{resize_short}", option, progress=False)
     splits = assign_splits(cub_layout.read(source, Settings()).records, options[0].valid_fraction, options[0].seed)
     train_images = {str(source / r.path) for r in splits["train"]}  # the same images as our train split
-    print(f"train split: {len(train_images)} images; {REPEATS} turns of {seconds:.0f} s per row, best of each\n")
+    print(f"train split: {len(train_images)} images; {repeats} turns of {seconds:g} s per row, best of each\n")
+    jpegs = {r: train_jpegs(work / f"shards-{r}") for r in options}
     best: dict[tuple[str, int], float] = {}
-    for _ in range(REPEATS):
+    for _ in range(repeats):
+        for resize_short in options:
+            key = ("decode", resize_short)
+            best[key] = max(best.get(key, 0.0), decode_rate(jpegs[resize_short], seconds))
         for workers in WORKERS:
             pipelines = {"notebook": notebook_batches(source / "images", train_images, size, workers)}
             pipelines |= {str(r): our_batches(str(work / f"shards-{r}"), size, workers) for r in options}
             for name, batches in pipelines.items():  # each starts its workers when rate() first reads it
                 best[name, workers] = max(best.get((name, workers), 0.0), rate(batches, seconds))
-    print("| shards | workers | notebook img/s | ours img/s | ratio |\n|---|---:|---:|---:|---:|")
+    print("| shards | workers | notebook img/s | ours img/s | ratio | decode-only img/s (1 core) | ours per core "
+          "/ decode |\n|---|---:|---:|---:|---:|---:|---:|")
     for resize_short in options:
         label = f"resize-short {resize_short}" if resize_short else "original size"
+        ceiling = best["decode", resize_short]
         for workers in WORKERS:
             ours, baseline = best[str(resize_short), workers], best["notebook", workers]
-            print(f"| {label} | {workers} | {baseline:.0f} | {ours:.0f} | {ours / baseline:.2f}x |")
+            per_core = ours / max(workers, 1)
+            print(f"| {label} | {workers} | {baseline:.0f} | {ours:.0f} | {ours / baseline:.2f}x | {ceiling:.0f} | "
+                  f"{per_core / ceiling:.2f}x |")
     return ours
 
 
@@ -108,6 +143,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="measuring time per turn")
     parser.add_argument("--per-class", type=int, default=240,
                         help="synth images per class (25 classes; 240 gives a 2,700-image train split)")
+    parser.add_argument("--repeats", type=int, default=REPEATS, help="turns per row (best of them)")
     parser.add_argument("--work", type=Path, help="scratch directory kept between runs (default: temp)")
     args = parser.parse_args()
     if args.shards:
@@ -115,7 +151,7 @@ def main() -> None:
         print(f"{args.shards}: {args.workers} workers")
     else:
         work = args.work or Path(tempfile.mkdtemp(prefix="cubstream-loader-"))
-        ours = compare(work, args.image_size, args.seconds, args.per_class)
+        ours = compare(work, args.image_size, args.seconds, args.per_class, args.repeats)
         if args.work is None:
             shutil.rmtree(work)
     print(f"loader img/s: {ours:.1f}")

@@ -86,7 +86,7 @@ def acquire(path: str | os.PathLike[str], mode: Mode, info: dict[str, Any], *, w
     path = Path(path)
     what = what or str(path.parent)
     _make_parent(path)
-    fd = _open(path)
+    fd = open_lock(path)
     _held[fd] = os.getpid()
     try:
         with _decision(path) as decided:
@@ -118,7 +118,8 @@ def _make_parent(path: Path) -> None:
         raise UserError(f"{path.parent}: cannot create ({e.strerror or e})") from None
 
 
-def _open(path: Path) -> int:
+def open_lock(path: Path) -> int:
+    """The lock file at `path`, opened (created if missing); one line naming it if that fails."""
     try:
         return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
@@ -128,7 +129,7 @@ def _open(path: Path) -> int:
 @contextlib.contextmanager
 def _decision(path: Path, wait_s: float = META_WAIT_S) -> Iterator[bool]:
     """Hold the decision lock; yields False if it stayed taken for `wait_s` (a stopped or hung process)."""
-    meta = _open(path.with_name(path.name + ".meta"))
+    meta = open_lock(path.with_name(path.name + ".meta"))
     try:
         deadline = time.monotonic() + wait_s
         while not (taken := _try_lock(meta, fcntl.LOCK_EX, path)) and time.monotonic() < deadline:
@@ -136,6 +137,20 @@ def _decision(path: Path, wait_s: float = META_WAIT_S) -> Iterator[bool]:
         yield taken
     finally:
         os.close(meta)  # closing drops the lock
+
+
+def lock_fd(fd: int, path: Path, *, shared: bool, wait: bool) -> bool:
+    """A plain `flock` on the open lock file `fd` (of `path`, for messages), shared or exclusive, converting a
+    lock this fd already holds; with `wait` it blocks until granted, else False when another process holds
+    a conflicting lock. No holder record: for short, frequent locks whose holders never need naming."""
+    kind = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+    if not wait:
+        return _try_lock(fd, kind, path)
+    try:
+        fcntl.flock(fd, kind)
+    except OSError as e:
+        raise UserError(f"{path}: cannot lock ({e.strerror}); this filesystem may not support file locks") from None
+    return True
 
 
 def _try_lock(fd: int, kind: int, path: Path) -> bool:

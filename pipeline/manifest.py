@@ -10,7 +10,7 @@ import re
 import shlex
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pipeline.errors import UserError
 from pipeline.remote import read_all
@@ -169,10 +169,15 @@ def shard_locations(location: str, manifest: dict[str, Any], split: str) -> list
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+        return sha256_of(f)
+
+
+def sha256_of(file: BinaryIO) -> str:
+    """The sha256 of what is left to read in the open binary `file` (read to its end)."""
+    digest = hashlib.sha256()
+    for block in iter(lambda: file.read(1 << 20), b""):
+        digest.update(block)
     return digest.hexdigest()
 
 

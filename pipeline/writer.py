@@ -3,9 +3,7 @@ worker process; the tar goes to a temporary name, its record into the build stat
 
 from __future__ import annotations
 
-import hashlib
 import os
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,11 +12,10 @@ from tqdm import tqdm
 from pipeline import buildstate
 from pipeline import manifest as mf
 from pipeline.encode import BadImage, EncodeOptions, encode_image
-from pipeline.errors import UserError
 from pipeline.plan import BuildOptions, ShardPlan
 from pipeline.pool import mapped
+from pipeline.shardfile import ShardFile
 from pipeline.shardformat.schema import sample_members
-from pipeline.shardformat.tarwrite import tar_bytes
 from pipeline.sources import Dataset, Record
 
 
@@ -70,12 +67,22 @@ def write_shards(out: Path, cub: Dataset, shards: list[ShardPlan], options: Buil
 
 
 def write_shard(job: ShardJob) -> list[tuple[Record, str]]:
-    """Encode a shard's samples and write its tar, unless one is bad and bad ones may not be skipped
-    (then the shard is never written: the build goes on only to list every bad file)."""
-    samples = [encode_sample(task) for task in job.tasks]
-    bad = [(s.task.record, s.error) for s in samples if s.error]
-    if not bad or job.skip_bad:
-        _write_tar(job.out, job.shard, [s for s in samples if not s.error], bad, job.num_classes)
+    """Encode a shard's samples and write its tar as they come (pipeline.shardfile), unless one is bad and
+    bad ones may not be skipped (then the tar is discarded: the build goes on only to list every bad file)."""
+    bad: list[tuple[Record, str]] = []
+    class_counts = [0] * job.num_classes
+    with ShardFile(job.out / job.shard.name) as tar:
+        for task in job.tasks:
+            sample = encode_sample(task)
+            if sample.error:
+                bad.append((task.record, sample.error))
+            elif not bad or job.skip_bad:
+                tar.add(sample.members)
+                class_counts[task.record.label] += 1
+        if bad and not job.skip_bad:
+            tar.discard()
+            return bad
+        _commit(job.out, job.shard, tar, class_counts, bad)
     return bad
 
 
@@ -114,33 +121,17 @@ def _remove_temporaries_of(out: Path, pids: list[int]) -> None:
             mf.remove_quietly(path)
 
 
-def _write_tar(out: Path, shard: ShardPlan, samples: Iterable[SampleResult], skipped: list[tuple[Record, str]],
-               num_classes: int) -> None:
-    """Temp file -> shard record -> rename: a tar under its final name is always complete."""
-    class_counts = [0] * num_classes
-    members = []
-    for sample in samples:
-        members += sample.members
-        class_counts[sample.task.record.label] += 1
-    data = tar_bytes(members)
+def _commit(out: Path, shard: ShardPlan, tar: ShardFile, class_counts: list[int],
+            skipped: list[tuple[Record, str]]) -> None:
+    """Synced temporary -> shard record -> rename: a tar under its final name is always complete."""
+    size, sha256 = tar.finish()
     record = {
         "name": shard.name,
         "num_samples": sum(class_counts),
-        "bytes": len(data),
-        "sha256": hashlib.sha256(data).hexdigest(),
+        "bytes": size,
+        "sha256": sha256,
         "class_counts": class_counts,
         "skipped": [{"image_id": r.image_id, "path": r.path, "reason": reason} for r, reason in skipped],
     }
-    final = out / shard.name
-    tmp = mf.temporary_name(final)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        mf.write_json_atomic(buildstate.record_path(out, shard.name), record)
-        os.replace(tmp, final)
-    except OSError as e:  # a full disk, a quota: one line naming the shard
-        raise UserError(f"{final}: cannot write ({e.strerror or e})") from None
-    finally:  # gone after the rename; otherwise whatever stopped the write (an error, Ctrl-C) leaves none
-        mf.remove_quietly(tmp)
+    mf.write_json_atomic(buildstate.record_path(out, shard.name), record)
+    tar.rename()

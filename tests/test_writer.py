@@ -312,3 +312,34 @@ def test_stale_temporaries_are_reported_and_removed(cub_source: Path, shard_set:
         assert not [p for p in out.rglob("*") if mf.is_temporary(p.name)]
         assert _digests(out) == before
         assert "temporary" not in run_cli("pipeline", "inspect", str(out)).stdout
+
+
+def test_a_shard_file_streams_exactly_the_bytes_of_tar_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer thread appends, hashes and syncs as samples arrive (a sync after every sample here); the
+    file, its size and sha256 are those of the tar assembled in memory, and it gets its name only at rename."""
+    import hashlib
+
+    from pipeline import shardfile
+    from pipeline.shardformat.tarwrite import tar_bytes
+
+    monkeypatch.setattr(shardfile, "SYNC_EVERY", 1)
+    samples = [((f"{i:05d}.cls", b"%d" % i), (f"{i:05d}.jpg", bytes([i]) * (700 * i + 1))) for i in range(9)]
+    final = tmp_path / "train-000000.tar"
+    with shardfile.ShardFile(final) as tar:
+        for members in samples:
+            tar.add(members)
+        size, sha256 = tar.finish()
+        assert not final.exists()
+        tar.rename()
+    expected = tar_bytes([member for members in samples for member in members])
+    assert final.read_bytes() == expected
+    assert (size, sha256) == (len(expected), hashlib.sha256(expected).hexdigest())
+    assert [p.name for p in tmp_path.iterdir()] == [final.name]
+
+    with shardfile.ShardFile(tmp_path / "valid-000000.tar") as tar:
+        tar.add(samples[0])
+        tar.discard()  # a bad sample in a shard that may not skip it: nothing that looks like a shard is left
+    with pytest.raises(RuntimeError), shardfile.ShardFile(tmp_path / "test-000000.tar") as tar:
+        tar.add(samples[1])
+        raise RuntimeError("the build stopped")
+    assert [p.name for p in tmp_path.iterdir()] == [final.name]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -69,6 +70,8 @@ def _add_evaluate(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--wandb", choices=cfgmod.WANDB_MODES, default="disabled", help="log the report to W&B")
     p.add_argument("--wandb-project", default="cubstream", help="W&B project of the report")
     p.add_argument("--io-timeout", type=float, default=0.0, metavar="SECONDS", help=cfgmod.HELP["io_timeout"])
+    p.add_argument("--cache-dir", default="", metavar="DIR", help=cfgmod.HELP["cache_dir"])
+    p.add_argument("--cache-limit-gb", type=float, default=0.0, metavar="GB", help=cfgmod.HELP["cache_limit_gb"])
 
 
 def _add_predict(commands: argparse._SubParsersAction) -> None:
@@ -122,12 +125,15 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         _check_output(parser, output_dir_problem(args.out, "--out"))
         return commands.lr_find(config, args.out)
     if args.command == "evaluate":
+        if not (math.isfinite(args.cache_limit_gb) and args.cache_limit_gb >= 0):
+            parser.error(f"--cache-limit-gb must be a number >= 0, got {args.cache_limit_gb}")
         if args.batch_size < 1 or args.workers < 0:
             parser.error(f"evaluate needs --batch-size >= 1 and --workers >= 0, got {args.batch_size} and "
                          f"{args.workers}")
         _check_output(parser, output_dir_problem(args.out, "--out"))
         return commands.evaluate(args.checkpoint, args.shards, args.split, args.out, args.batch_size, args.workers,
-                                 args.precision, args.wandb, args.wandb_project, args.io_timeout)
+                                 args.precision, args.wandb, args.wandb_project, args.io_timeout,
+                                 args.cache_dir, args.cache_limit_gb)
     if args.command == "models":
         return commands.models(args.pattern)
     if args.command == "predict":

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 
 from pipeline.errors import UserError
+from pipeline.shardformat.check import decode_rgb
+from train import decode as scaled
 
 # OpenCV's thread pool does not survive fork(): a DataLoader worker forked after this process ran a
 # multi-threaded cv2 call can hang on its first cv2 call. Parallelism comes from loader workers instead.
@@ -70,7 +72,7 @@ def _standard(size: int, crop_scale: tuple[float, float]) -> A.Compose:
         raise UserError(f"crop_scale must satisfy 0 < min <= max <= 1, got {crop_scale}")
     return A.Compose(
         [
-            A.RandomResizedCrop(size=(size, size), scale=(low, high)),
+            scaled.SourceRandomResizedCrop(size=(size, size), scale=(low, high)),  # a RandomResizedCrop
             A.HorizontalFlip(p=0.5),
             # Brightness and saturation only. No hue: colour tells bird species apart (and hue was a large
             # share of the stream). No contrast: ColorJitter converts every image to gray for its mean
@@ -130,13 +132,49 @@ class Augment:
         self.numpy_random = np.random.Generator(np.random.PCG64())
         self.py_random = random.Random()
 
-    def __call__(self, image: np.ndarray, seed: int) -> np.ndarray:
+    def __call__(self, image: np.ndarray, seed: int, source_shape: tuple[int, int] | None = None) -> np.ndarray:
+        """`source_shape`: the full size of an image `decode` gave at a smaller scale (None: it is full size)."""
         image = _as_rgb_uint8(image)
+        self._seed(seed)
+        crop = self._source_crop()
+        if crop is None:
+            return np.ascontiguousarray(self.transform(image=image)["image"])
+        crop.source_shape = source_shape
+        try:
+            return np.ascontiguousarray(self.transform(image=image)["image"])
+        finally:
+            crop.source_shape = None
+
+    def decode(self, data: bytes, seed: int) -> tuple[np.ndarray, tuple[int, int] | None]:
+        """The image in `data` decoded at the smallest DCT scaling that this pipeline's first step, for
+        `seed`, shrinks no further than to its output (train.decode), and its full size for __call__'s
+        `source_shape` (None when decoded at full size)."""
+        shape = scaled.jpeg_shape(data)
+        factor = 1 if shape is None else self._factor(shape, seed)
+        if factor == 1:
+            return decode_rgb(data), None
+        return scaled.decode_scaled(data, shape, factor), shape
+
+    def _factor(self, shape: tuple[int, int], seed: int) -> int:
+        known = scaled.region_and_target(self.transform, shape)
+        if known is not None:
+            return scaled.scale_factor(*known)
+        crop = self._source_crop()
+        if crop is None or scaled.scale_factor(shape, tuple(crop.size)) == 1:
+            return 1  # not even a crop of the whole image would shrink 2x: no need to draw the box
+        self._seed(seed)
+        x1, y1, x2, y2 = scaled.first_crop_box(self.transform, shape)
+        return scaled.scale_factor((y2 - y1, x2 - x1), tuple(crop.size))
+
+    def _source_crop(self) -> scaled.SourceRandomResizedCrop | None:
+        first = self.transform.transforms[0]
+        return first if isinstance(first, scaled.SourceRandomResizedCrop) else None
+
+    def _seed(self, seed: int) -> None:
         if self.transform.py_random is not self.py_random:  # first call, or another Augment shares the Compose
             self.transform.set_random_state(self.numpy_random, self.py_random)
         self.py_random.seed(seed)
         self.numpy_random.bit_generator.state = pcg64_state(seed)
-        return np.ascontiguousarray(self.transform(image=image)["image"])
 
 
 MASK64 = (1 << 64) - 1

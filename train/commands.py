@@ -14,11 +14,13 @@ from pipeline.errors import UserError
 from pipeline.manifest import load_manifest
 from pipeline.remote import set_io_timeout
 from train.config import Config
+from train.data.cache import configure as configure_cache
 
 
 def fit(config: Config) -> int:
     """`fit`; a stop signal ends it with stopping.STOP_EXIT once its checkpoint is written."""
     set_io_timeout(config.io_timeout or None)  # inherited by DataLoader workers and launched processes
+    configure_cache(config.cache_dir, config.cache_limit_gb)  # the same way
     manifest = load_manifest(config.shards)  # a bad --shards fails in a second, before torch is imported
     from train.stopping import STOP_EXIT, Stopped
 
@@ -54,6 +56,7 @@ def run_fit(config: Config, manifest: dict[str, Any]) -> dict[str, Any]:
 def lr_find(config: Config, out: Path) -> int:
     """The LR range test on fit's stream, model, groups and precision; lr_find.{json,png} in `out`."""
     set_io_timeout(config.io_timeout or None)
+    configure_cache(config.cache_dir, config.cache_limit_gb)
     manifest = load_manifest(config.shards)  # a bad --shards fails before torch is imported
     from accelerate.utils import set_seed
 
@@ -90,9 +93,11 @@ def check_classes(meta: dict[str, Any], manifest: dict[str, Any], run: str, shar
 
 
 def evaluate(run: str, shards: str, split: str, out: Path, batch_size: int, workers: int, precision: str,
-             wandb: str, wandb_project: str, io_timeout: float = 0.0) -> int:
+             wandb: str, wandb_project: str, io_timeout: float = 0.0, cache_dir: str = "",
+             cache_limit_gb: float = 0.0) -> int:
     """Metrics, predictions and plots of a run's best model on one split of a shard set, into `out`."""
     set_io_timeout(io_timeout or None)  # 0: the environment's or the default
+    configure_cache(cache_dir, cache_limit_gb)  # "" and 0: the environment's
     import torch
 
     from train import augment, checkpoint, evaluation, tracking

@@ -73,6 +73,8 @@ class Config:
     wandb_project: str = "cubstream"
     dist_timeout: int = 120  # seconds a process waits for a dead peer before failing
     io_timeout: float = 0.0  # seconds a shard read may make no progress (0: $CUBSTREAM_IO_TIMEOUT, else 60)
+    cache_dir: str = ""  # local copies of remote shards ("": $CUBSTREAM_CACHE_DIR, else none)
+    cache_limit_gb: float = 0.0  # 0: $CUBSTREAM_CACHE_LIMIT_GB, else no limit
     stop_signals: str = DEFAULT_SIGNALS  # fit stops at a checkpoint on these (empty: none)
     stop_grace: float = 120.0  # seconds after a stop signal to write the checkpoint (0: no deadline)
 
@@ -80,7 +82,7 @@ class Config:
 # Options that may differ between a run and its resumption.
 RESUMABLE_CHANGES = {"resume", "force", "workers", "wandb", "log_every", "run_dir", "shards", "checkpoint_every",
                      "keep_checkpoints", "dist_timeout", "lr_find_start", "lr_find_end", "lr_find_steps",
-                     "io_timeout", "stop_signals", "stop_grace"}
+                     "io_timeout", "stop_signals", "stop_grace", "cache_dir", "cache_limit_gb"}
 # What --force lets a resumed run change besides the shard set: the one-cycle schedule is rebuilt for the new
 # length, continuous at the resumed step. Everything else (LR, optimizer, model, batch...) lives in the
 # checkpoint's state or defines its steps, so a change could not be followed exactly and is refused.
@@ -113,6 +115,12 @@ HELP = {
     "wandb": "auto = online when an API key is configured, else offline",
     "io_timeout": "seconds a remote shard read may make no progress before the run stops with an error "
                   "(0: $CUBSTREAM_IO_TIMEOUT, else 60)",
+    "cache_dir": "directory keeping a local copy of each remote (http(s), pipe:) shard, fetched once, checked "
+                 "against the manifest's sha256 and read from disk afterwards; shared safely by every process "
+                 "and run on the node; local shard sets are never copied (empty: $CUBSTREAM_CACHE_DIR, else "
+                 "no cache)",
+    "cache_limit_gb": "evict the least recently used cached shards not in use beyond this many GB (0: "
+                      "$CUBSTREAM_CACHE_LIMIT_GB, else no limit)",
     "stop_signals": "comma-separated signals on which fit stops cleanly (empty: none): every process stops at "
                     "the same optimizer step, writes a checkpoint there and exits with status 75; rerun with "
                     "--resume auto to continue. A second signal, or --stop-grace running out, exits at once "

@@ -84,6 +84,7 @@ RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
     "log_every": (1, True, None, False),
     "dist_timeout": (1, True, None, False),
     "io_timeout": (0, True, None, False),  # 0: the environment's or the default
+    "cache_limit_gb": (0, True, None, False),  # 0: the environment's, else no limit
     "stop_grace": (0, True, None, False),  # 0: no deadline
 }
 

@@ -13,7 +13,7 @@ import io
 import json
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -68,13 +68,15 @@ def record_problem(sample: Mapping[str, Any], split: str) -> str | None:
     return None
 
 
-def decode_sample(sample: Mapping[str, Any], num_classes: int) -> tuple[int, np.ndarray]:
-    """(label, HWC uint8 RGB image) of a usable sample; CorruptSample naming the first problem otherwise."""
+def decode_sample(sample: Mapping[str, Any], num_classes: int,
+                  decode: Callable[[bytes], Any] | None = None) -> tuple[int, Any]:
+    """(label, HWC uint8 RGB image) of a usable sample; CorruptSample naming the first problem otherwise.
+    `decode` replaces decode_rgb (the train stream's decodes at the size its augmentation needs)."""
     problem = sample_problem(sample, num_classes)
     if problem is not None:
         raise CorruptSample(problem)
     try:
-        image = decode_rgb(sample[IMAGE])
+        image = (decode or decode_rgb)(sample[IMAGE])
     except MemoryError:
         raise
     except Exception as e:  # PIL raises many types for corrupt data
@@ -82,12 +84,16 @@ def decode_sample(sample: Mapping[str, Any], num_classes: int) -> tuple[int, np.
     return int(sample[LABEL]), image
 
 
-def decode_rgb(data: bytes) -> np.ndarray:
-    """simplejpeg (libjpeg-turbo, fast) for JPEGs; PIL for anything else or what simplejpeg refuses."""
+def decode_rgb(data: bytes, min_size: tuple[int, int] | None = None) -> np.ndarray:
+    """simplejpeg (libjpeg-turbo, fast) for JPEGs; PIL for anything else or what simplejpeg refuses. With
+    `min_size` (height, width), a JPEG is decoded at the smallest DCT scaling at least that large (PIL
+    always decodes the full size)."""
     if simplejpeg.is_jpeg(data):
+        height, width = min_size or (0, 0)
         try:
             # fastdct / fastupsample: faster, with differences far below augmentation noise
-            return simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=True, fastupsample=True)
+            return simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=True, fastupsample=True,
+                                          min_height=height, min_width=width)
         except ValueError as e:
             log.debug("simplejpeg failed (%s); trying PIL", e)
     with Image.open(io.BytesIO(data)) as image:

@@ -12,13 +12,21 @@ def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
     """The bytes `tarfile` writes for these members in ustar format with fixed metadata, assembled directly:
     `TarFile.addfile` copies every TarInfo and streams through file objects, which doubled the cost of
     writing a shard of small members."""
-    chunks = []
-    for name, payload in members:
-        chunks += [_ustar_header(name, len(payload)), payload, tarfile.NUL * (-len(payload) % tarfile.BLOCKSIZE)]
-    chunks.append(tarfile.NUL * 2 * tarfile.BLOCKSIZE)  # end-of-archive marker
-    size = sum(map(len, chunks))
-    chunks.append(tarfile.NUL * (-size % tarfile.RECORDSIZE))  # tarfile pads to whole records
+    chunks = [chunk for name, payload in members for chunk in member_chunks(name, payload)]
+    chunks.append(end_of_archive(sum(map(len, chunks))))
     return b"".join(chunks)
+
+
+def member_chunks(name: str, payload: bytes) -> tuple[bytes, bytes, bytes]:
+    """One member's bytes in `tar_bytes`: header, payload, zero padding to a whole block."""
+    return _ustar_header(name, len(payload)), payload, tarfile.NUL * (-len(payload) % tarfile.BLOCKSIZE)
+
+
+def end_of_archive(size: int) -> bytes:
+    """What follows members of `size` bytes in all: the end-of-archive marker, then zeros to a whole record
+    (as tarfile pads)."""
+    marker = tarfile.NUL * 2 * tarfile.BLOCKSIZE
+    return marker + tarfile.NUL * (-(size + len(marker)) % tarfile.RECORDSIZE)
 
 
 def tarinfo(name: str, size: int) -> tarfile.TarInfo:

@@ -12,8 +12,9 @@ from webdataset.tariterators import group_by_keys
 
 from pipeline.errors import UserError
 from pipeline.manifest import shard_locations
-from pipeline.remote import RETRY_POLICY, RemoteError, is_url, open_stream
+from pipeline.remote import RETRY_POLICY, RemoteError, Stream, io_timeout, is_url, open_stream
 from pipeline.shardformat.tarread import tar_members
+from train.data import cache as cache_module
 
 SHARD_POLICY = "shards are not retried or skipped; the run stops; resume with --resume auto"
 # Errors that mean "this shard's tar cannot be read": broken tar, or webdataset's ValueError for duplicate
@@ -58,13 +59,30 @@ def shard_error_message(exc: BaseException) -> str | None:
 def _read_shard(shard: Shard) -> Iterator[dict[str, Any]]:
     """Raw samples of one shard ({"__key__", "__url__", suffix: bytes, ...}); any read failure (missing,
     HTTP error, cut, stall), a sample count that differs from the manifest (a tar truncated between
-    members), or bytes whose sha256 differs from the manifest's is a ShardError. The digest is taken as the
-    bytes stream by, so a mismatch is known once the whole shard has been read (its samples are already on
-    their way by then; the run stops)."""
+    members), or bytes whose sha256 differs from the manifest's is a ShardError. Read from the source, the
+    digest is taken as the bytes stream by, so a mismatch is known once the whole shard has been read (its
+    samples are already on their way by then; the run stops). With a cache (train.data.cache) a remote shard
+    is read from its local copy, whose bytes were checked before the first sample."""
+    cache = cache_module.current() if shard.sha256 and cache_module.is_cached_source(shard.url) else None
+    if cache is None:
+        try:
+            stream = open_stream(shard.url, digest=bool(shard.sha256))
+        except RemoteError as e:
+            raise ShardError(_unreadable(shard.url, e.reason)) from None
+        yield from _samples(shard, stream, check_digest=bool(shard.sha256))
+        return
     try:
-        stream = open_stream(shard.url, digest=bool(shard.sha256))
+        with cache.open(shard.url, shard.sha256) as file:
+            yield from _samples(shard, Stream(shard.url, file, io_timeout(), digest=False), check_digest=False)
+    except ShardError:
+        raise
     except RemoteError as e:
         raise ShardError(_unreadable(shard.url, e.reason)) from None
+    except UserError as e:  # the cache directory or its locks
+        raise ShardError(_unreadable(shard.url, str(e))) from None
+
+
+def _samples(shard: Shard, stream: Stream, check_digest: bool) -> Iterator[dict[str, Any]]:
     count = 0
     try:
         members = ({"fname": name, "data": data, "__url__": shard.url} for name, data in tar_members(stream))
@@ -84,7 +102,7 @@ def _read_shard(shard: Shard) -> Iterator[dict[str, Any]]:
     if count != shard.num_samples:
         raise ShardError(_unreadable(
             shard.url, f"it holds {count} samples, the manifest says {shard.num_samples} (truncated?)"))
-    if shard.sha256 and digest != shard.sha256:
+    if check_digest and digest != shard.sha256:
         raise ShardError(_unreadable(shard.url, "its bytes do not match the manifest's sha256 (changed or "
                                                 "corrupted since the set was built; check it with "
                                                 "`python -m pipeline verify`)"))

@@ -8,6 +8,7 @@ lets train.data.elastic replay it on positions instead of samples.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import itertools
 import logging
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.shardformat.check import CorruptSample, decode_sample, sample_problem
-from train.augment import sample_seed
+from train.augment import Augment, sample_seed
 from train.data.shards import Shard, ShardError
 
 log = logging.getLogger(__name__)
@@ -111,8 +112,13 @@ def _decoded(samples: Iterable[dict[str, Any]], transform: Transform, num_classe
     bad_run = 0
     for sample in samples:
         key = sample["__key__"]
+        aug_seed = sample_seed(seed, epoch, key)
         try:
-            label, image = decode_sample(sample, num_classes)
+            if isinstance(transform, Augment):  # decoded at the size its augmentation needs (train.decode)
+                label, (image, source_shape) = decode_sample(sample, num_classes,
+                                                             functools.partial(transform.decode, seed=aug_seed))
+            else:
+                (label, image), source_shape = decode_sample(sample, num_classes), None
         except CorruptSample as e:
             log.warning("dropped corrupt sample %s in shard %s: %s", key, sample["__url__"], e)
             bad_run += 1
@@ -122,4 +128,7 @@ def _decoded(samples: Iterable[dict[str, Any]], transform: Transform, num_classe
             yield None
             continue
         bad_run = 0
-        yield key, transform(image, sample_seed(seed, epoch, key)), label
+        if source_shape is None:
+            yield key, transform(image, aug_seed), label
+        else:
+            yield key, transform(image, aug_seed, source_shape), label
