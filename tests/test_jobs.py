@@ -345,7 +345,7 @@ def test_kubernetes_training_job(tmp_path: Path) -> None:
     from accelerate.commands.launch import launch_command_parser
 
     from train import config as cfgmod
-    from train.__main__ import _parser
+    from train.__main__ import build_parser
 
     service, job = [doc for doc in yaml.safe_load_all(K8S_TRAIN.read_text()) if doc]
     assert service["kind"] == "Service" and service["spec"]["clusterIP"] == "None"
@@ -369,7 +369,7 @@ def test_kubernetes_training_job(tmp_path: Path) -> None:
 
     fit = argv[split + 1:]
     assert fit[:2] == ["train", "fit"] and fit[-2:] == ["--resume", "auto"]
-    args = _parser().parse_args([a if a != "configs/cub_resnet50_224.yaml" else str(ROOT / a) for a in fit[1:]])
+    args = build_parser().parse_args([a if a != "configs/cub_resnet50_224.yaml" else str(ROOT / a) for a in fit[1:]])
     config = cfgmod.make_config(args)
     assert cfgmod.check(config) == [] and config.resume == "auto"
     claims = _claims(pod, container)

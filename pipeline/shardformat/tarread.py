@@ -4,8 +4,8 @@
 tars through `tarfile` in stream mode, which builds a TarInfo and decodes every header field for each
 member, a real share of the train stream's time with three small members a sample. This reader takes only
 what a sample needs (name, size, type) from each 512-byte header and checks the header checksum as
-`tarfile` does. It understands what other writers add: ustar name prefixes, pax extended headers
-(webdataset's TarWriter writes them for every member) and GNU long names. Like webdataset, it skips
+`tarfile` does. It understands what other writers add: ustar name prefixes, pax extended headers (`tarfile`'s
+default format writes them for long or non-ASCII names) and GNU long names. Like webdataset, it skips
 everything but regular files and `__*__` meta members; grouping members into samples stays webdataset's
 (`group_by_keys`).
 
