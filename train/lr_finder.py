@@ -11,8 +11,11 @@ their ratio to it (whatever LRs the optimizer was built with, relative to its la
 Suggested LR: the point of steepest descent of the smoothed loss against log(LR) (the LRs are evenly spaced
 in log LR, so: the most negative `numpy.gradient` of the smoothed losses), searched from the end of the
 first 10% of the points (at most 10: their slopes are mostly noise) up to the lowest loss (beyond it the
-loss rises). It lies below the LR of the lowest loss, where training is still fast and stable. With no
-descent at all (the lowest loss in the first 10%), the LR of the lowest loss.
+loss rises). It lies below the LR of the lowest loss, where training is still fast and stable. Only where
+the loss was measured falling: a step's loss is measured before it trains at its LR, so the last LR's
+effect is never seen and it is never suggested, and a point whose slope is not negative is not either.
+With no such point there is no suggestion: a one-line error. A sweep needs MIN_STEPS steps: with fewer,
+each step jumps about a decade of LR and the few points left after the first 10% cannot place a descent.
 
 The model and optimizer are restored afterwards: their state dicts are deep-copied before and loaded after.
 
@@ -40,7 +43,7 @@ from train.lifecycle import batches_per_epoch
 from train.tracking import say
 
 SKIP_START = 10
-MIN_STEPS = 3  # a slope needs 3 points
+MIN_STEPS = 10  # fewer points cannot place a descent (see above); the options' range says the same
 
 
 @dataclass
@@ -118,16 +121,19 @@ def _sweep(train_step: Callable[[], float], optimizer: torch.optim.Optimizer, sc
 
 
 def steepest_descent(losses: list[float]) -> int:
-    """Index of the most negative slope of `losses` (evenly spaced in log LR); see the module docstring."""
+    """Index of the most negative slope of `losses` (evenly spaced in log LR) where the loss was measured
+    falling; a one-line error when there is none. See the module docstring."""
     if len(losses) < 3:
         raise UserError(f"lr-find: the loss diverged after {len(losses)} step(s), too few to suggest an LR; "
                         "lower --start-lr or --end-lr")
-    lowest = int(np.argmin(losses))
+    slopes = np.gradient(np.asarray(losses, dtype=np.float64))
     start = min(SKIP_START, len(losses) // 10)
-    if lowest - start < 1:
-        return lowest
-    slopes = np.gradient(np.asarray(losses[start:lowest + 1], dtype=np.float64))
-    return start + int(np.argmin(slopes))
+    last = min(int(np.argmin(losses)), len(losses) - 2)  # the last LR's effect is never measured
+    falling = [i for i in range(start, last + 1) if slopes[i] < 0]
+    if not falling:
+        raise UserError(f"lr-find: the smoothed loss never fell over the {len(losses)} step(s) measured, so no LR "
+                        "can be suggested; lower --start-lr, raise --end-lr or run more --steps")
+    return min(falling, key=lambda i: slopes[i])
 
 
 # ---------------------------------------------------------------- on fit's model, stream and train step
