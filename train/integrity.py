@@ -49,7 +49,7 @@ def sync_dir(folder: Path) -> None:
 def recorded_problem(folder: Path, recorded: Any) -> str | None:
     """Why the files of `folder` are not those whose sha256 were recorded at save, or None."""
     if not isinstance(recorded, dict) or not all(isinstance(v, str) for v in recorded.values()):
-        return f"its list of file checksums ({FILES!r}) is damaged"
+        return f"the recorded file checksums ({FILES!r}) are damaged"
     for name, digest in recorded.items():
         path = folder / name
         if not path.is_file():
