@@ -104,3 +104,25 @@ def test_a_run_without_its_best_model_resumes_and_finishes(stepped_run: Path, tr
     results = json.loads((run_dir / "results.json").read_text())
     assert results["best_epoch"] == 2 and results["test"]["num_samples"] > 0
     assert json.loads((best / "meta.json").read_text())["epoch"] == 2
+
+
+def test_a_checkpoint_without_recorded_sha256_that_cannot_load_is_one_line(stepped_run: Path, train_shards: Path,
+                                                                           tmp_path: Path) -> None:
+    """A checkpoint from before sha256 were recorded still resumes (checked for structure only): when its
+    optimizer's pickle is damaged, loading it fails with one line naming it, not a traceback."""
+    run_dir = Path(shutil.copytree(stepped_run, tmp_path / "run"))
+    newest = run_dir / "checkpoints" / "step-00000016"
+    for where in run_dir.glob("checkpoints/step-*"):
+        state = json.loads((where / "trainer.json").read_text())
+        del state["files"]
+        (where / "trainer.json").write_text(json.dumps(state))
+    data = bytearray((newest / "optimizer.bin").read_bytes())
+    data[400:416] = b"\xff" * 16  # inside the pickle (the zip's first member): its structure is intact
+    (newest / "optimizer.bin").write_bytes(bytes(data))
+    result = _resume(run_dir, train_shards)
+    assert_one_line_error(result, f"cannot load checkpoint {newest} (UnpicklingError: ",
+                          "remove it to resume from the one before")
+    shutil.rmtree(newest)
+    result = _resume(run_dir, train_shards)  # the one before, without sha256 too, resumes to the end
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "from step-00000012" in result.stdout and (run_dir / "results.json").is_file()

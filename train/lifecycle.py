@@ -193,8 +193,9 @@ def resume(accelerator: Accelerator, where: Path, state: dict[str, Any], schedul
     try:
         accelerator.load_state(str(where))
     except Exception as e:  # unpickling damaged bytes raises almost any type (UnpicklingError, KeyError, ...)
-        raise UserError(f"cannot load checkpoint {where} ({type(e).__name__}: {first_line(e)}): remove it to "
-                        "resume from the one before, or train in another --run-dir") from None
+        reason = first_line(e).split(". ", 1)[0]  # torch's advice after it (weights_only=False) does not apply
+        raise UserError(f"cannot load checkpoint {where} ({type(e).__name__}: {reason}): remove it to resume from "
+                        "the one before, or train in another --run-dir") from None
     progress = Progress(**{key: value for key, value in state.items() if key in Progress.__dataclass_fields__})
     now = layout(accelerator, config)
     progress.segments = elastic.as_records(elastic.segments_after_resume(state, saved, now))

@@ -14,8 +14,9 @@ first 10% of the points (at most 10: their slopes are mostly noise) up to the lo
 loss rises). It lies below the LR of the lowest loss, where training is still fast and stable. Only where
 the loss was measured falling: a step's loss is measured before it trains at its LR, so the last LR's
 effect is never seen and it is never suggested, and a point whose slope is not negative is not either.
-With no such point there is no suggestion: a one-line error. A sweep needs MIN_STEPS steps: with fewer,
-each step jumps about a decade of LR and the few points left after the first 10% cannot place a descent.
+With no such point there is no suggestion: a one-line error. A sweep needs MIN_STEPS = 1 / smoothing = 20
+steps: after n steps the smoothed loss still holds 0.95^n of the first loss (0.36 after 20), so a shorter
+sweep shows mostly its first loss, not what the LRs did (3 steps used to "suggest" the end LR).
 
 The model and optimizer are restored afterwards: their state dicts are deep-copied before and loaded after.
 
@@ -43,7 +44,7 @@ from train.lifecycle import batches_per_epoch
 from train.tracking import say
 
 SKIP_START = 10
-MIN_STEPS = 10  # fewer points cannot place a descent (see above); the options' range says the same
+MIN_STEPS = 20  # the smoothing's memory (see above); the options' range says the same
 
 
 @dataclass

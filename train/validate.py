@@ -73,7 +73,7 @@ RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
     "shuffle_buffer": (1, True, None, False),
     "lr_find_start": (0, False, None, False),
     "lr_find_end": (0, False, None, False),
-    "lr_find_steps": (10, True, None, False),  # lr_finder.MIN_STEPS
+    "lr_find_steps": (20, True, None, False),  # lr_finder.MIN_STEPS
     "lr_decay": (0, False, 1, True),
     "weight_decay": (0, True, None, False),
     "momentum": (0, True, 1, False),
