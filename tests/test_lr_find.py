@@ -97,6 +97,17 @@ def test_too_few_steps_are_refused_by_lr_find_and_fit_lr_auto(train_shards: Path
         lr_finder.exponential_lrs(1e-7, 10, 19)
 
 
+def test_fit_lr_auto_refuses_when_the_loss_never_fell(train_shards: Path, tmp_path: Path) -> None:
+    """A sweep starting where the loss only rises: it used to 'suggest' its first LR and train at it."""
+    run_dir = tmp_path / "run"
+    result = run_cli("train", "fit", "--shards", str(train_shards), *FIT_ARGS, "--epochs", "1", "--lr", "auto",
+                     "--lr-find-start", "0.05", "--lr-find-end", "50", "--lr-find-steps", "20", "--run-dir",
+                     str(run_dir), env=ONE_THREAD)
+    assert_one_line_error(result, "lr-find: the smoothed loss never fell over the ",
+                          "lower --lr-find-start/--start-lr or run more --lr-find-steps/--steps")
+    assert not (run_dir / "config.yaml").exists() and not (run_dir / "checkpoints").exists()
+
+
 def _constant_step(losses: list[float]) -> Any:
     values = iter(losses)
     return lambda: next(values)

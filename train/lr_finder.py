@@ -42,8 +42,11 @@ from train import engine
 from train.config import Config
 from train.lifecycle import batches_per_epoch
 from train.tracking import say
+from train.validate import SWEEP_FLAGS
 
 SKIP_START = 10
+# The sweep's options by both their names (fit's --lr-find-*, lr-find's own), as errors name them.
+START, END, STEPS = (SWEEP_FLAGS[name] for name in ("lr_find_start", "lr_find_end", "lr_find_steps"))
 MIN_STEPS = 20  # the smoothing's memory (see above); the options' range says the same
 
 
@@ -62,9 +65,9 @@ class RangeTest:
 def exponential_lrs(start_lr: float, end_lr: float, steps: int) -> list[float]:
     """`steps` LRs from start_lr to end_lr (both included), evenly spaced on a log scale."""
     if not 0 < start_lr < end_lr:
-        raise UserError(f"the LR sweep needs 0 < --start-lr < --end-lr, got {start_lr} and {end_lr}")
+        raise UserError(f"the LR sweep needs 0 < {START} < {END}, got {start_lr} and {end_lr}")
     if steps < MIN_STEPS:
-        raise UserError(f"--steps must be >= {MIN_STEPS}, got {steps}")
+        raise UserError(f"{STEPS} must be >= {MIN_STEPS}, got {steps}")
     ratio = end_lr / start_lr
     return [start_lr * ratio ** (i / (steps - 1)) for i in range(steps)]
 
@@ -110,7 +113,7 @@ def _sweep(train_step: Callable[[], float], optimizer: torch.optim.Optimizer, sc
         if not math.isfinite(loss):
             if step == 0:
                 raise UserError(f"lr-find: the loss is {loss} from the first step (LR {lr:.3g}): nothing to plot; "
-                                "check --pretrained weights and the data, or lower --start-lr")
+                                f"check --pretrained weights and the data, or lower {START}")
             return lrs, losses, True
         smoothed = smoothing * loss + (1 - smoothing) * losses[-1] if losses else loss
         lrs.append(lr)
@@ -126,14 +129,14 @@ def steepest_descent(losses: list[float]) -> int:
     falling; a one-line error when there is none. See the module docstring."""
     if len(losses) < 3:
         raise UserError(f"lr-find: the loss diverged after {len(losses)} step(s), too few to suggest an LR; "
-                        "lower --start-lr or --end-lr")
+                        f"lower {START} or {END}")
     slopes = np.gradient(np.asarray(losses, dtype=np.float64))
     start = min(SKIP_START, len(losses) // 10)
     last = min(int(np.argmin(losses)), len(losses) - 2)  # the last LR's effect is never measured
     falling = [i for i in range(start, last + 1) if slopes[i] < 0]
     if not falling:
         raise UserError(f"lr-find: the smoothed loss never fell over the {len(losses)} step(s) measured, so no LR "
-                        "can be suggested; lower --start-lr, raise --end-lr or run more --steps")
+                        f"can be suggested; lower {START} or run more {STEPS}")
     return min(falling, key=lambda i: slopes[i])
 
 
