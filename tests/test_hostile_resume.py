@@ -13,6 +13,9 @@ import pytest
 from conftest import FIT_ARGS
 from support import ONE_THREAD, assert_one_line_error, damage_inside, run_cli, run_main
 
+from train import checkpoint
+from train.lifecycle import TRAINER_KEYS
+
 STEPPED = ("--epochs", "2", "--checkpoint-every", "4", "--keep-checkpoints", "20")  # 8 steps an epoch
 
 
@@ -52,9 +55,6 @@ def test_damage_in_place_is_skipped_at_resume(stepped_run: Path, train_shards: P
     assert "from step-00000004 (epoch 1, step 4)" in result.stdout
     results = json.loads((run_dir / "results.json").read_text())
     assert results["best_epoch"] in (1, 2) and results["test"]["num_samples"] > 0
-    from train import checkpoint
-    from train.lifecycle import TRAINER_KEYS
-
     assert all(checkpoint.checkpoint_problem(c, TRAINER_KEYS) is None for c in folder.glob("step-*"))  # rewritten
 
 
