@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from accelerate.utils import set_seed
 from support import same_state
 
 from pipeline.errors import UserError
@@ -26,6 +27,7 @@ def main(out: Path, args: list[str]) -> None:
     config = cfgmod.make_config(parser.parse_args(args))
     manifest = load_manifest(config.shards)
     accelerator = tracking.make_accelerator(config, with_tracker=False)
+    set_seed(config.seed)  # as the lr-find command does: the same init, so the same sweep, every run
     model, optimizer = engine.build_model_and_optimizer(accelerator, config, manifest)
     model, optimizer = accelerator.prepare(model, optimizer)
     model_before, optimizer_before = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())

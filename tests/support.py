@@ -316,3 +316,14 @@ def wait_for(condition: callable, timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(0.05)
+
+
+def damage_inside(path: Path, byte: int, count: int = 16) -> None:
+    """Overwrite `count` bytes in the middle of a file with `byte`, keeping its size and structure (in a
+    safetensors file, in the middle of the tensor data past its header): damage only a checksum can see."""
+    data = bytearray(path.read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little") if path.suffix == ".safetensors" else 0
+    middle = (start + (len(data) - start) // 2) // 4 * 4  # float32-aligned: 0xff bytes make a NaN
+    assert data[middle:middle + count] != bytes([byte]) * count, path
+    data[middle:middle + count] = bytes([byte]) * count
+    path.write_bytes(bytes(data))

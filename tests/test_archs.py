@@ -163,10 +163,13 @@ def test_every_command_runs(arch: str, train_shards: Path, tmp_path: Path, capsy
     test_samples = load_manifest(str(train_shards))["splits"]["test"]["num_samples"]
     assert json.loads((run / "results.json").read_text())["test"]["num_samples"] == test_samples
 
-    result = run_cli("train", "lr-find", *common, "--out", str(tmp_path / "lr"), "--steps", "3", "--end-lr", "1",
+    result = run_cli("train", "lr-find", *common, "--out", str(tmp_path / "lr"), "--steps", "20", "--end-lr", "1",
                      "--batch-size", "8", env=ONE_THREAD)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert len(json.loads((tmp_path / "lr" / "lr_find.json").read_text())["lrs"]) == 3
+    if result.returncode:  # from scratch on 6 tiny classes, the 20 noisy steps may never fall below the first loss
+        assert_one_line_error(result, "lr-find: the smoothed loss never fell over the")
+    else:
+        values = json.loads((tmp_path / "lr" / "lr_find.json").read_text())
+        assert len(values["lrs"]) <= 20 and values["lrs"][0] <= values["suggested_lr"] < values["lrs"][-1]
 
     result = run_cli("train", "evaluate", "--checkpoint", str(run), "--shards", str(train_shards), "--workers", "0",
                      "--batch-size", "32", "--out", str(tmp_path / "eval"), env=ONE_THREAD)

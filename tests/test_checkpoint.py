@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from support import damage_inside
 from torch import nn
 
 from pipeline.errors import UserError
@@ -133,6 +134,31 @@ def test_damaged_checkpoints_are_named(accelerator, tmp_path: Path) -> None:
         Trainer(accelerator).accelerator.load_state(str(tmp_path / "6" / "step-00000003"))
 
 
+def test_damage_in_place_is_caught_by_the_recorded_sha256(accelerator, tmp_path: Path) -> None:
+    """Same size, intact structure: only the sha256 trainer.json records at save tells. A checkpoint written
+    before they were recorded still loads; NaN in its weights is named, zeros in them cannot be seen."""
+    save_steps(accelerator, tmp_path / "good", [3])
+    good = tmp_path / "good" / "checkpoints" / "step-00000003"
+    recorded = json.loads((good / "trainer.json").read_text())["files"]
+    assert sorted(recorded) == ["custom_checkpoint_0.pkl", "model.safetensors", "optimizer.bin", "random_states_0.pkl"]
+    for name in recorded:
+        copy = Path(shutil.copytree(good, tmp_path / name / "step-00000003"))
+        damage_inside(copy / name, 0x00 if name.endswith(".safetensors") else 0x5a)
+        assert checkpoint.checkpoint_problem(copy, TRAINER_KEYS) == (
+            f"{name} is damaged (its sha256 differs from the one recorded when it was saved)")
+    old = Path(shutil.copytree(good, tmp_path / "old" / "step-00000003"))
+    state = json.loads((old / "trainer.json").read_text())
+    (old / "trainer.json").write_text(json.dumps({**state, "files": "garbled"}))
+    assert checkpoint.checkpoint_problem(old, TRAINER_KEYS) == "the recorded file checksums ('files') are damaged"
+    del state["files"]
+    (old / "trainer.json").write_text(json.dumps(state))
+    assert checkpoint.checkpoint_problem(old, TRAINER_KEYS) is None
+    damage_inside(old / "model.safetensors", 0x00)
+    assert checkpoint.checkpoint_problem(old, TRAINER_KEYS) is None  # the limit of a checkpoint without sha256
+    damage_inside(old / "model.safetensors", 0xff)
+    assert checkpoint.checkpoint_problem(old, TRAINER_KEYS).startswith("model.safetensors holds NaN or inf in ")
+
+
 META = {"arch": "resnet18", "classes": ["a", "b", "c"], "image_size": 40, "crop_pct": 0.875, "mean": [0.5] * 3,
         "std": [0.2] * 3}
 
@@ -174,7 +200,8 @@ def test_a_kill_between_the_renames_of_best_keeps_the_old_best(accelerator, tmp_
     (folder / ".tmp-best").mkdir()  # the new one, never renamed in
     checkpoint.remove_temporaries(tmp_path)
     assert sorted(p.name for p in folder.iterdir()) == ["best"]
-    assert json.loads((folder / "best" / "meta.json").read_text()) == {"epoch": 1}
+    meta = json.loads((folder / "best" / "meta.json").read_text())
+    assert meta.pop("files").keys() == {"model.safetensors"} and meta == {"epoch": 1}
     assert load_file(str(folder / "best" / "model.safetensors")).keys() == trainer.model.state_dict().keys()
 
 

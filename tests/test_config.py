@@ -81,7 +81,7 @@ def test_changed_fields_ignore_resumable_options() -> None:
     (["--image-size", "8"], "--image-size must be in [16, 2048]"),
     (["--image-size", "22400"], "--image-size must be in [16, 2048]"),
     (["--eval-batch-size", "-1"], "--eval-batch-size must be >= 0"),
-    (["--lr-find-steps", "2"], "--lr-find-steps/--steps must be >= 3"),
+    (["--lr-find-steps", "19"], "--lr-find-steps/--steps must be >= 20"),
     (["--lr-find-start", "0"], "--lr-find-start/--start-lr must be > 0"),
     (["--lr-find-start", "1", "--lr-find-end", "0.1"], "needs --start-lr < --end-lr"),
     (["--run-dir", ""], "--run-dir must not be empty"),

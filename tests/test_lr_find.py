@@ -23,7 +23,7 @@ from pipeline.errors import UserError
 from train import config as cfgmod
 from train import lr_finder, rundir
 
-FAST_SWEEP = ("--start-lr", "1e-5", "--end-lr", "10", "--steps", "15")
+FAST_SWEEP = ("--start-lr", "1e-5", "--end-lr", "10", "--steps", "20")
 
 
 def _tiny_problem() -> tuple[nn.Module, torch.optim.Optimizer, Any]:
@@ -73,7 +73,39 @@ def test_steepest_descent_before_the_minimum() -> None:
     curve = 2.0 - 1.5 / (1 + np.exp(-(i - 40) / 4.0))  # steepest at 40
     curve[70:] += np.linspace(0, 8, 20)  # blow-up after the minimum: steep, but rising
     assert lr_finder.steepest_descent(list(curve)) == 40
-    assert lr_finder.steepest_descent([1.0, 2.0, 3.0, 4.0]) == 0  # no descent: the lowest loss
+
+
+def test_a_suggestion_comes_only_from_where_the_loss_was_measured_falling() -> None:
+    """A step's loss is measured before it trains at its LR: the last LR's effect is never seen, so it is never
+    suggested, even when the loss falls fastest there; a loss that never falls gives no suggestion."""
+    assert lr_finder.steepest_descent([1.0, 0.99, 0.97, 0.9, 0.7, 0.2]) == 4  # not 5, the end of the sweep
+    for never_falls in ([1.0, 2.0, 3.0, 4.0], [1.0] * 12, [2.0, 2.5, 3.0, 2.9]):
+        with pytest.raises(UserError, match="the smoothed loss never fell over the"):
+            lr_finder.steepest_descent(never_falls)
+
+
+def test_too_few_steps_are_refused_by_lr_find_and_fit_lr_auto(train_shards: Path, tmp_path: Path) -> None:
+    """3 steps used to suggest the end LR (10) and `fit --lr auto` trained at it: one line, before any work."""
+    for command, out in (("lr-find", ("--out", str(tmp_path / "lrf"))), ("fit", ("--run-dir", str(tmp_path / "run")))):
+        result = run_cli("train", command, "--shards", str(train_shards), *FIT_ARGS, "--lr", "auto",
+                         "--lr-find-steps", "3", *out, env=ONE_THREAD)
+        assert result.returncode == 2
+        assert_one_line_error(result, "--lr-find-steps/--steps must be >= 20, got 3")
+        assert "suggested LR" not in result.stdout
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(UserError, match="--steps must be >= 20"):
+        lr_finder.exponential_lrs(1e-7, 10, 19)
+
+
+def test_fit_lr_auto_refuses_when_the_loss_never_fell(train_shards: Path, tmp_path: Path) -> None:
+    """A sweep starting where the loss only rises: it used to 'suggest' its first LR and train at it."""
+    run_dir = tmp_path / "run"
+    result = run_cli("train", "fit", "--shards", str(train_shards), *FIT_ARGS, "--epochs", "1", "--lr", "auto",
+                     "--lr-find-start", "0.05", "--lr-find-end", "50", "--lr-find-steps", "20", "--run-dir",
+                     str(run_dir), env=ONE_THREAD)
+    assert_one_line_error(result, "lr-find: the smoothed loss never fell over the ",
+                          "lower --lr-find-start/--start-lr or run more --lr-find-steps/--steps")
+    assert not (run_dir / "config.yaml").exists() and not (run_dir / "checkpoints").exists()
 
 
 def _constant_step(losses: list[float]) -> Any:
@@ -85,10 +117,10 @@ def test_nan_from_the_first_step_and_too_short_sweeps_are_errors() -> None:
     model = nn.Linear(2, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     with pytest.raises(UserError, match="loss is nan from the first step"):
-        lr_finder.range_test(_constant_step([math.nan]), model, optimizer, steps=10)
+        lr_finder.range_test(_constant_step([math.nan]), model, optimizer, steps=20)
     with pytest.raises(UserError, match="diverged after 1 step"):
-        lr_finder.range_test(_constant_step([1.0, math.inf]), model, optimizer, steps=10)
-    result = lr_finder.range_test(_constant_step([1.0, 0.9, 0.8, 100.0]), model, optimizer, steps=10)
+        lr_finder.range_test(_constant_step([1.0, math.inf]), model, optimizer, steps=20)
+    result = lr_finder.range_test(_constant_step([1.0, 0.9, 0.8, 100.0]), model, optimizer, steps=20)
     assert result.diverged and len(result.lrs) == 4  # 0.05 * 100 + 0.95 * 0.8 > 5 x best: stop
     with pytest.raises(UserError, match="--start-lr"):
         lr_finder.exponential_lrs(1.0, 0.1, 10)
@@ -99,11 +131,11 @@ def test_real_model_weights_untouched_and_nan_sweep_restores_too(train_shards: P
     every model and optimizer tensor is restored, after a good sweep and after one that diverges."""
     out = tmp_path / "report.json"
     result = run_python(str(ROOT / "tests" / "lr_find_restores.py"), str(out), "--shards", str(train_shards),
-                        *FIT_ARGS, "--lr-scheme", "notebook", "--lr-find-start", "1e-4", "--lr-find-steps", "4",
+                        *FIT_ARGS, "--lr-scheme", "notebook", "--lr-find-start", "1e-4", "--lr-find-steps", "20",
                         env=ONE_THREAD)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert len(report["lrs"]) == 4 and report["lrs"][0] <= report["suggested_lr"] <= report["lrs"][-1]
+    assert len(report["lrs"]) == 20 and report["lrs"][0] <= report["suggested_lr"] <= report["lrs"][-1]
     assert report["restored"] and report["accelerator_step"] == 0
     assert "diverged after 1 step" in report["nan_error"]
     assert report["restored_after_nan"]
@@ -116,31 +148,37 @@ def test_lr_find_cli_writes_plot_and_values(train_shards: Path, tmp_path: Path) 
     assert result.returncode == 0, result.stderr[-2000:]
     values = json.loads((out / "lr_find.json").read_text())
     assert set(values) == {"suggested_lr", "lrs", "losses"}
-    assert 2 < len(values["lrs"]) == len(values["losses"]) <= 15
+    assert 2 < len(values["lrs"]) == len(values["losses"]) <= 20
     assert values["lrs"][0] == pytest.approx(1e-5)
-    assert values["lrs"][0] <= values["suggested_lr"] <= values["lrs"][-1]
+    assert values["lrs"][0] <= values["suggested_lr"] < values["lrs"][-1]  # the last LR's effect is unmeasured
     assert all(math.isfinite(v) for v in values["losses"])
     assert f"suggested LR: {values['suggested_lr']:.4g}" in result.stdout
     assert_png(out / "lr_find.png")
 
 
-def test_lr_find_with_nan_weights_says_so_and_plots_nothing(train_shards: Path, tmp_path: Path) -> None:
+def test_pretrained_weights_holding_nan_are_named_at_load(train_shards: Path, tmp_path: Path) -> None:
+    """One NaN in one tensor: named when the weights load (it used to surface as a NaN loss, or in `fit` as a
+    divergence with advice to lower --lr)."""
     from train.model import build_model
 
-    weights = {k: torch.full_like(v, math.nan) if v.is_floating_point() else v
-               for k, v in build_model("resnet18", 6).state_dict().items()}
+    weights = build_model("resnet18", 6).state_dict()
+    weights["layer2.0.conv1.weight"][0, 0, 0, 0] = math.nan
     torch.save(weights, tmp_path / "nan.pth")
     out = tmp_path / "lrf"
-    result = run_cli("train", "lr-find", "--shards", str(train_shards), *FIT_ARGS, "--pretrained",
-                     str(tmp_path / "nan.pth"), "--out", str(out), *FAST_SWEEP, env=ONE_THREAD)
-    assert_one_line_error(result, "loss is nan from the first step")
+    for command, where in (("lr-find", ("--out", str(out), *FAST_SWEEP)), ("fit", ("--run-dir", str(tmp_path / "run")))):
+        result = run_cli("train", command, "--shards", str(train_shards), *FIT_ARGS, "--pretrained",
+                         str(tmp_path / "nan.pth"), *where, env=ONE_THREAD)
+        line = assert_one_line_error(result, f"--pretrained: {tmp_path / 'nan.pth'} holds NaN or inf in 1 tensor(s) "
+                                             "(first: layer2.0.conv1.weight)")
+        assert "lower --lr" not in line and "diverged" not in result.stdout + result.stderr
     assert not (out / "lr_find.png").exists() and not (out / "lr_find.json").exists()
+    assert not list((tmp_path / "run").glob("checkpoints/*"))
 
 
 def test_fit_lr_auto_records_the_choice(train_shards: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     result = run_cli("train", "fit", "--shards", str(train_shards), *FIT_ARGS, "--epochs", "1", "--lr", "auto",
-                     "--lr-find-start", "1e-5", "--lr-find-steps", "12", "--run-dir", str(run_dir),
+                     "--lr-find-start", "1e-5", "--lr-find-steps", "20", "--run-dir", str(run_dir),
                      env=ONE_THREAD)
     assert result.returncode == 0, result.stderr[-2000:]
     chosen = json.loads((run_dir / "lr_find" / "lr_find.json").read_text())["suggested_lr"]

@@ -40,7 +40,7 @@ def test_geometric_scheme_keeps_its_ratios_under_lr_auto(train_shards: Path, tmp
     """--lr auto scales every group to the suggestion times its multiplier (not every group to it)."""
     run_dir = tmp_path / "run"
     steps = _fit_step_lrs(train_shards, run_dir, "--lr-scheme", "geometric", "--lr-decay", "0.7", "--lr", "auto",
-                          "--lr-find-start", "1e-5", "--lr-find-steps", "8")
+                          "--lr-find-start", "1e-5", "--lr-find-steps", "20")
     _assert_ratios(steps, GEOMETRIC_07)
     chosen = json.loads((run_dir / "lr_find" / "lr_find.json").read_text())["suggested_lr"]
     assert steps[0]["fc"] == pytest.approx(chosen / 25)

@@ -10,8 +10,6 @@ import json
 import os
 import re
 import shutil
-import struct
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +19,13 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.errors import UserError
 from pipeline.manifest import replace_dir, write_json_atomic
+from train.integrity import FILES, file_problem, first_line, recorded_problem, seal, sync_dir, weights_problem
 
 TRAINER_STATE = "trainer.json"
 BEST = "best"
 STEP_NAME = re.compile(r"step-(\d+)")
 MODEL_FILE = "model.safetensors"
+META_FILE = "meta.json"
 # What accelerator.load_state reads besides the model and the per-process RNG states: the optimizer and the
 # schedule (registered for checkpointing, so saved as a custom object).
 TORCH_FILES = ("optimizer.bin", "custom_checkpoint_0.pkl")
@@ -54,12 +54,13 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
 
 def checkpoint_problem(checkpoint: Path, trainer_keys: tuple[str, ...]) -> str | None:
     """Why `accelerator.load_state` (and the trainer) could not use this checkpoint, or None when every file
-    it needs is there and readable. Cheap: trainer.json is parsed, safetensors headers are checked against
-    the file sizes, and the torch files' zip directories (at their ends) are read; no tensor is loaded."""
+    it needs is there and intact: trainer.json parses, safetensors headers match the file sizes, the torch
+    files' zip directories (at their ends) are read, and every file has the sha256 trainer.json recorded
+    at save. A checkpoint from before sha256 were recorded has its weights checked for NaN and inf instead."""
     try:
         state = json.loads((checkpoint / TRAINER_STATE).read_text())
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        return f"{TRAINER_STATE} is unreadable ({_first_line(e)})"
+        return f"{TRAINER_STATE} is unreadable ({first_line(e)})"
     if not isinstance(state, dict) or [key for key in trainer_keys if key not in state]:
         missing = [key for key in trainer_keys if not isinstance(state, dict) or key not in state]
         return f"{TRAINER_STATE} lacks {', '.join(missing)}"
@@ -70,44 +71,13 @@ def checkpoint_problem(checkpoint: Path, trainer_keys: tuple[str, ...]) -> str |
     needed = [MODEL_FILE, *TORCH_FILES, *(f"random_states_{rank}.pkl" for rank in ranks)]
     present = [p.name for p in sorted(checkpoint.iterdir()) if p.suffix in (".bin", ".pkl", ".pt", ".safetensors")]
     for name in dict.fromkeys([*needed, *present]):
-        problem = _file_problem(checkpoint / name)
+        problem = file_problem(checkpoint / name)
         if problem:
             return f"{name} {problem}"
-    return None
-
-
-def _file_problem(path: Path) -> str | None:
-    if not path.is_file():
-        return "is missing"
-    try:
-        if path.suffix == ".safetensors":
-            return _safetensors_problem(path)
-        with zipfile.ZipFile(path) as archive:  # torch.save's format; a cut file has no central directory
-            if not archive.namelist():
-                return "is empty"
-    except (OSError, zipfile.BadZipFile, ValueError) as e:
-        return f"is unreadable ({_first_line(e)})"
-    return None
-
-
-def _safetensors_problem(path: Path) -> str | None:
-    """A safetensors file is an 8-byte header length, a JSON header of tensor offsets, then the data."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8 or struct.unpack("<Q", head)[0] > size - 8:
-            return f"is truncated ({size} bytes)"
-        header = json.loads(f.read(struct.unpack("<Q", head)[0]))
-    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
-    expected = 8 + struct.unpack("<Q", head)[0] + max(ends, default=0)
-    if size != expected:
-        return f"is truncated ({size} of {expected} bytes)"
-    return None
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    if FILES in state:
+        return recorded_problem(checkpoint, state[FILES])
+    problem = weights_problem(checkpoint / MODEL_FILE)
+    return f"{MODEL_FILE} {problem}" if problem else None
 
 
 def remove_temporaries(run_dir: Path) -> list[Path]:
@@ -157,10 +127,13 @@ def save_checkpoint(accelerator: Any, run_dir: Path, state: dict[str, Any], keep
 
 
 def _publish(run_dir: Path, tmp: Path, final: Path, state: dict[str, Any], keep: int) -> None:
-    write_json_atomic(tmp / TRAINER_STATE, state)
+    """trainer.json (with every file's sha256, the files flushed to disk first), then the rename."""
+    write_json_atomic(tmp / TRAINER_STATE, {**state, FILES: seal(tmp)})
+    sync_dir(tmp)
     if final.exists():  # re-saving the same step after a resume
         shutil.rmtree(final)
     os.replace(tmp, final)
+    sync_dir(final.parent)
     for old in complete_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old)
 
@@ -174,7 +147,7 @@ def _attempt(action: Any) -> str | None:
     try:
         action()
     except WRITE_ERRORS as e:
-        return _first_line(e)
+        return first_line(e)
     return None
 
 
@@ -223,28 +196,64 @@ def _write_best(tmp: Path, best: Path, model: torch.nn.Module, meta: dict[str, A
     tmp.mkdir(parents=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(tmp / MODEL_FILE))
-    write_json_atomic(tmp / "meta.json", meta)
+    write_json_atomic(tmp / META_FILE, {**meta, FILES: seal(tmp)})
+    sync_dir(tmp)
     replace_dir(tmp, best)
+    sync_dir(best.parent)
 
 
-def load_best(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The best model of a run (a run dir, or its checkpoints/best dir); one-line errors otherwise."""
+def best_dir(run_dir: Path) -> Path:
+    """A run's best model directory (`run_dir` itself when it is one)."""
+    return run_dir if (run_dir / META_FILE).is_file() else checkpoints_dir(run_dir) / BEST
+
+
+def load_best(run_dir: Path, flag: str = "--checkpoint") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The best model of a run (a run dir, or its checkpoints/best dir) and its meta (without the recorded
+    sha256); one-line errors otherwise, starting with `flag` (the option that named the run; "" for none)."""
     run_dir = Path(run_dir)
-    best = run_dir if (run_dir / "meta.json").is_file() else checkpoints_dir(run_dir) / BEST
+    named = f"{flag} {run_dir}".strip()
+    best = best_dir(run_dir)
     if not run_dir.is_dir():
-        raise UserError(f"--checkpoint {run_dir}: no such run directory")
-    if not (best / "model.safetensors").is_file() or not (best / "meta.json").is_file():
-        raise UserError(f"--checkpoint {run_dir}: no complete best checkpoint ({best}/model.safetensors "
-                        "and meta.json); is it a run dir of `python -m train fit`?")
+        raise UserError(f"{named}: no such run directory")
+    if not (best / MODEL_FILE).is_file() or not (best / META_FILE).is_file():
+        raise UserError(f"{named}: no complete best checkpoint ({best}/{MODEL_FILE} and {META_FILE}); is it a "
+                        "run dir of `python -m train fit`?")
     try:
-        state, meta = load_file(str(best / "model.safetensors")), json.loads((best / "meta.json").read_text())
+        meta = json.loads((best / META_FILE).read_text())
+        problem = _best_weights_problem(best, meta.get(FILES) if isinstance(meta, dict) else None)
+        state = None if problem else load_file(str(best / MODEL_FILE))
     except (SafetensorError, ValueError, OSError) as e:  # truncated or garbled files
-        raise UserError(f"--checkpoint {run_dir}: unreadable best checkpoint in {best} "
-                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        problem = f"{type(e).__name__}: {first_line(e)}"
+    if problem:
+        raise UserError(f"{named}: unreadable best checkpoint in {best} ({problem})")
     missing = [key for key in META_KEYS if key not in meta] if isinstance(meta, dict) else list(META_KEYS)
     if missing:
-        raise UserError(f"--checkpoint {run_dir}: {best}/meta.json lacks {', '.join(missing)}")
+        raise UserError(f"{named}: {best}/{META_FILE} lacks {', '.join(missing)}")
+    meta.pop(FILES, None)
     return state, meta
+
+
+def best_problem(run_dir: Path) -> str | None:
+    """Why a run has no usable best model ("... is missing", "... is damaged ..."), or None."""
+    best = checkpoints_dir(run_dir) / BEST
+    if not (best / META_FILE).is_file():
+        return f"{best}/{META_FILE} is missing"
+    try:
+        meta = json.loads((best / META_FILE).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return f"{best}/{META_FILE} is unreadable ({first_line(e)})"
+    problem = _best_weights_problem(best, meta.get(FILES) if isinstance(meta, dict) else None)
+    return f"{best}: {problem}" if problem else None
+
+
+def _best_weights_problem(best: Path, recorded: Any) -> str | None:
+    """The weights checked against the sha256 recorded at save, or (a best model saved before sha256 were
+    recorded) for their structure and finite numbers."""
+    if recorded is not None:
+        problem = file_problem(best / MODEL_FILE)
+        return f"{MODEL_FILE} {problem}" if problem else recorded_problem(best, recorded)
+    problem = weights_problem(best / MODEL_FILE)
+    return f"{MODEL_FILE} {problem}" if problem else None
 
 
 def load_model(run_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]:

@@ -82,6 +82,8 @@ def train(accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, conf
         progress = lifecycle.resume(accelerator, Path(start["checkpoint"]), start["state"], scheduler, config,
                                     steps_per_epoch, elastic.Layout(**start["saved_layout"]))
         chunks = lifecycle.resumed_chunks(config, manifest, progress, steps_per_epoch)
+        if start["renew_best"]:
+            renew_best(accelerator, model, config, manifest, progress)
     log = MetricsLog(accelerator, run_dir / "metrics.jsonl", progress.global_step if start["checkpoint"] else None)
     tracking.start_run_tracker(accelerator, config, start["wandb_id"])
 
@@ -120,12 +122,7 @@ def _train_and_validate(accelerator: Accelerator, model: torch.nn.Module, optimi
     train_metrics = train_epoch(accelerator, model, optimizer, scheduler, stream, config, progress,
                                 steps_per_epoch, log, run_dir)
     require_finite_weights(accelerator, model, progress, run_dir)
-    valid = evaluate(accelerator, model, config.shards, manifest, "valid", eval_transform(config),
-                     norm_stats(config), config.eval_batch_size or config.batch_size, config.workers)
-    if replaces_best(valid, progress):
-        progress.best_loss, progress.best_epoch, progress.best_valid = valid["loss"], epoch + 1, valid
-        checkpoint.save_best(accelerator, run_dir, accelerator.unwrap_model(model), {
-            **model_meta(config, manifest), "epoch": epoch + 1, "valid": valid})
+    valid = validate(accelerator, model, config, manifest, progress, epoch + 1)
     log.write({"kind": "epoch", "step": progress.global_step, "epoch": epoch + 1, "train": train_metrics,
                "valid": valid, "best_epoch": progress.best_epoch})
     say(accelerator, f"epoch {epoch + 1}/{config.epochs}: train loss {format_metric(train_metrics['loss'])} "
@@ -135,6 +132,28 @@ def _train_and_validate(accelerator: Accelerator, model: torch.nn.Module, optimi
     progress.epoch, progress.step_in_epoch, progress.segments = epoch + 1, 0, []
     progress.partial, progress.partial_bad = [0.0] * 4, 0
     checkpoint.save_checkpoint(accelerator, run_dir, progress.__dict__, config.keep_checkpoints)
+
+
+def validate(accelerator: Accelerator, model: torch.nn.Module, config: Config, manifest: dict[str, Any],
+             progress: Progress, epoch: int) -> dict[str, Any]:
+    """The valid metrics of the model (epoch `epoch`, counted from 1), which becomes the best model when
+    it beats the best so far."""
+    valid = evaluate(accelerator, model, config.shards, manifest, "valid", eval_transform(config),
+                     norm_stats(config), config.eval_batch_size or config.batch_size, config.workers)
+    if replaces_best(valid, progress):
+        progress.best_loss, progress.best_epoch, progress.best_valid = valid["loss"], epoch, valid
+        checkpoint.save_best(accelerator, Path(config.run_dir), accelerator.unwrap_model(model), {
+            **model_meta(config, manifest), "epoch": epoch, "valid": valid})
+    return valid
+
+
+def renew_best(accelerator: Accelerator, model: torch.nn.Module, config: Config, manifest: dict[str, Any],
+               progress: Progress) -> None:
+    """After a resume whose best model is missing or damaged (lifecycle says so): the best is chosen again
+    from what there is, the resumed model when it ended an epoch, else the epochs still to train."""
+    progress.best_loss, progress.best_epoch, progress.best_valid = math.inf, -1, {}
+    if progress.step_in_epoch == 0 and progress.epoch >= 1:
+        validate(accelerator, model, config, manifest, progress, progress.epoch)
 
 
 def require_finite_weights(accelerator: Accelerator, model: torch.nn.Module, progress: Progress,

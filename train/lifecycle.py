@@ -15,10 +15,11 @@ from typing import Any
 from accelerate import Accelerator
 
 from pipeline.errors import UserError
-from train import data, rundir
+from train import checkpoint, data, rundir
 from train.config import Config, to_dict
 from train.config import save as save_config
 from train.data import elastic
+from train.integrity import first_line
 from train.optim import reschedule
 from train.tracking import say
 
@@ -119,6 +120,7 @@ def claim_run_dir(held: contextlib.ExitStack, config: Config, manifest: dict[str
             steps_per_epoch = data.train_batches_per_epoch(manifest["splits"]["train"]["num_samples"],
                                                            config.batch_size, world) // config.grad_accum
         remaining = steps_left(start, config, steps_per_epoch)
+    renew_best = _best_lost(run_dir, start)
     try:
         info = rundir.write_run_info(config, manifest, resuming=start.checkpoint is not None)
         if remaining > 0:  # results of an earlier ending would not describe this run
@@ -129,7 +131,22 @@ def claim_run_dir(held: contextlib.ExitStack, config: Config, manifest: dict[str
         raise _cannot_write(e, run_dir) from None
     return {"lr": config.lr, "checkpoint": start.checkpoint and str(start.checkpoint), "state": start.state,
             "wandb_id": info["wandb_id"], "grad_accum": config.grad_accum,
-            "saved_layout": saved and dataclasses.asdict(saved)}
+            "saved_layout": saved and dataclasses.asdict(saved), "renew_best": renew_best}
+
+
+def _best_lost(run_dir: Path, start: rundir.Start) -> bool:
+    """Whether the checkpoint resumed from had a best model that is now missing or damaged; if so, says in
+    one line how the best model is chosen again (engine.renew_best): the epochs before are gone."""
+    if start.checkpoint is None or start.state.get("best_epoch", -1) < 1:
+        return False
+    problem = checkpoint.best_problem(run_dir)
+    if problem is None:
+        return False
+    epoch, name = start.state["epoch"], start.checkpoint.name
+    how = (f"{name}'s model (end of epoch {epoch}) is validated now as the best so far"
+           if not start.state["step_in_epoch"] else f"the best model is chosen from epoch {epoch + 1} on")
+    print(f"warning: {problem}: the models of earlier epochs are gone, so {how}", file=sys.stderr, flush=True)
+    return True
 
 
 def record_config(accelerator: Accelerator, config: Config) -> None:
@@ -173,7 +190,12 @@ def resume(accelerator: Accelerator, where: Path, state: dict[str, Any], schedul
     """Load a checkpoint into every process; a run whose length changed (--epochs, or steps per epoch) gets
     its LR schedule rebuilt to end at its new last step, continuous at this one. `saved`: the layout that
     wrote the checkpoint; under another one, the epoch in progress records the change (its segments)."""
-    accelerator.load_state(str(where))
+    try:
+        accelerator.load_state(str(where))
+    except Exception as e:  # unpickling damaged bytes raises almost any type (UnpicklingError, KeyError, ...)
+        reason = first_line(e).split(". ", 1)[0]  # torch's advice after it (weights_only=False) does not apply
+        raise UserError(f"cannot load checkpoint {where} ({type(e).__name__}: {reason}): remove it to resume from "
+                        "the one before, or train in another --run-dir") from None
     progress = Progress(**{key: value for key, value in state.items() if key in Progress.__dataclass_fields__})
     now = layout(accelerator, config)
     progress.segments = elastic.as_records(elastic.segments_after_resume(state, saved, now))

@@ -11,8 +11,12 @@ their ratio to it (whatever LRs the optimizer was built with, relative to its la
 Suggested LR: the point of steepest descent of the smoothed loss against log(LR) (the LRs are evenly spaced
 in log LR, so: the most negative `numpy.gradient` of the smoothed losses), searched from the end of the
 first 10% of the points (at most 10: their slopes are mostly noise) up to the lowest loss (beyond it the
-loss rises). It lies below the LR of the lowest loss, where training is still fast and stable. With no
-descent at all (the lowest loss in the first 10%), the LR of the lowest loss.
+loss rises). It lies below the LR of the lowest loss, where training is still fast and stable. Only where
+the loss was measured falling: a step's loss is measured before it trains at its LR, so the last LR's
+effect is never seen and it is never suggested, and a point whose slope is not negative is not either.
+With no such point there is no suggestion: a one-line error. A sweep needs MIN_STEPS = 1 / smoothing = 20
+steps: after n steps the smoothed loss still holds 0.95^n of the first loss (0.36 after 20), so a shorter
+sweep shows mostly its first loss, not what the LRs did (3 steps used to "suggest" the end LR).
 
 The model and optimizer are restored afterwards: their state dicts are deep-copied before and loaded after.
 
@@ -38,9 +42,12 @@ from train import engine
 from train.config import Config
 from train.lifecycle import batches_per_epoch
 from train.tracking import say
+from train.validate import SWEEP_FLAGS
 
 SKIP_START = 10
-MIN_STEPS = 3  # a slope needs 3 points
+# The sweep's options by both their names (fit's --lr-find-*, lr-find's own), as errors name them.
+START, END, STEPS = (SWEEP_FLAGS[name] for name in ("lr_find_start", "lr_find_end", "lr_find_steps"))
+MIN_STEPS = 20  # the smoothing's memory (see above); the options' range says the same
 
 
 @dataclass
@@ -58,9 +65,9 @@ class RangeTest:
 def exponential_lrs(start_lr: float, end_lr: float, steps: int) -> list[float]:
     """`steps` LRs from start_lr to end_lr (both included), evenly spaced on a log scale."""
     if not 0 < start_lr < end_lr:
-        raise UserError(f"the LR sweep needs 0 < --start-lr < --end-lr, got {start_lr} and {end_lr}")
+        raise UserError(f"the LR sweep needs 0 < {START} < {END}, got {start_lr} and {end_lr}")
     if steps < MIN_STEPS:
-        raise UserError(f"--steps must be >= {MIN_STEPS}, got {steps}")
+        raise UserError(f"{STEPS} must be >= {MIN_STEPS}, got {steps}")
     ratio = end_lr / start_lr
     return [start_lr * ratio ** (i / (steps - 1)) for i in range(steps)]
 
@@ -106,7 +113,7 @@ def _sweep(train_step: Callable[[], float], optimizer: torch.optim.Optimizer, sc
         if not math.isfinite(loss):
             if step == 0:
                 raise UserError(f"lr-find: the loss is {loss} from the first step (LR {lr:.3g}): nothing to plot; "
-                                "check --pretrained weights and the data, or lower --start-lr")
+                                f"check --pretrained weights and the data, or lower {START}")
             return lrs, losses, True
         smoothed = smoothing * loss + (1 - smoothing) * losses[-1] if losses else loss
         lrs.append(lr)
@@ -118,16 +125,19 @@ def _sweep(train_step: Callable[[], float], optimizer: torch.optim.Optimizer, sc
 
 
 def steepest_descent(losses: list[float]) -> int:
-    """Index of the most negative slope of `losses` (evenly spaced in log LR); see the module docstring."""
+    """Index of the most negative slope of `losses` (evenly spaced in log LR) where the loss was measured
+    falling; a one-line error when there is none. See the module docstring."""
     if len(losses) < 3:
         raise UserError(f"lr-find: the loss diverged after {len(losses)} step(s), too few to suggest an LR; "
-                        "lower --start-lr or --end-lr")
-    lowest = int(np.argmin(losses))
+                        f"lower {START} or {END}")
+    slopes = np.gradient(np.asarray(losses, dtype=np.float64))
     start = min(SKIP_START, len(losses) // 10)
-    if lowest - start < 1:
-        return lowest
-    slopes = np.gradient(np.asarray(losses[start:lowest + 1], dtype=np.float64))
-    return start + int(np.argmin(slopes))
+    last = min(int(np.argmin(losses)), len(losses) - 2)  # the last LR's effect is never measured
+    falling = [i for i in range(start, last + 1) if slopes[i] < 0]
+    if not falling:
+        raise UserError(f"lr-find: the smoothed loss never fell over the {len(losses)} step(s) measured, so no LR "
+                        f"can be suggested; lower {START} or run more {STEPS}")
+    return min(falling, key=lambda i: slopes[i])
 
 
 # ---------------------------------------------------------------- on fit's model, stream and train step

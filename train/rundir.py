@@ -19,6 +19,7 @@ from pipeline.errors import UserError
 from pipeline.manifest import write_json_atomic
 from train import config as cfgmod
 from train.checkpoint import checkpoint_problem, complete_checkpoints, remove_temporaries
+from train.integrity import first_line
 
 LOCK = ".lock"  # with .lock.meta and .lock.holder beside it (pipeline.lock)
 # Options a resumed run may change without --force: how the global batch is split (the claim keeps the
@@ -61,18 +62,13 @@ def _read_mapping(path: Path, parse: Callable[[str], Any], shape: str, what: str
     try:
         data = parse(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
-        problem = _first_line(e)
+        problem = first_line(e)
     else:
         if isinstance(data, dict):
             return data
         problem = f"not {shape}"
     raise UserError(f"{path} is damaged ({problem}); cannot tell {what}: restore it, or train in another "
                     "--run-dir")
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 @dataclass

@@ -67,7 +67,7 @@ RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
     "shuffle_buffer": (1, True, None, False),
     "lr_find_start": (0, False, None, False),
     "lr_find_end": (0, False, None, False),
-    "lr_find_steps": (3, True, None, False),  # lr_finder.MIN_STEPS: a slope needs 3 points
+    "lr_find_steps": (20, True, None, False),  # lr_finder.MIN_STEPS
     "lr_decay": (0, False, 1, True),
     "weight_decay": (0, True, None, False),
     "momentum": (0, True, 1, False),
@@ -89,6 +89,21 @@ RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
 }
 
 
+# Options the optimizer multiplies float32 tensors by (the LRs of the sweep too): torch refuses a factor
+# above float32's largest number at the first step, so it is refused here. (torch.finfo(torch.float32).max,
+# written out: this module does not import torch.)
+FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_OPTIONS = ("lr", "weight_decay", "lr_find_start", "lr_find_end")
+
+
+def float32_problem(name: str, value: object) -> str | None:
+    """One line when a float32 option's value is finite but above float32's largest number."""
+    if name not in FLOAT32_OPTIONS or not isinstance(value, int | float) or value <= FLOAT32_MAX:
+        return None
+    return (f"{_flag(name)} must be at most {FLOAT32_MAX:.4g} (the largest float32: the optimizer computes "
+            f"with it in float32), got {value:g}")
+
+
 SWEEP_FLAGS = {"lr_find_start": "--lr-find-start/--start-lr", "lr_find_end": "--lr-find-end/--end-lr",
                "lr_find_steps": "--lr-find-steps/--steps"}  # lr-find's own names for them
 
@@ -101,6 +116,9 @@ def _range_problem(name: str, value: float) -> str | None:
     low, low_in, high, high_in = RANGES[name]
     if isinstance(value, float) and not math.isfinite(value):
         return f"{_flag(name)} must be a finite number, got {value}"
+    problem = float32_problem(name, value)
+    if problem:
+        return problem
     too_low = low is not None and (value < low if low_in else value <= low)
     too_high = high is not None and (value > high if high_in else value >= high)
     if not (too_low or too_high):
@@ -135,6 +153,8 @@ def check(config: Config, require_shards: bool = True) -> list[str]:
             problems.append(problem)
     if config.lr != "auto" and not (config.lr > 0 and math.isfinite(config.lr)):  # also refuses nan
         problems.append(f"--lr must be > 0 and finite, got {config.lr}")
+    elif float32_problem("lr", config.lr):
+        problems.append(float32_problem("lr", config.lr))
     if not problems:  # the arch and image size are known good on their own: can the model take that size?
         problems += filter(None, [_size_problem(config)])
     if not config.lr_find_start < config.lr_find_end:

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from pipeline.errors import UserError
 from pipeline.remote import io_timeout
+from train.integrity import nonfinite_problem
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,15 @@ def load_pretrained(model: nn.Module, state_dict: Mapping[str, object], arch: st
     else:
         log.info("%s: the head does not fit this number of classes; it keeps a fresh init", source)
         merged.update({key: own[key] for key in head_keys})
+    require_finite(merged, source)
     model.load_state_dict(merged, strict=True)
+
+
+def require_finite(state_dict: Mapping[str, Tensor], source: str) -> None:
+    """Weights holding NaN or inf make every loss NaN: named here, not later as a training divergence."""
+    problem = nonfinite_problem(state_dict)
+    if problem:
+        raise UserError(f"--pretrained: {source} {problem}: nothing can be trained from them")
 
 
 def _is_optional(key: str, head_keys: tuple[str, ...]) -> bool:
