@@ -139,6 +139,12 @@ class Augment:
         return np.ascontiguousarray(self.transform(image=image)["image"])
 
 
+def run_eval_transform(meta: dict[str, object]) -> Augment:
+    """The eval transform a run recorded in its meta.json (size, crop, resize filter); runs saved before the
+    filter was recorded resized bilinear."""
+    return Augment(eval_transform(meta["image_size"], meta["crop_pct"], meta.get("interpolation", "bilinear")))
+
+
 MASK64 = (1 << 64) - 1
 
 
