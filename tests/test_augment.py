@@ -16,6 +16,7 @@ from train.augment import (
     eval_transform,
     normalize,
     pcg64_state,
+    run_eval_transform,
     sample_seed,
     train_transform,
 )
@@ -144,6 +145,11 @@ def test_eval_transform_uses_the_weights_resize_filter():
     assert Augment(eval_transform(SIZE, 0.875, "bicubic"))(noise, 0).tobytes() != bilinear.tobytes()
     with pytest.raises(UserError, match="interpolation 'sinc'"):
         eval_transform(SIZE, 0.875, "sinc")
+    # what evaluate and predict apply: the run's recorded filter; a run saved before it was recorded, bilinear
+    meta = {"image_size": SIZE, "crop_pct": 0.875}
+    assert run_eval_transform(meta)(noise, 0).tobytes() == bilinear.tobytes()
+    bicubic = run_eval_transform({**meta, "interpolation": "bicubic"})(noise, 0)
+    assert bicubic.tobytes() == Augment(eval_transform(SIZE, 0.875, "bicubic"))(noise, 0).tobytes()
 
 
 def test_grayscale_input_becomes_three_equal_channels(image):

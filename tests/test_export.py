@@ -74,3 +74,38 @@ def test_nothing_half_written(fitted_run: Path, tmp_path: Path, monkeypatch: pyt
                             (Path("/sys/model.pt"), "cannot write in /sys")):
         with pytest.raises(UserError, match=message):
             export.export(str(fitted_run), "torchscript", target)
+
+
+class _Untraceable(torch.nn.Module):
+    """Data-dependent control flow (torch.cond), which torch.jit.trace refuses and ONNX keeps as an If node."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = x.mean((2, 3))
+        return torch.cond(features.sum() > 0, lambda t: self.fc(t) * 2, lambda t: self.fc(-t), (features,))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning", "ignore::torch.jit.TracerWarning")
+def test_auto_falls_back_to_onnx_when_the_model_does_not_trace(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnx
+
+    from train import commands
+
+    torch.manual_seed(0)
+    model, meta = _Untraceable().eval(), {"image_size": 8, "classes": [str(i) for i in range(5)]}
+    monkeypatch.setattr(checkpoint, "load_model", lambda run: (model, meta))
+    with pytest.raises(RuntimeError, match="trace"):  # what auto meets first
+        export.export_torchscript(model, export.check_batch(meta, 2), meta, tmp_path / "traced.pt")
+    out = tmp_path / "model.pt"
+    assert commands.export(str(tmp_path / "run"), "auto", out) == 0
+    assert capsys.readouterr().out.startswith(f"wrote {out} (onnx); reloaded: max abs logit difference")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]  # no temporaries, no TorchScript
+    props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert json.loads(props[export.META_KEY]) == meta
+    for x in (export.check_batch(meta, 3), -export.check_batch(meta, 3)):  # both branches, another batch size
+        with torch.no_grad():
+            assert np.abs(export.run_onnx(out, x) - model(x).numpy()).max() < 1e-5

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -148,7 +149,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     parser.command = args.command
-    return report_errors(lambda: _run_reporting_lost_peers(parser, args))
+    try:
+        status = report_errors(lambda: _run_reporting_lost_peers(parser, args))
+        sys.stdout.flush()  # here, not at exit: a reader gone by now is still caught below
+    except BrokenPipeError:
+        return _stdout_closed()
+    return status
+
+
+def _stdout_closed() -> int:
+    """The reader of our output has gone (`python -m train models | head`): stop quietly with the status a
+    shell shows for a process that SIGPIPE ended, as other Unix tools do. stdout is pointed at /dev/null so
+    that Python's own flush at exit does not fail on the closed pipe again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + signal.SIGPIPE
 
 
 def _run_reporting_lost_peers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

@@ -177,6 +177,12 @@ class Augment:
         self.numpy_random.bit_generator.state = pcg64_state(seed)
 
 
+def run_eval_transform(meta: dict[str, object]) -> Augment:
+    """The eval transform a run recorded in its meta.json (size, crop, resize filter); runs saved before the
+    filter was recorded resized bilinear."""
+    return Augment(eval_transform(meta["image_size"], meta["crop_pct"], meta.get("interpolation", "bilinear")))
+
+
 MASK64 = (1 << 64) - 1
 
 

@@ -109,8 +109,7 @@ def evaluate(run: str, shards: str, split: str, out: Path, batch_size: int, work
         raise UserError(f"the {split} split of {shards} is empty: nothing to evaluate")
     accelerator = tracking.make_accelerator(Config(precision=precision, wandb=wandb, run_dir=str(out)))
     model = model.to(accelerator.device, memory_format=torch.channels_last)
-    transform = augment.Augment(augment.eval_transform(meta["image_size"], meta["crop_pct"],
-                                                       meta.get("interpolation", "bilinear")))  # older runs: none
+    transform = augment.run_eval_transform(meta)
     stats = (meta["mean"], meta["std"])
     result = evaluation.evaluate(accelerator, model, shards, manifest, split, transform, stats, batch_size,
                                  workers, collect=True)

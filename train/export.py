@@ -99,8 +99,7 @@ def export(run: str, fmt: str, out: Path) -> tuple[str, float]:
         if fmt == "auto":
             fmt, diff = _first_that_works(model, meta, tmp, out, batch, expected)
         else:
-            _write(fmt, model, check_batch(meta, 2), meta, tmp, out)
-            diff = _check(fmt, tmp, out, batch, expected)
+            diff = _write_and_check(fmt, model, meta, tmp, out, batch, expected)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -111,13 +110,18 @@ def _first_that_works(model: torch.nn.Module, meta: dict[str, Any], tmp: Path, o
                       expected: np.ndarray) -> tuple[str, float]:
     """TorchScript if the model traces and its reload gives the checkpoint's logits, else ONNX."""
     try:
-        _write("torchscript", model, check_batch(meta, 2), meta, tmp, out)
-        return "torchscript", _check("torchscript", tmp, out, batch, expected)
+        return "torchscript", _write_and_check("torchscript", model, meta, tmp, out, batch, expected)
     except (RuntimeError, UserError) as e:  # a model torch.jit cannot trace (or whose trace differs)
         if isinstance(e, UserError) and "cannot write" in str(e):
             raise
-    _write("onnx", model, check_batch(meta, 2), meta, tmp, out)
-    return "onnx", _check("onnx", tmp, out, batch, expected)
+    return "onnx", _write_and_check("onnx", model, meta, tmp, out, batch, expected)
+
+
+def _write_and_check(fmt: str, model: torch.nn.Module, meta: dict[str, Any], tmp: Path, out: Path,
+                     batch: torch.Tensor, expected: np.ndarray) -> float:
+    """The export traced on a batch of 2 into `tmp`, then its max abs logit difference on `batch`."""
+    _write(fmt, model, check_batch(meta, 2), meta, tmp, out)
+    return _check(fmt, tmp, out, batch, expected)
 
 
 def _write(fmt: str, model: torch.nn.Module, example: torch.Tensor, meta: dict[str, Any], tmp: Path,

@@ -27,10 +27,6 @@ def arch_problem(arch: str) -> str | None:
     return None if archs.find(arch) else archs.unknown(arch)
 
 
-def check_arch(arch: str) -> None:
-    resolve(arch)
-
-
 def input_spec(arch: str, pretrained: str, crop_pct: float) -> InputSpec:
     source, name = resolve(arch)
     return source.spec(name, pretrained, crop_pct)

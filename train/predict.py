@@ -138,8 +138,7 @@ class Predictor:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model, self.meta = checkpoint.load_model(Path(run))
         self.model = model.to(self.device)
-        self.transform = augment.Augment(augment.eval_transform(self.meta["image_size"], self.meta["crop_pct"],
-                                                                self.meta.get("interpolation", "bilinear")))
+        self.transform = augment.run_eval_transform(self.meta)
 
     def prepare(self, path: str) -> np.ndarray:
         return self.transform(load_rgb(path), 0)

@@ -18,10 +18,10 @@ from torch import Tensor, nn
 
 from train import groups, weights
 from train.groups import Group
+from train.validate import MAX_IMAGE_SIZE
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-MAX_SIZE = 2048  # the largest --image-size (validate.MAX_IMAGE_SIZE)
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,7 @@ def dry_run_problem(build: Callable[[int], nn.Module], size: int) -> str | None:
 def smallest_size(build: Callable[[int], nn.Module], above: int, multiple: int, native: int) -> int | None:
     """The smallest size above `above` (a multiple of `multiple`) the model runs at, by bisection (models
     that need a minimum size run at every larger one), or its native size when nothing larger runs."""
-    low, high = above // multiple, MAX_SIZE // multiple  # in units of `multiple`; low fails
+    low, high = above // multiple, MAX_IMAGE_SIZE // multiple  # in units of `multiple`; low fails
     if dry_run_problem(build, high * multiple) is not None:
         return native if native > above and dry_run_problem(build, native) is None else None
     while high - low > 1:

@@ -36,6 +36,11 @@ def _size_kwargs(name: str, image_size: int) -> dict[str, int]:
     return {"img_size": image_size} if cfg is not None and cfg.fixed_input_size else {}
 
 
+def _hub_repo(cfg: Any) -> str:
+    """The Hugging Face repository of the weights (a pinned revision, `repo@rev`, left off)."""
+    return cfg.hf_hub_id.split("@", 1)[0]
+
+
 def _hf_cache() -> str:
     from huggingface_hub import constants
 
@@ -49,8 +54,7 @@ def _weights_status(cfg: Any) -> str:
     if cfg.hf_hub_id:
         from huggingface_hub import try_to_load_from_cache
 
-        repo = cfg.hf_hub_id.split("@", 1)[0]
-        found = (try_to_load_from_cache(repo, file) for file in ("model.safetensors", "pytorch_model.bin"))
+        found = (try_to_load_from_cache(_hub_repo(cfg), file) for file in ("model.safetensors", "pytorch_model.bin"))
         return "cached" if any(isinstance(path, str) for path in found) else "download"
     return "cached" if cfg.url and os.path.exists(weights.hub_cache_file(cfg.url)) else "download"
 
@@ -58,7 +62,7 @@ def _weights_status(cfg: Any) -> str:
 def _where_to_put(name: str, cfg: Any) -> str:
     """Where timm looks for the weights of `name` offline, for a one-line error."""
     if cfg.hf_hub_id:
-        repo = cfg.hf_hub_id.split("@", 1)[0]
+        repo = _hub_repo(cfg)
         folder = os.path.join(_hf_cache(), "models--" + repo.replace("/", "--"))
         return (f"where a network exists run `hf download {repo}` and copy its cache folder to {folder}, or pass "
                 f"--pretrained with that folder or its model.safetensors")
