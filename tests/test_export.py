@@ -100,12 +100,31 @@ def test_auto_falls_back_to_onnx_when_the_model_does_not_trace(capsys: pytest.Ca
     monkeypatch.setattr(checkpoint, "load_model", lambda run: (model, meta))
     with pytest.raises(RuntimeError, match="trace"):  # what auto meets first
         export.export_torchscript(model, export.check_batch(meta, 2), meta, tmp_path / "traced.pt")
-    out = tmp_path / "model.pt"
+    out = tmp_path / "model.export"  # a name that names no format
     assert commands.export(str(tmp_path / "run"), "auto", out) == 0
     assert capsys.readouterr().out.startswith(f"wrote {out} (onnx); reloaded: max abs logit difference")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]  # no temporaries, no TorchScript
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.export"]  # no temporaries, no TorchScript
     props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert json.loads(props[export.META_KEY]) == meta
     for x in (export.check_batch(meta, 3), -export.check_batch(meta, 3)):  # both branches, another batch size
         with torch.no_grad():
             assert np.abs(export.run_onnx(out, x) - model(x).numpy()).max() < 1e-5
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning", "ignore::torch.jit.TracerWarning")
+def test_auto_follows_the_suffix_of_out(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """--format auto with an .onnx name writes ONNX even for a model that traces (never TorchScript under an
+    .onnx name), and with a .pt name TorchScript only: a model that cannot trace is then an error, not an ONNX
+    file under a TorchScript name."""
+    torch.manual_seed(0)
+    meta = {"image_size": 8, "classes": [str(i) for i in range(5)]}
+    traceable = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 5)).eval()
+    monkeypatch.setattr(checkpoint, "load_model", lambda run: (traceable, meta))
+    assert export.export(str(tmp_path / "run"), "auto", tmp_path / "m.ONNX")[0] == "onnx"
+    assert export.run_onnx(tmp_path / "m.ONNX", export.check_batch(meta, 3)).shape == (3, 5)
+    assert export.export(str(tmp_path / "run"), "auto", tmp_path / "m.pt")[0] == "torchscript"
+    monkeypatch.setattr(checkpoint, "load_model", lambda run: (_Untraceable().eval(), meta))
+    with pytest.raises(UserError, match="the model does not trace to TorchScript .*; export it as ONNX"):
+        export.export(str(tmp_path / "run"), "auto", tmp_path / "u.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.ONNX", "m.pt"]

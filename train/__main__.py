@@ -91,7 +91,7 @@ def _add_export(commands: argparse._SubParsersAction) -> None:
     from train.export import FORMATS
 
     p.add_argument("--format", default="auto", choices=FORMATS,
-                   help="file format (auto: TorchScript when the model traces and its reload matches, else ONNX)")
+                   help="file format (auto: the one --out's suffix names, .onnx or .pt/.pth/.ts; for another name TorchScript when the model traces and its reload matches, else ONNX)")
     p.add_argument("--out", type=Path, required=True, help="file to write (.pt / .onnx)")
 
 

@@ -21,7 +21,8 @@ from pipeline.errors import UserError
 from pipeline.outputs import output_file_problem
 from train import checkpoint
 
-FORMATS = ("auto", "torchscript", "onnx")  # auto: TorchScript when the model traces and checks, else ONNX
+FORMATS = ("auto", "torchscript", "onnx")  # auto: the --out suffix's format; else TorchScript if it traces, else ONNX
+SUFFIXES = {".onnx": "onnx", ".pt": "torchscript", ".pth": "torchscript", ".ts": "torchscript"}
 META_KEY = "cubstream_meta"
 TOLERANCE = 1e-3  # max abs logit difference accepted (float32, different kernels)
 CHECK_BATCH = 4
@@ -55,7 +56,7 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, meta: dict[str, A
 
     batch = torch.export.Dim("batch", min=1)
     torch.onnx.export(model, (example,), str(out), input_names=["images"], output_names=["logits"],
-                      dynamic_shapes={"x": {0: batch}}, external_data=False, verbose=False)
+                      dynamic_shapes=({0: batch},), external_data=False, verbose=False)  # any forward arg name
     exported = onnx.load(str(out))
     onnx.helper.set_model_props(exported, {META_KEY: json.dumps(meta)})
     onnx.save(exported, str(out))
@@ -76,12 +77,15 @@ def run_onnx(path: Path, batch: torch.Tensor) -> np.ndarray:
 
 def export(run: str, fmt: str, out: Path) -> tuple[str, float]:
     """Write the export, reload it, return its format and the max abs logit difference to the checkpoint's
-    model. "auto" writes TorchScript when the model traces and its reload matches, and ONNX otherwise.
+    model. "auto" writes the format `out`'s suffix names (.onnx; .pt, .pth, .ts: TorchScript), and for any
+    other name TorchScript when the model traces and its reload matches, ONNX otherwise.
 
     The file is written under a temporary name in the target directory, checked, and only then renamed to
     `out`: a failed write or check leaves no file at `out` (and an older one there untouched)."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: choose from {', '.join(FORMATS)}")
+    if fmt == "auto":
+        fmt = SUFFIXES.get(out.suffix.lower(), "auto")
     problem = output_file_problem(out, "--out")
     if problem:
         raise UserError(problem)
@@ -111,8 +115,8 @@ def _first_that_works(model: torch.nn.Module, meta: dict[str, Any], tmp: Path, o
     """TorchScript if the model traces and its reload gives the checkpoint's logits, else ONNX."""
     try:
         return "torchscript", _write_and_check("torchscript", model, meta, tmp, out, batch, expected)
-    except (RuntimeError, UserError) as e:  # a model torch.jit cannot trace (or whose trace differs)
-        if isinstance(e, UserError) and "cannot write" in str(e):
+    except UserError as e:  # a model torch.jit cannot trace (or whose trace differs)
+        if "cannot write" in str(e):
             raise
     return "onnx", _write_and_check("onnx", model, meta, tmp, out, batch, expected)
 
@@ -132,9 +136,13 @@ def _write(fmt: str, model: torch.nn.Module, example: torch.Tensor, meta: dict[s
     except OSError as e:
         raise UserError(f"--out {out}: cannot write ({e.strerror or e})") from None
     except RuntimeError as e:  # torch's file writer reports a failed write as a RuntimeError
-        if "writ" not in str(e).lower():
-            raise
-        raise UserError(f"--out {out}: cannot write ({str(e).strip().splitlines()[0]})") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "writ" in str(e).lower():
+            raise UserError(f"--out {out}: cannot write ({first})") from None
+        if fmt == "torchscript":
+            raise UserError(f"the model does not trace to TorchScript ({first}); export it as ONNX "
+                            "(--format onnx)") from None
+        raise
 
 
 def _check(fmt: str, tmp: Path, out: Path, batch: torch.Tensor, expected: np.ndarray) -> float:
