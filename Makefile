@@ -67,6 +67,7 @@ bench: install
 	$(PY) bench/loader.py
 	$(PY) bench/train_step.py --arch resnet50 --image-size 224 --batch-size 32 --steps 5
 	$(PY) bench/micro.py
+	$(PY) bench/cli.py
 
 clean:
 	rm -rf $(DEMO_DATA) $(DEMO_SHARDS) $(DEMO_RUN)

@@ -13,8 +13,11 @@ from typing import NoReturn
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations checks online for updates otherwise
 
 from pipeline.errors import UserError, report_errors  # noqa: E402
+from pipeline.manifest import load_manifest  # noqa: E402
 from pipeline.outputs import output_dir_problem, output_file_problem  # noqa: E402
+from pipeline.remote import set_io_timeout  # noqa: E402
 from train import config as cfgmod  # noqa: E402
+from train import names  # noqa: E402
 
 
 class _Parser(argparse.ArgumentParser):
@@ -88,9 +91,8 @@ def _add_export(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("export", help="TorchScript or ONNX file of a run's best model, checked on reload",
                             formatter_class=cfgmod.HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="run directory of `fit` (or its checkpoints/best)")
-    from train.export import FORMATS
 
-    p.add_argument("--format", default="auto", choices=FORMATS,
+    p.add_argument("--format", default="auto", choices=names.EXPORT_FORMATS,
                    help="file format (auto: the one --out's suffix names, .onnx or .pt/.pth/.ts; for another name TorchScript when the model traces and its reload matches, else ONNX)")
     p.add_argument("--out", type=Path, required=True, help="file to write (.pt / .onnx)")
 
@@ -115,16 +117,30 @@ def _check_output(parser: argparse.ArgumentParser, problem: str | None) -> None:
         parser.error(problem)
 
 
+def _shard_set(parser: argparse.ArgumentParser, config: cfgmod.Config) -> dict:
+    """The shard set's manifest (a bad --shards is one line), then the model's own checks (--arch, and whether
+    the model takes --image-size), which are the first to import torch."""
+    set_io_timeout(config.io_timeout or None)  # inherited by DataLoader workers and launched processes
+    manifest = load_manifest(config.shards)
+    _check_output(parser, cfgmod.model_problem(config))
+    return manifest
+
+
 def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    """Check what argparse cannot (one `error:` line, exit 2), then hand over to train.commands."""
+    """Check what argparse cannot (one `error:` line, exit 2), then hand over to train.commands. Nothing
+    imports torch before the options and the shard set are checked."""
+    if args.command in ("fit", "lr-find"):
+        config = _config(parser, args)
+        if args.command == "lr-find":
+            _check_output(parser, output_dir_problem(args.out, "--out"))
+        manifest = _shard_set(parser, config)
+        from train import commands
+
+        if args.command == "fit":
+            return commands.fit(config, manifest)
+        return commands.lr_find(config, manifest, args.out)
     from train import commands
 
-    if args.command == "fit":
-        return commands.fit(_config(parser, args))
-    if args.command == "lr-find":
-        config = _config(parser, args)
-        _check_output(parser, output_dir_problem(args.out, "--out"))
-        return commands.lr_find(config, args.out)
     if args.command == "evaluate":
         if not (math.isfinite(args.cache_limit_gb) and args.cache_limit_gb >= 0):
             parser.error(f"--cache-limit-gb must be a number >= 0, got {args.cache_limit_gb}")

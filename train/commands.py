@@ -2,7 +2,8 @@
 the work (accelerator, manifest, model, the loops) and the lines a command ends with; each returns the
 exit status. `fit`, `lr-find` and `evaluate` run in one or several processes (`accelerate launch`).
 
-The modules that import torch are imported inside each command, so that a bad --shards fails before."""
+fit and lr-find get the shard set's manifest from the command line, which checks it before torch is
+imported (python -m train's `run`)."""
 
 from __future__ import annotations
 
@@ -17,11 +18,10 @@ from train.config import Config
 from train.data.cache import configure as configure_cache
 
 
-def fit(config: Config) -> int:
-    """`fit`; a stop signal ends it with stopping.STOP_EXIT once its checkpoint is written."""
-    set_io_timeout(config.io_timeout or None)  # inherited by DataLoader workers and launched processes
-    configure_cache(config.cache_dir, config.cache_limit_gb)  # the same way
-    manifest = load_manifest(config.shards)  # a bad --shards fails in a second, before torch is imported
+def fit(config: Config, manifest: dict[str, Any]) -> int:
+    """`fit` on the shard set of `manifest`; a stop signal ends it with stopping.STOP_EXIT once its checkpoint
+    is written."""
+    configure_cache(config.cache_dir, config.cache_limit_gb)  # inherited by DataLoader workers and ranks
     from train.stopping import STOP_EXIT, Stopped
 
     try:
@@ -53,11 +53,9 @@ def run_fit(config: Config, manifest: dict[str, Any]) -> dict[str, Any]:
         return engine.train(accelerator, model, optimizer, config, manifest, start, steps_per_epoch)
 
 
-def lr_find(config: Config, out: Path) -> int:
+def lr_find(config: Config, manifest: dict[str, Any], out: Path) -> int:
     """The LR range test on fit's stream, model, groups and precision; lr_find.{json,png} in `out`."""
-    set_io_timeout(config.io_timeout or None)
     configure_cache(config.cache_dir, config.cache_limit_gb)
-    manifest = load_manifest(config.shards)  # a bad --shards fails before torch is imported
     from accelerate.utils import set_seed
 
     from train import engine, lifecycle, lr_finder, report, tracking

@@ -14,14 +14,16 @@ from typing import Any
 import yaml
 
 from pipeline.errors import UserError
+from train import names
 from train.stopping import DEFAULT_SIGNALS
 from train.validate import (  # noqa: F401 (the config's checks, used through this module)
+    CHOICES,
     PRECISIONS,
     RANGES,
-    REGISTRIES,
     WANDB_MODES,
     check,
     choices,
+    model_problem,
     registry,
 )
 
@@ -147,13 +149,11 @@ class HelpFormatter(argparse.HelpFormatter):
             extra.append("default: off")
         text = action.help or ""
         if action.dest == "arch":
-            from train.archs import help_line
-
-            text += help_line() + "; `python -m train models [PATTERN]` lists them"
+            text += "; ".join(names.ARCH_SYNTAX) + "; `python -m train models [PATTERN]` lists them"
         return f"{text} ({'; '.join(extra).replace('%', '%%')})".lstrip() if extra else text
 
 
-CHOICE_OPTIONS = tuple(REGISTRIES)  # options whose values come from a registry
+CHOICE_OPTIONS = tuple(CHOICES)  # options with a fixed set of values
 DEFAULTS = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
             for f in fields(Config)}
 

@@ -19,9 +19,9 @@ import torch
 
 from pipeline.errors import UserError
 from pipeline.outputs import output_file_problem
-from train import checkpoint
+from train import checkpoint, names
 
-FORMATS = ("auto", "torchscript", "onnx")  # auto: the --out suffix's format; else TorchScript if it traces, else ONNX
+FORMATS = names.EXPORT_FORMATS  # auto: the --out suffix's format; else TorchScript if it traces, else ONNX
 SUFFIXES = {".onnx": "onnx", ".pt": "torchscript", ".pth": "torchscript", ".ts": "torchscript"}
 META_KEY = "cubstream_meta"
 TOLERANCE = 1e-3  # max abs logit difference accepted (float32, different kernels)

@@ -3,40 +3,33 @@ that define them (model sources, augmentation presets, optimizers, LR schemes), 
 
 from __future__ import annotations
 
-import functools
-import importlib
 import math
 from typing import TYPE_CHECKING
 
+from train import names
 from train.stopping import parse_signals
 
 if TYPE_CHECKING:
     from train.config import Config
 
-PRECISIONS = ("auto", "no", "fp16", "bf16")
-WANDB_MODES = ("auto", "online", "offline", "disabled")
-
-
-REGISTRIES = {  # option -> (module, attribute) of the registry that defines its values
-    "augment": ("train.augment", "TRAIN_PRESETS"),
-    "optimizer": ("train.optim", "OPTIMIZERS"),
-    "lr_scheme": ("train.optim", "SCHEMES"),
-    "precision": ("train.validate", "PRECISIONS"),
-    "wandb": ("train.validate", "WANDB_MODES"),
+CHOICES = {  # option -> its values, as plain names (train.names): checking them imports no registry
+    "augment": names.AUGMENT_PRESETS,
+    "optimizer": names.OPTIMIZERS,
+    "lr_scheme": names.LR_SCHEMES,
+    "precision": names.PRECISIONS,
+    "wandb": names.WANDB_MODES,
 }
+PRECISIONS, WANDB_MODES = names.PRECISIONS, names.WANDB_MODES
 
 
-@functools.cache
 def registry(name: str) -> tuple[str, ...]:
-    """The values of option `name`, read from its registry (imported only when asked: some import torch)."""
-    module, attribute = REGISTRIES[name]
-    found = getattr(importlib.import_module(module), attribute)
-    return tuple(found() if callable(found) else found)
+    """The values of option `name`."""
+    return CHOICES[name]
 
 
 def choices() -> dict[str, tuple[str, ...]]:
     """Every option with a fixed set of values, and the values."""
-    return {name: registry(name) for name in REGISTRIES}
+    return dict(CHOICES)
 
 
 def choice_problem(name: str, value: object) -> str | None:
@@ -140,13 +133,19 @@ def _size_problem(config: Config) -> str | None:
     return size_problem(config.arch, config.image_size, config.pretrained)
 
 
+def model_problem(config: Config) -> str | None:
+    """Whether --arch names a model and the model takes --image-size (imports torch and the model sources:
+    run it after `check` and the shard set's manifest, which are quick)."""
+    return arch_problem(config.arch) or _size_problem(config)
+
+
 def check(config: Config, require_shards: bool = True) -> list[str]:
-    """Problems with a config, as argparse-style messages (empty list: fine)."""
+    """Problems with a config, as argparse-style messages (empty list: fine); imports nothing heavy. The
+    model's own checks are `model_problem`."""
     problems = []
     if require_shards and not config.shards:
         problems.append("--shards is required (a shard set directory or URL)")
-    problems += filter(None, (choice_problem(name, getattr(config, name)) for name in REGISTRIES))
-    problems += filter(None, [arch_problem(config.arch)])
+    problems += filter(None, (choice_problem(name, getattr(config, name)) for name in CHOICES))
     for name in RANGES:
         problem = _range_problem(name, getattr(config, name))
         if problem:
@@ -155,8 +154,6 @@ def check(config: Config, require_shards: bool = True) -> list[str]:
         problems.append(f"--lr must be > 0 and finite, got {config.lr}")
     elif float32_problem("lr", config.lr):
         problems.append(float32_problem("lr", config.lr))
-    if not problems:  # the arch and image size are known good on their own: can the model take that size?
-        problems += filter(None, [_size_problem(config)])
     if not config.lr_find_start < config.lr_find_end:
         problems.append("the LR sweep needs --start-lr < --end-lr (lr_find_start, lr_find_end), got "
                         f"{config.lr_find_start} and {config.lr_find_end}")

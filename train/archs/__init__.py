@@ -58,7 +58,3 @@ def listing(pattern: str) -> list[tuple[Source, list[Listed]]]:
 def source_of(model: nn.Module) -> Source | None:
     """The source a built model comes from (None: a model none of them built)."""
     return next((source for source in SOURCES if source.owns(model)), None)
-
-
-def help_line() -> str:
-    return "; ".join(source.syntax for source in SOURCES)
