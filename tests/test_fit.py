@@ -300,8 +300,9 @@ def _checkpoint_steps(run_dir: Path) -> list[int]:
     ("--lr", "-1e-3", "--lr must be > 0"),
     ("--epochs", "0", "--epochs must be >= 1"),
 ])
-def test_bad_options_fail_before_any_work(flag: str, value: str, message: str, tmp_path: Path) -> None:
-    result = run_cli("train", "fit", "--shards", str(tmp_path), *FIT_ARGS, f"{flag}={value}", "--run-dir",
+def test_bad_options_fail_before_any_work(flag: str, value: str, message: str, tmp_path: Path,
+                                         train_shards: Path) -> None:
+    result = run_cli("train", "fit", "--shards", str(train_shards), *FIT_ARGS, f"{flag}={value}", "--run-dir",
                      str(tmp_path / "run"))
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()

@@ -153,8 +153,8 @@ def test_offline_published_weights_say_where_to_put_them(offline_hub: Path) -> N
     assert str(offline_hub / "models--timm--convnext_atto.d2_in1k") in message
 
 
-def test_unknown_timm_names_are_one_line_with_the_closest(tmp_path: Path, capsys) -> None:
-    base = ("fit", "--shards", str(tmp_path), "--run-dir", str(tmp_path / "run"), "--pretrained", "none")
+def test_unknown_timm_names_are_one_line_with_the_closest(tmp_path: Path, train_shards: Path, capsys) -> None:
+    base = ("fit", "--shards", str(train_shards), "--run-dir", str(tmp_path / "run"), "--pretrained", "none")
     assert_one_line_error(run_main(capsys, *base, "--arch", "timm/convnext_attto"), "'timm/convnext_attto'",
                           "did you mean timm/convnext_atto", "python -m train models")
     assert_one_line_error(run_main(capsys, *base, "--arch", "timm/convnext_atto.no_such_tag"),
