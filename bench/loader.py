@@ -146,6 +146,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=REPEATS, help="turns per row (best of them)")
     parser.add_argument("--work", type=Path, help="scratch directory kept between runs (default: temp)")
     args = parser.parse_args()
+    # Per core: the main process stacks batches with torch, whose intra-op threads would take the second core
+    # (and, on a busy machine, spin against other processes: measured 3x slower); DataLoader workers run
+    # one thread each anyway, and the ceiling is one core.
+    torch.set_num_threads(1)
     if args.shards:
         ours = rate(our_batches(args.shards, args.image_size, args.workers), args.seconds)
         print(f"{args.shards}: {args.workers} workers")
