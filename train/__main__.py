@@ -93,7 +93,8 @@ def _add_export(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, help="run directory of `fit` (or its checkpoints/best)")
 
     p.add_argument("--format", default="auto", choices=names.EXPORT_FORMATS,
-                   help="file format (auto: the one --out's suffix names, .onnx or .pt/.pth/.ts; for another name TorchScript when the model traces and its reload matches, else ONNX)")
+                   help="file format (auto: the one --out's suffix names, .onnx or .pt/.pth/.ts; for another "
+                        "name TorchScript when the model traces and its reload matches, else ONNX)")
     p.add_argument("--out", type=Path, required=True, help="file to write (.pt / .onnx)")
 
 
