@@ -28,6 +28,10 @@ TOLERANCE = 1e-3  # max abs logit difference accepted (float32, different kernel
 CHECK_BATCH = 4
 
 
+class WriteFailed(UserError):
+    """The export could not be written (disk full, permissions): trying another format would not help."""
+
+
 def check_batch(meta: dict[str, Any], batch: int = CHECK_BATCH) -> torch.Tensor:
     """A fixed, normalised-looking input batch for the round-trip check."""
     size = meta["image_size"]
@@ -115,10 +119,10 @@ def _first_that_works(model: torch.nn.Module, meta: dict[str, Any], tmp: Path, o
     """TorchScript if the model traces and its reload gives the checkpoint's logits, else ONNX."""
     try:
         return "torchscript", _write_and_check("torchscript", model, meta, tmp, out, batch, expected)
-    except UserError as e:  # a model torch.jit cannot trace (or whose trace differs)
-        if "cannot write" in str(e):
-            raise
-    return "onnx", _write_and_check("onnx", model, meta, tmp, out, batch, expected)
+    except WriteFailed:
+        raise
+    except UserError:  # a model torch.jit cannot trace (or whose trace differs)
+        return "onnx", _write_and_check("onnx", model, meta, tmp, out, batch, expected)
 
 
 def _write_and_check(fmt: str, model: torch.nn.Module, meta: dict[str, Any], tmp: Path, out: Path,
@@ -134,11 +138,11 @@ def _write(fmt: str, model: torch.nn.Module, example: torch.Tensor, meta: dict[s
     try:
         (export_torchscript if fmt == "torchscript" else export_onnx)(model, example, meta, tmp)
     except OSError as e:
-        raise UserError(f"--out {out}: cannot write ({e.strerror or e})") from None
+        raise WriteFailed(f"--out {out}: cannot write ({e.strerror or e})") from None
     except RuntimeError as e:  # torch's file writer reports a failed write as a RuntimeError
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "writ" in str(e).lower():
-            raise UserError(f"--out {out}: cannot write ({first})") from None
+            raise WriteFailed(f"--out {out}: cannot write ({first})") from None
         if fmt == "torchscript":
             raise UserError(f"the model does not trace to TorchScript ({first}); export it as ONNX "
                             "(--format onnx)") from None

@@ -40,13 +40,6 @@ def choice_problem(name: str, value: object) -> str | None:
     return f"--{name.replace('_', '-')}: invalid choice {value!r} (choose from {', '.join(valid)})"
 
 
-def arch_problem(arch: str) -> str | None:
-    """One line naming the closest models when no model source has `arch` (too many to list)."""
-    from train.model import arch_problem as problem
-
-    return problem(arch)
-
-
 # Ranges of the numeric options: (low, low_inclusive, high, high_inclusive), None for no bound. Every float
 # must also be finite (nan and inf are refused, from the command line and from YAML).
 MAX_IMAGE_SIZE = 2048
@@ -126,17 +119,12 @@ def _show(number: float) -> str:
     return str(int(number)) if float(number).is_integer() else f"{number:g}"
 
 
-def _size_problem(config: Config) -> str | None:
-    """Whether the model runs at --image-size (a dry run on the meta device: no memory, no compute)."""
-    from train.model import size_problem
-
-    return size_problem(config.arch, config.image_size, config.pretrained)
-
-
 def model_problem(config: Config) -> str | None:
     """Whether --arch names a model and the model takes --image-size (imports torch and the model sources:
     run it after `check` and the shard set's manifest, which are quick)."""
-    return arch_problem(config.arch) or _size_problem(config)
+    from train.model import arch_problem, size_problem
+
+    return arch_problem(config.arch) or size_problem(config.arch, config.image_size, config.pretrained)
 
 
 def check(config: Config, require_shards: bool = True) -> list[str]:
