@@ -138,8 +138,8 @@ def predict(run: str, images: list[str], as_json: bool, batch_size: int) -> int:
 
 
 def export(run: str, fmt: str, out: Path) -> int:
-    """The best model as TorchScript or ONNX (auto: TorchScript where the model traces, else ONNX), reloaded
-    and compared on a check batch."""
+    """The best model as TorchScript or ONNX (auto: the format --out's suffix names, else TorchScript where
+    the model traces, else ONNX), reloaded and compared on a check batch."""
     from train.export import export as export_model
 
     fmt, diff = export_model(run, fmt, out)
