@@ -25,6 +25,13 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def bare_name(name: str) -> str:
+    """A parameter or module name without the DDP and torch.compile wrappers' prefixes."""
+    while name.startswith(WRAPPERS):
+        name = name.split(".", 1)[1]
+    return name
+
+
 def head_name(model: nn.Module) -> str:
     """The classifier head: the last nn.Linear of the model (torchvision's `fc`, `classifier[-1]`,
     `heads.head`, ...); its input is the penultimate feature vector."""
@@ -75,10 +82,7 @@ def owners(model: nn.Module, found: list[Group]) -> dict[str, str]:
     owner = {path: name for name, paths in found for path in paths}
     result = {}
     for full, _ in model.named_parameters():
-        name = full
-        while name.startswith(WRAPPERS):
-            name = name.split(".", 1)[1]
-        path = name
+        path = bare_name(full)
         while path not in owner and "." in path:
             path = path.rsplit(".", 1)[0]
         if path not in owner:

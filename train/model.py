@@ -4,6 +4,7 @@ classifier head, penultimate features and LR groups. Each question goes to the m
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 from typing import Any
 
@@ -107,3 +108,12 @@ def assign(model: nn.Module) -> dict[str, str]:
     """Parameter name (as `model.named_parameters()` gives it) -> its LR group; ValueError for a parameter that
     no group owns."""
     return groups.owners(model, groups_of(model))
+
+
+def no_decay_names(model: nn.Module) -> set[str]:
+    """Names (as `model.named_parameters()` gives them, wrappers included) of the parameters the model's source
+    calls embeddings (Source.no_weight_decay): no weight decay for them."""
+    bare = unwrap(model)
+    patterns = _source(bare).no_weight_decay(bare)
+    return {full for full, _ in model.named_parameters()
+            if any(fnmatch.fnmatchcase(groups.bare_name(full), pattern) for pattern in patterns)}

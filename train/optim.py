@@ -1,8 +1,12 @@
 """Discriminative learning rates per model group and a one-cycle schedule, as in the classic CUB notebook.
 
 Parameters are grouped into the model's stem, stages in depth order and head (train.groups), each group with
-its own LR (base_lr * multiplier), and split again into decay / no-decay: norm-layer parameters and biases
-(every 1-D parameter) get no weight decay.
+its own LR (base_lr * multiplier), and split again into decay / no-decay: norm-layer parameters, biases
+(every 1-D parameter) and embeddings (position embeddings, class tokens, relative position tables: what the
+model's source names, train.archs) get no weight decay.
+
+Warm-up is the one-cycle's rising phase: the LR climbs from max/div_factor to its peak over the first
+pct_start of the optimizer steps (build_scheduler), so there is no separate warm-up option.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from torch import nn
 
 from pipeline.errors import UserError
 from train.groups import RESNET_GROUPS
-from train.model import assign
+from train.model import assign, no_decay_names
 
 NO_DECAY_SUFFIX = "/no_decay"
 
@@ -72,12 +76,12 @@ def param_groups(
     missing = sorted({g for g in owner.values() if g not in multipliers})
     if missing:
         raise UserError(f"LR multipliers missing for groups: {', '.join(missing)}")
-    norm_names = _norm_param_names(model)
+    exempt = _norm_param_names(model) | no_decay_names(model)
     buckets: dict[str, list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        no_decay = param.ndim <= 1 or name in norm_names
+        no_decay = param.ndim <= 1 or name in exempt
         key = owner[name] + (NO_DECAY_SUFFIX if no_decay else "")
         buckets.setdefault(key, []).append(param)
     groups = []

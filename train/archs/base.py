@@ -132,6 +132,14 @@ class Source:
         """Stem, stages in depth order, head: by default the top-level children (groups.children_groups)."""
         return groups.children_groups(model, groups.head_name(model))
 
+    def no_weight_decay(self, model: nn.Module) -> tuple[str, ...]:
+        """The parameters that get no weight decay besides norms and biases (every 1-D parameter): embeddings
+        (position embeddings, class tokens, relative position tables) and per-channel scales, as fnmatch
+        patterns over `model.named_parameters()` names. By default what the model's own `no_weight_decay()`
+        names (timm's convention, matched as timm's optimizer factory matches it), else none."""
+        named = getattr(model, "no_weight_decay", None)
+        return tuple(sorted(named())) if callable(named) else ()
+
 
 def dry_run_problem(build: Callable[[int], nn.Module], size: int) -> str | None:
     """Why a model cannot take a `size` x `size` image, found by running one image through it on the meta

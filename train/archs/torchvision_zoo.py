@@ -29,6 +29,12 @@ CONSTRUCTOR: dict[str, Callable[[int], dict[str, Any]]] = {
     "inception_": lambda size: {"aux_logits": False, "init_weights": True},
 }
 SIZED = ("vit_", "maxvit_")  # built for one image size: ImageNet weights need exactly theirs
+# What gets no weight decay besides norms and biases, which torchvision's models do not name themselves (no
+# `no_weight_decay()`): ViT's class token and position embedding, Swin's and MaxViT's relative position tables,
+# Swin V2's continuous position bias MLP and attention logit scale (what timm's versions of the same models
+# exclude), and ConvNeXt's per-channel layer scale (a 1-D vector in timm, so exempt there; (C, 1, 1) here).
+NO_WEIGHT_DECAY = ("class_token", "encoder.pos_embedding", "*.relative_position_bias_table", "*.cpb_mlp.*",
+                   "*.logit_scale", "*.layer_scale")
 
 
 def _prefix(name: str, table: dict[str, Any] | tuple[str, ...]) -> str | None:
@@ -154,6 +160,9 @@ class Torchvision(Source):
         if family is None and isinstance(getattr(model, "features", None), nn.Sequential):
             family = groups.features_groups
         return family(model) if family else super().groups(model)
+
+    def no_weight_decay(self, model: nn.Module) -> tuple[str, ...]:
+        return NO_WEIGHT_DECAY
 
     def listing(self, matches: Callable[[str], bool]) -> list[Listed]:
         rows = []
