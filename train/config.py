@@ -110,6 +110,10 @@ HELP = {
     "lr_scheme": "discriminative LRs over stem, stages, head: notebook (head 1, then /2, /4, /6 ...: a ResNet's "
                  "layer4 /2 .. stem /10), geometric (lr_decay per group below the head), flat",
     "lr_decay": "per-group LR factor of lr_scheme geometric",
+    "pct_start": "the warm-up: share of the optimizer steps over which the one-cycle LR rises from peak / "
+                 "div_factor to its peak, before annealing",
+    "weight_decay": "L2 in the gradient with adam and sgd, decoupled with adamw; never on norms, biases and "
+                    "embeddings (position embeddings, class tokens)",
     "precision": "mixed precision (auto: from the accelerate launch config, else no)", "resume": "auto: continue from the newest complete checkpoint",
     "force": "resume with another --epochs (the LR schedule is rebuilt, continuous at the resumed step) or "
              "another shard set with the same classes", "compile": "torch.compile the model",
