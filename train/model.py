@@ -111,8 +111,8 @@ def assign(model: nn.Module) -> dict[str, str]:
 
 
 def no_decay_names(model: nn.Module) -> set[str]:
-    """Names (as `model.named_parameters()` gives them, wrappers included) of the parameters the model's source
-    calls embeddings (Source.no_weight_decay): no weight decay for them."""
+    """Names (as `model.named_parameters()` gives them, wrappers included) of the parameters its source exempts
+    from weight decay besides norms and biases: embeddings and per-channel scales (Source.no_weight_decay)."""
     bare = unwrap(model)
     patterns = _source(bare).no_weight_decay(bare)
     return {full for full, _ in model.named_parameters()
