@@ -54,13 +54,14 @@ def test_two_rows_train_at_one_budget_and_fill_the_table(tmp_path: Path) -> None
 
 
 def test_first_last_runs_the_notebook_and_the_whole_recipe() -> None:
-    result = run_python(RECIPE, "--first-last", "--dry-run", "--epochs", "3")
+    result = run_python(RECIPE, "--first-last", "--dry-run", "--epochs", "3", "--fit-args", "--precision bf16")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert [line.split(":", 1)[0] for line in lines] == ["notebook", "smoothing"]
     assert "--config configs/notebook.yaml --arch" in lines[0]
     assert "--config configs/notebook.yaml --augment standard" in lines[1] and "--label-smoothing 0.1" in lines[1]
-    assert all("--epochs 3" in line and "--wandb disabled" in line for line in lines)
+    assert all("--epochs 3 --workers 1 --precision bf16 --seed 0" in line and "--wandb disabled" in line
+               for line in lines)
 
 
 def test_an_unknown_row_is_one_line_naming_the_rows(tmp_path: Path) -> None:
