@@ -3,7 +3,7 @@ budget (model, weights, epochs, image size, batch, train images) on a synthetic 
 prints the test top-1 of every row (mean, spread) with its fit time and its gain over the notebook.
 
     python bench/recipe.py                                    # every row, seeds 0 1 2 (long: run it on a GPU)
-    python bench/recipe.py --first-last --seeds 0             # the notebook and the whole recipe only
+    python bench/recipe.py --first-last --seeds 0             # the notebook and fit's defaults only
     python bench/recipe.py --rows notebook,smoothing --epochs 2 --json runs.json
     python bench/recipe.py --dry-run                          # the fit commands, nothing run
 
@@ -46,6 +46,9 @@ ROWS: list[tuple[str, list[str]]] = [
     ("adamw", ["--optimizer", "adamw", "--weight-decay", "0.05"]),
     ("smoothing", ["--label-smoothing", "0.1"]),
 ]
+# Not cumulative: `fit` with no recipe option at all, only the budget. It shows what a user gets by default,
+# which should equal the best cumulative row.
+DEFAULTS = "defaults"
 # The budget's options (every row the same): the YAML keys they replace are not the notebook's recipe.
 BUDGET_KEYS = {"shards", "arch", "pretrained", "image_size", "batch_size", "epochs", "workers", "run_dir"}
 
@@ -58,8 +61,8 @@ class _Parser(argparse.ArgumentParser):
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("the synthetic set")
-    data.add_argument("--classes", type=int, default=50)
-    data.add_argument("--per-class", type=int, default=40)
+    data.add_argument("--classes", type=int, default=40)
+    data.add_argument("--per-class", type=int, default=30)
     data.add_argument("--seed", type=int, default=11, help="seed of the drawn images and of the valid split")
     data.add_argument("--resize-short", type=int, default=80, help="short side of the shards' images")
     budget = parser.add_argument_group("the budget (the same for every row)")
@@ -67,18 +70,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     budget.add_argument("--pretrained", default="none")
     budget.add_argument("--image-size", type=int, default=64)
     budget.add_argument("--batch-size", type=int, default=32)
-    budget.add_argument("--epochs", type=int, default=8)
+    budget.add_argument("--epochs", type=int, default=6)
     budget.add_argument("--workers", type=int, default=1, help="data loader processes per fit")
     budget.add_argument("--fit-args", default="", help="more fit options for every row, e.g. '--precision bf16'")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one fit per row and seed")
     parser.add_argument("--rows", help="comma-separated row names to run (default: all): " +
                         ", ".join(name for name, _ in ROWS))
-    parser.add_argument("--first-last", action="store_true", help="only the first row and the last")
+    parser.add_argument("--first-last", action="store_true", help="only the notebook and fit's defaults")
     parser.add_argument("--work", type=Path, help="data and runs, kept (default: a temporary directory)")
     parser.add_argument("--json", type=Path, help="write every run's numbers to this file")
+    parser.add_argument("--fresh", action="store_true", help="train every run again, even one --work holds")
     parser.add_argument("--dry-run", action="store_true", help="print the fit commands only")
     args = parser.parse_args(argv)
-    names = [name for name, _ in ROWS]
+    names = [name for name, _ in ROWS] + [DEFAULTS]
     chosen = args.rows.split(",") if args.rows else names
     unknown = [name for name in chosen if name not in names]
     if unknown:
@@ -90,8 +94,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def row_options(name: str) -> list[str]:
-    """The fit options of row `name`: its own and those of every row above it."""
+    """The fit options of row `name`: its own and those of every row above it (none for DEFAULTS)."""
     options: list[str] = []
+    if name == DEFAULTS:
+        return options
     for row, adds in ROWS:
         options += adds
         if row == name:
@@ -139,20 +145,30 @@ def make_data(args: argparse.Namespace, work: Path) -> Path:
 
 
 def fit_once(args: argparse.Namespace, row: str, seed: int, shards: Path, runs: Path) -> dict[str, Any]:
-    """One fresh fit; its test metrics and wall time, or its error line."""
+    """One fit's test metrics and wall time, or its error line. A finished fit of the same command in --work
+    (its record beside the run: seedN.json) is reused, so an interrupted or extended ablation goes on where
+    it stopped; `--fresh` trains everything again."""
     run_dir = runs / row / f"seed{seed}"
+    command = fit_command(args, row, seed, shards, run_dir)
+    saved = runs / row / f"seed{seed}.json"
+    if not args.fresh and saved.is_file():
+        record = json.loads(saved.read_text())
+        if record.get("command") == command[1:]:
+            return record
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     log = runs / row / f"seed{seed}.log"
     start = time.perf_counter()
-    done = run(fit_command(args, row, seed, shards, run_dir), log)
-    record: dict[str, Any] = {"seed": seed, "wall_s": round(time.perf_counter() - start, 2), "log": str(log)}
+    done = run(command, log)
+    record = {"seed": seed, "wall_s": round(time.perf_counter() - start, 2), "log": str(log), "command": command[1:]}
     if done.returncode != 0:
         lines = [line for line in log.read_text().splitlines() if line.startswith("error:")]
         return {**record, "error": lines[-1] if lines else f"exit status {done.returncode}"}
     results = json.loads((run_dir / "results.json").read_text())
-    return {**record, **{key: results["test"][key] for key in ("top1", "top5", "loss")},
-            "best_epoch": results["best_epoch"]}
+    record = {**record, **{key: results["test"][key] for key in ("top1", "top5", "loss")},
+              "best_epoch": results["best_epoch"]}
+    write_json_atomic(saved, record)
+    return record
 
 
 def summary(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -171,7 +187,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     lines = [f"| row | adds | test top-1 % mean | std | min-max | fit s | vs {rows[0]['name']} |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for row in rows:
-        s, adds = row["summary"], f"`{shlex.join(row['adds'])}`"
+        s = row["summary"]
+        adds = "none: fit's defaults" if row["name"] == DEFAULTS else f"`{shlex.join(row['adds'])}`"
         if s is None:
             lines.append(f"| {row['name']} | {adds} | failed | | | | |")
             continue
@@ -210,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(fit_once(args, row, seed, shards, work / "runs"))
                 result = runs[-1].get("error") or f"test top-1 {runs[-1]['top1']:.4f}"
                 print(f"{row} seed {seed}: {result} ({runs[-1]['wall_s']:.0f} s)", file=sys.stderr, flush=True)
-            rows.append({"name": row, "adds": dict(ROWS)[row], "options": row_options(row), "runs": runs,
+            rows.append({"name": row, "adds": dict(ROWS).get(row, []), "options": row_options(row), "runs": runs,
                          "summary": summary(runs)})
         print(describe(args, shards) + "\n\n" + table(rows))
         if args.json:

@@ -18,10 +18,10 @@ RECIPE = "bench/recipe.py"
 @pytest.mark.slow  # two fits end to end (about 25 s on an idle 2-core VM)
 def test_two_rows_train_at_one_budget_and_fill_the_table(tmp_path: Path) -> None:
     work = tmp_path / "work"
-    result = run_python(RECIPE, "--classes", "6", "--per-class", "8", "--resize-short", "40", "--image-size", "32",
-                        "--batch-size", "8", "--epochs", "1", "--workers", "0", "--seeds", "0",
-                        "--rows", "notebook,smoothing", "--work", str(work), "--json", str(tmp_path / "runs.json"),
-                        env=ONE_THREAD)
+    args = ("--classes", "6", "--per-class", "8", "--resize-short", "40", "--image-size", "32", "--batch-size", "8",
+            "--epochs", "1", "--workers", "0", "--seeds", "0", "--rows", "notebook,smoothing", "--work", str(work),
+            "--json", str(tmp_path / "runs.json"))
+    result = run_python(RECIPE, *args, env=ONE_THREAD)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
             for line in result.stdout.splitlines() if re.match(r"\| (notebook|smoothing) \|", line)}
@@ -36,6 +36,12 @@ def test_two_rows_train_at_one_budget_and_fill_the_table(tmp_path: Path) -> None
         assert cells[1] == f"{100 * run['top1']:.1f}" and cells[2] == "0.0"  # mean of one seed, no spread
     gain = 100 * (raw["rows"][1]["runs"][0]["top1"] - raw["rows"][0]["runs"][0]["top1"])
     assert rows["smoothing"][-1] == f"{gain:+.1f}"
+    # Run again over the same --work: the finished fits of the same commands are reused, not trained again.
+    results = work / "runs" / "smoothing" / "seed0" / "results.json"
+    stamp = results.stat().st_mtime_ns
+    again = run_python(RECIPE, *args, env=ONE_THREAD)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout == result.stdout and results.stat().st_mtime_ns == stamp
     # What each run trained with, as the trainer resolved it: the notebook's recipe, the budget over the
     # YAML's model and size, and the last row with every technique above it.
     config = {row: yaml.safe_load((work / "runs" / row / "seed0" / "config.yaml").read_text())
@@ -53,13 +59,13 @@ def test_two_rows_train_at_one_budget_and_fill_the_table(tmp_path: Path) -> None
         "label_smoothing": 0.1}
 
 
-def test_first_last_runs_the_notebook_and_the_whole_recipe() -> None:
+def test_first_last_runs_the_notebook_and_fits_defaults() -> None:
     result = run_python(RECIPE, "--first-last", "--dry-run", "--epochs", "3", "--fit-args", "--precision bf16")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert [line.split(":", 1)[0] for line in lines] == ["notebook", "smoothing"]
+    assert [line.split(":", 1)[0] for line in lines] == ["notebook", "defaults"]
     assert "--config configs/notebook.yaml --arch" in lines[0]
-    assert "--config configs/notebook.yaml --augment standard" in lines[1] and "--label-smoothing 0.1" in lines[1]
+    assert "fit --arch resnet18 --pretrained none" in lines[1]  # no recipe option: what fit does by default
     assert all("--epochs 3 --workers 1 --precision bf16 --seed 0" in line and "--wandb disabled" in line
                for line in lines)
 
