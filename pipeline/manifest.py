@@ -1,16 +1,13 @@
-"""The shard-set contract: manifest schema, loading from a directory or URL, atomic writes."""
+"""The shard-set contract: the manifest's schema and format version, loading it from a directory or URL, and
+the locations of a set's files."""
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
-import os
 import re
 import shlex
-import shutil
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from pipeline.errors import UserError
 from pipeline.remote import read_all
@@ -23,7 +20,6 @@ SPLITS = ("train", "valid", "test")
 CLASS_FIELDS = ("class_ids", "class_parents")
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
-TEMPORARY_MARK = ".tmp-"  # `.NAME.tmp-PID`: what write_atomic and the shard writer write before renaming
 
 
 class ManifestError(UserError):
@@ -166,67 +162,3 @@ def is_count(value: Any) -> bool:
 def shard_locations(location: str, manifest: dict[str, Any], split: str) -> list[str]:
     """Paths or URLs of every shard of `split`, in manifest order."""
     return [join(location, shard["name"]) for shard in manifest["splits"][split]["shards"]]
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    with open(path, "rb") as f:
-        return sha256_of(f)
-
-
-def sha256_of(file: BinaryIO) -> str:
-    """The sha256 of what is left to read in the open binary `file` (read to its end)."""
-    digest = hashlib.sha256()
-    for block in iter(lambda: file.read(1 << 20), b""):
-        digest.update(block)
-    return digest.hexdigest()
-
-
-def temporary_name(path: Path) -> Path:
-    """The name a file is written under before it is renamed to `path` (hidden, tagged with this pid)."""
-    return path.with_name(f".{path.name}{TEMPORARY_MARK}{os.getpid()}")
-
-
-def is_temporary(name: str) -> bool:
-    return name.startswith(".") and TEMPORARY_MARK in name
-
-
-def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write `data` to a temporary name in the same directory, fsync, then rename over `path`. A failed
-    write (a full disk, a quota) removes the temporary and raises one line naming `path` and the reason."""
-    path = Path(path)
-    tmp = temporary_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        raise UserError(f"{path}: cannot write ({e.strerror or e})") from None
-    finally:  # gone after the rename; otherwise whatever stopped the write (an error, Ctrl-C) leaves none
-        remove_quietly(tmp)
-
-
-def remove_quietly(path: Path) -> None:
-    """Best-effort removal of a temporary while another error is being reported: that error is the news."""
-    with contextlib.suppress(OSError):
-        path.unlink(missing_ok=True)
-
-
-def replace_dir(src: Path, final: Path) -> None:
-    """Rename the finished directory `src` to `final`; an old `final` is moved aside first, then deleted,
-    so `final` is always either the old or the new whole directory."""
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
-    if final.exists():
-        os.replace(final, old)
-    try:
-        os.replace(src, final)
-    except OSError:
-        if old.exists():
-            os.replace(old, final)  # put the old one back rather than leave nothing
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
-    write_atomic(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())

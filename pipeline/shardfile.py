@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 
 from pipeline.errors import UserError
-from pipeline.manifest import remove_quietly, temporary_name
+from pipeline.files import remove_quietly, temporary_name
 from pipeline.shardformat.tarwrite import end_of_archive, member_chunks
 
 SYNC_EVERY = 1 << 20  # bytes written between two fdatasync calls of the writer thread

@@ -9,8 +9,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline import buildstate
-from pipeline import manifest as mf
+from pipeline import buildstate, files
 from pipeline.encode import BadImage, EncodeOptions, encode_image
 from pipeline.plan import BuildOptions, ShardPlan
 from pipeline.pool import mapped
@@ -117,8 +116,8 @@ def encode_sample(task: SampleTask) -> SampleResult:
 def _remove_temporaries_of(out: Path, pids: list[int]) -> None:
     """A failed build stops its workers mid-write (terminate is SIGTERM): their temporaries go with them."""
     for pid in pids:
-        for path in out.glob(f".*{mf.TEMPORARY_MARK}{pid}"):
-            mf.remove_quietly(path)
+        for path in out.glob(f".*{files.TEMPORARY_MARK}{pid}"):
+            files.remove_quietly(path)
 
 
 def _commit(out: Path, shard: ShardPlan, tar: ShardFile, class_counts: list[int],
@@ -133,5 +132,5 @@ def _commit(out: Path, shard: ShardPlan, tar: ShardFile, class_counts: list[int]
         "class_counts": class_counts,
         "skipped": [{"image_id": r.image_id, "path": r.path, "reason": reason} for r, reason in skipped],
     }
-    mf.write_json_atomic(buildstate.record_path(out, shard.name), record)
+    files.write_json_atomic(buildstate.record_path(out, shard.name), record)
     tar.rename()

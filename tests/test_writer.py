@@ -23,10 +23,12 @@ from conftest import SMALL, SMALL_OPTIONS
 from PIL import Image
 from support import ROOT, assert_one_line_error, cli_env, run_cli
 
+from pipeline import files
 from pipeline import manifest as mf
 from pipeline.build import build
 from pipeline.errors import UserError
-from pipeline.manifest import load_manifest, sha256_file
+from pipeline.files import sha256_file
+from pipeline.manifest import load_manifest
 from pipeline.plan import BuildOptions
 from pipeline.sources import Settings
 from pipeline.sources import cub as cub_layout
@@ -266,7 +268,7 @@ def test_write_error_is_one_line_and_leaves_no_temporary(cub_source: Path, shard
     line = assert_one_line_error(result, "cannot write (File too large)")
     assert re.fullmatch(rf"error: {re.escape(str(out))}/(train|valid|test)-\d{{6}}\.tar: cannot write \(File too "
                         r"large\)", line), line
-    assert [p.name for p in out.rglob("*") if mf.is_temporary(p.name) or p.suffix == ".tar"] == []
+    assert [p.name for p in out.rglob("*") if files.is_temporary(p.name) or p.suffix == ".tar"] == []
     assert not (out / "manifest.json").exists()
     assert run_cli(*_build_args(cub_source / "CUB_200_2011", out, "--workers", workers)).returncode == 0
     assert _digests(out) == _digests(shard_set)
@@ -291,7 +293,7 @@ def test_full_disk_is_one_line_and_leaves_no_temporary(cub_source: Path, tmp_pat
     assert rc.startswith("rc="), result.stdout + result.stderr
     build_result = subprocess.CompletedProcess(build, int(rc[3:]), "", result.stderr)
     assert_one_line_error(build_result, f"{out}/", ".tar: cannot write (No space left on device)")
-    assert "manifest.json" not in files and not [f for f in files if mf.is_temporary(Path(f).name)], files
+    assert "manifest.json" not in files and not [f for f in files if files.is_temporary(Path(f).name)], files
 
 
 def test_stale_temporaries_are_reported_and_removed(cub_source: Path, shard_set: Path, tmp_path: Path) -> None:
@@ -309,7 +311,7 @@ def test_stale_temporaries_are_reported_and_removed(cub_source: Path, shard_set:
         command = _build_args(cub_source / "CUB_200_2011", out, "--workers", "1") if _ == 0 else (
             "pipeline", "merge", str(out))
         assert run_cli(*command).returncode == 0
-        assert not [p for p in out.rglob("*") if mf.is_temporary(p.name)]
+        assert not [p for p in out.rglob("*") if files.is_temporary(p.name)]
         assert _digests(out) == before
         assert "temporary" not in run_cli("pipeline", "inspect", str(out)).stdout
 

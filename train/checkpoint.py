@@ -18,11 +18,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pipeline.errors import UserError
-from pipeline.manifest import replace_dir, write_json_atomic
+from pipeline.files import ASIDE_MARK, is_temporary, replace_dir, write_json_atomic
 from train.integrity import FILES, file_problem, first_line, recorded_problem, seal, sync_dir, weights_problem
 
 TRAINER_STATE = "trainer.json"
 BEST = "best"
+TEMPORARY_DIR = ".tmp-"  # `.tmp-step-N`, `.tmp-best`: a checkpoint directory being written (see _temporary_dir)
 STEP_NAME = re.compile(r"step-(\d+)")
 MODEL_FILE = "model.safetensors"
 META_FILE = "meta.json"
@@ -89,7 +90,7 @@ def remove_temporaries(run_dir: Path) -> list[Path]:
     folder = checkpoints_dir(run_dir)
     best = folder / BEST
     if not best.exists():
-        for old in sorted(folder.glob(f".{BEST}.old-*")):
+        for old in sorted(folder.glob(f".{BEST}{ASIDE_MARK}*")):
             if (old / "model.safetensors").is_file() and (old / "meta.json").is_file():
                 os.replace(old, best)
                 break
@@ -103,8 +104,15 @@ def remove_temporaries(run_dir: Path) -> list[Path]:
 
 
 def _is_temporary(name: str) -> bool:
-    """Names this code gives things before a rename: .tmp-step-N, .tmp-best, .best.old-PID, .NAME.tmp-PID."""
-    return name.startswith(".tmp-") or (name.startswith(".") and (".tmp-" in name or ".old-" in name))
+    """Names this code gives things before a rename: .tmp-step-N, .tmp-best (TEMPORARY_DIR), .best.old-PID
+    (replace_dir's), .NAME.tmp-PID (pipeline.files')."""
+    return name.startswith(TEMPORARY_DIR) or is_temporary(name) or (name.startswith(".") and ASIDE_MARK in name)
+
+
+def _temporary_dir(final: Path) -> Path:
+    """Where a checkpoint directory is written before its rename. Not pipeline.files' `.NAME.tmp-PID`: every
+    process of the run writes its part into the same directory, so its name cannot hold one process's pid."""
+    return final.with_name(f"{TEMPORARY_DIR}{final.name}")
 
 
 def save_checkpoint(accelerator: Any, run_dir: Path, state: dict[str, Any], keep: int) -> Path:
@@ -113,7 +121,7 @@ def save_checkpoint(accelerator: Any, run_dir: Path, state: dict[str, Any], keep
     A failed write (a full disk) is one error in every process naming the checkpoint; the temp dir is
     removed and the previous checkpoints stay as they were."""
     final = checkpoints_dir(run_dir) / f"step-{state['global_step']:08d}"
-    tmp = final.with_name(f".tmp-{final.name}")
+    tmp = _temporary_dir(final)
     problem = None
     if accelerator.is_main_process:
         problem = _attempt(lambda: (shutil.rmtree(tmp, ignore_errors=True), tmp.mkdir(parents=True)))
@@ -184,7 +192,7 @@ def save_best(accelerator: Any, run_dir: Path, model: torch.nn.Module, meta: dic
     """Replace checkpoints/best atomically (the main process writes; call it in every process): the previous
     best stays until the new one is whole, and a failed write is the same one-line error everywhere."""
     best = checkpoints_dir(run_dir) / BEST
-    tmp = best.with_name(f".tmp-{BEST}")
+    tmp = _temporary_dir(best)
     problem = None
     if accelerator.is_main_process:
         problem = _attempt(lambda: _write_best(tmp, best, model, meta))

@@ -268,7 +268,7 @@ def to_dict(config: Config) -> dict[str, Any]:
 
 
 def save(config: Config, path: Path) -> None:
-    from pipeline.manifest import write_atomic
+    from pipeline.files import write_atomic
 
     write_atomic(path, yaml.safe_dump(to_dict(config), sort_keys=False).encode())
 

@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from pipeline.manifest import sha256_file
+from pipeline.files import sha256_file
 
 FILES = "files"  # the metadata key holding {file name: sha256}
 

@@ -16,7 +16,7 @@ import yaml
 
 from pipeline import lock
 from pipeline.errors import UserError
-from pipeline.manifest import write_json_atomic
+from pipeline.files import write_json_atomic
 from train import config as cfgmod
 from train.checkpoint import checkpoint_problem, complete_checkpoints, remove_temporaries
 from train.integrity import first_line
