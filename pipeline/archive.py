@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from pipeline.env import positive_number
-from pipeline.errors import UserError
+from pipeline.errors import UserError, one_line
 from pipeline.files import atomic_path
 
 CUB_DIRNAME = "CUB_200_2011"
@@ -129,9 +129,9 @@ def safe_extract(tgz_path: Path, dest: Path, limits: ExtractLimits | None = None
         if isinstance(e, UserError | KeyboardInterrupt):
             raise
         if isinstance(e, tarfile.FilterError):
-            raise UserError(f"{tgz_path}: unsafe member refused while extracting: {_one_line(e)}") from None
+            raise UserError(f"{tgz_path}: unsafe member refused while extracting: {one_line(e)}") from None
         if isinstance(e, tarfile.TarError | EOFError | zlib.error | gzip.BadGzipFile):
-            raise UserError(f"{tgz_path}: corrupt, truncated or not a tar archive ({_one_line(e)})") from None
+            raise UserError(f"{tgz_path}: corrupt, truncated or not a tar archive ({one_line(e)})") from None
         if isinstance(e, OSError):
             raise UserError(f"{tgz_path}: extracting into {dest} failed ({e})") from None
         raise
@@ -206,11 +206,6 @@ def _check_space(tgz_path: Path, dest: Path, total: int) -> None:
 
 def _gb(size: int) -> str:
     return f"{size / 1e9:.3g} GB"
-
-
-def _one_line(error: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(error).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _check_members(members: list[tarfile.TarInfo]) -> None:

@@ -17,9 +17,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, one_line
 from pipeline.files import ASIDE_MARK, is_temporary, replace_dir, write_json_atomic
-from train.integrity import FILES, file_problem, first_line, recorded_problem, seal, sync_dir, weights_problem
+from train.integrity import FILES, file_problem, recorded_problem, seal, sync_dir, weights_problem
 
 TRAINER_STATE = "trainer.json"
 BEST = "best"
@@ -61,7 +61,7 @@ def checkpoint_problem(checkpoint: Path, trainer_keys: tuple[str, ...]) -> str |
     try:
         state = json.loads((checkpoint / TRAINER_STATE).read_text())
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        return f"{TRAINER_STATE} is unreadable ({first_line(e)})"
+        return f"{TRAINER_STATE} is unreadable ({one_line(e)})"
     if not isinstance(state, dict) or [key for key in trainer_keys if key not in state]:
         missing = [key for key in trainer_keys if not isinstance(state, dict) or key not in state]
         return f"{TRAINER_STATE} lacks {', '.join(missing)}"
@@ -155,7 +155,7 @@ def _attempt(action: Any) -> str | None:
     try:
         action()
     except WRITE_ERRORS as e:
-        return first_line(e)
+        return one_line(e)
     return None
 
 
@@ -231,7 +231,7 @@ def load_best(run_dir: Path, flag: str = "--checkpoint") -> tuple[dict[str, torc
         problem = _best_weights_problem(best, meta.get(FILES) if isinstance(meta, dict) else None)
         state = None if problem else load_file(str(best / MODEL_FILE))
     except (SafetensorError, ValueError, OSError) as e:  # truncated or garbled files
-        problem = f"{type(e).__name__}: {first_line(e)}"
+        problem = one_line(e, typed=True)
     if problem:
         raise UserError(f"{named}: unreadable best checkpoint in {best} ({problem})")
     missing = [key for key in META_KEYS if key not in meta] if isinstance(meta, dict) else list(META_KEYS)
@@ -249,7 +249,7 @@ def best_problem(run_dir: Path) -> str | None:
     try:
         meta = json.loads((best / META_FILE).read_text())
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        return f"{best}/{META_FILE} is unreadable ({first_line(e)})"
+        return f"{best}/{META_FILE} is unreadable ({one_line(e)})"
     problem = _best_weights_problem(best, meta.get(FILES) if isinstance(meta, dict) else None)
     return f"{best}: {problem}" if problem else None
 
@@ -274,5 +274,5 @@ def load_model(run_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
         model.load_state_dict(state)
     except RuntimeError as e:
         raise UserError(f"--checkpoint {run_dir}: the weights do not fit {meta['arch']} with "
-                        f"{len(meta['classes'])} classes ({str(e).splitlines()[0]})") from None
+                        f"{len(meta['classes'])} classes ({one_line(e)})") from None
     return model.eval(), meta

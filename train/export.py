@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, one_line
 from pipeline.files import atomic_path
 from pipeline.outputs import output_file_problem
 from train import checkpoint, names
@@ -136,7 +136,7 @@ def _write(fmt: str, model: torch.nn.Module, example: torch.Tensor, meta: dict[s
     except OSError as e:
         raise WriteFailed(f"--out {out}: cannot write ({e.strerror or e})") from None
     except RuntimeError as e:  # torch's file writer reports a failed write as a RuntimeError
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = one_line(e)
         if "writ" in str(e).lower():
             raise WriteFailed(f"--out {out}: cannot write ({first})") from None
         if fmt == "torchscript":

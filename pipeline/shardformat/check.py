@@ -20,7 +20,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
-from pipeline.encode import one_line
+from pipeline.errors import one_line
 from pipeline.shardformat.schema import IMAGE, LABEL, META, is_refused
 
 log = logging.getLogger(__name__)
@@ -118,4 +118,4 @@ def _header_problem(data: bytes) -> str | None:
 
 
 def _undecodable(error: Exception) -> str:
-    return f"{IMAGE} does not decode ({type(error).__name__}: {_OBJECT_REPR.sub('', one_line(error))})"
+    return f"{IMAGE} does not decode ({_OBJECT_REPR.sub('', one_line(error, typed=True))})"

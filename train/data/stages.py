@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import itertools
 import logging
 import random
@@ -18,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.seeded import seeded_random
 from pipeline.shardformat.check import CorruptSample, decode_sample, sample_problem
 from train.augment import Augment, sample_seed
 from train.data.shards import Shard, ShardError
@@ -25,12 +25,6 @@ from train.data.shards import Shard, ShardError
 log = logging.getLogger(__name__)
 
 Transform = Callable[[np.ndarray, int], np.ndarray]
-
-
-def _rng(*parts: object) -> random.Random:
-    """A random generator seeded from `parts`, identical in every process."""
-    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
-    return random.Random(int.from_bytes(digest[:8], "little"))
 
 
 def stream_samples(shards: tuple[Shard, ...], keep: tuple[frozenset[int], ...] | None, *, seed: int, epoch: int,
@@ -45,7 +39,7 @@ def stream_samples(shards: tuple[Shard, ...], keep: tuple[frozenset[int], ...] |
     if keep is not None:
         read = _only(read, dict(zip(shards, keep, strict=True)))
     cycled = _cycled(shards, seed, epoch, stream, read)
-    head = _shuffled(itertools.islice(cycled, quota), min(shuffle_buffer, quota), _rng("buffer", seed, epoch, stream))
+    head = _shuffled(itertools.islice(cycled, quota), min(shuffle_buffer, quota), seeded_random("buffer", seed, epoch, stream))
     return itertools.chain(head, cycled)
 
 
@@ -71,7 +65,7 @@ def _cycled(shards: tuple[Shard, ...], seed: int, epoch: int, stream: int | str,
     for cycle in itertools.count():
         order = list(shards)
         if cycle:
-            _rng("cycle", seed, epoch, stream, cycle).shuffle(order)
+            seeded_random("cycle", seed, epoch, stream, cycle).shuffle(order)
         count = 0
         for shard in order:
             for sample in read(shard):
