@@ -77,17 +77,17 @@ def _check_shard(location: str, shard: dict[str, Any], split: str, num_classes: 
     if len(samples) != shard["num_samples"]:
         return f"{len(samples)} samples, manifest says {shard['num_samples']}", []
     labels = []
-    for key, members in samples.items():
+    for key, raw in samples.items():
         if key in seen:
             return f"sample {key}: key also in {seen[key]}", []
-        try:
-            label, _ = decode_sample(members, num_classes)  # the train stream's check and decode: the same verdict
+        try:  # the train stream's check and decode: the same verdict
+            sample = decode_sample(raw, num_classes, with_meta=True)
         except CorruptSample as e:
             return f"sample {key}: {e}", []
-        problem = record_problem(members, split)
+        problem = record_problem(sample, split)
         if problem:
             return f"sample {key}: {problem}", []
-        labels.append(label)
+        labels.append(sample.label)
     seen.update(dict.fromkeys(samples, shard["name"]))
     return "", labels
 

@@ -14,7 +14,7 @@ from pipeline.encode import BadImage, EncodeOptions, encode_image
 from pipeline.plan import BuildOptions, ShardPlan
 from pipeline.pool import mapped
 from pipeline.shardfile import ShardFile
-from pipeline.shardformat.schema import sample_members
+from pipeline.shardformat import Sample
 from pipeline.sources import Dataset, Record
 
 
@@ -41,7 +41,7 @@ class ShardJob:
 @dataclass(frozen=True)
 class SampleResult:
     task: SampleTask
-    members: tuple[tuple[str, bytes], ...] = ()
+    sample: Sample | None = None  # None when the image is bad
     error: str = ""
 
 
@@ -72,11 +72,11 @@ def write_shard(job: ShardJob) -> list[tuple[Record, str]]:
     class_counts = [0] * job.num_classes
     with ShardFile(job.out / job.shard.name) as tar:
         for task in job.tasks:
-            sample = encode_sample(task)
-            if sample.error:
-                bad.append((task.record, sample.error))
+            result = encode_sample(task)
+            if result.sample is None:
+                bad.append((task.record, result.error))
             elif not bad or job.skip_bad:
-                tar.add(sample.members)
+                tar.add(result.sample)
                 class_counts[task.record.label] += 1
         if bad and not job.skip_bad:
             tar.discard()
@@ -86,7 +86,7 @@ def write_shard(job: ShardJob) -> list[tuple[Record, str]]:
 
 
 def encode_sample(task: SampleTask) -> SampleResult:
-    """Runs in a worker process: read the file, encode it, build the tar members of one sample."""
+    """Runs in a worker process: read the file, encode it, build the sample."""
     try:
         with open(task.image_path, "rb", buffering=0) as f:
             data = f.read()
@@ -110,7 +110,7 @@ def encode_sample(task: SampleTask) -> SampleResult:
         "bbox": None if record.bbox is None else [round(v, 2) for v in encoded.bbox],
         **dict(record.extras),
     }
-    return SampleResult(task, sample_members(record.key, record.label, encoded.jpeg, meta))
+    return SampleResult(task, Sample(record.key, record.label, encoded.jpeg, meta))
 
 
 def _remove_temporaries_of(out: Path, pids: list[int]) -> None:

@@ -322,18 +322,19 @@ def test_a_shard_file_streams_exactly_the_bytes_of_tar_bytes(tmp_path: Path, mon
     import hashlib
 
     from pipeline import shardfile
+    from pipeline.shardformat import Sample
     from pipeline.shardformat.tarwrite import tar_bytes
 
     monkeypatch.setattr(shardfile, "SYNC_EVERY", 1)
-    samples = [((f"{i:05d}.cls", b"%d" % i), (f"{i:05d}.jpg", bytes([i]) * (700 * i + 1))) for i in range(9)]
+    samples = [Sample(f"{i:05d}", i, bytes([i]) * (700 * i + 1), {"i": i}) for i in range(9)]
     final = tmp_path / "train-000000.tar"
     with shardfile.ShardFile(final) as tar:
-        for members in samples:
-            tar.add(members)
+        for sample in samples:
+            tar.add(sample)
         size, sha256 = tar.finish()
         assert not final.exists()
         tar.rename()
-    expected = tar_bytes([member for members in samples for member in members])
+    expected = tar_bytes([member for sample in samples for member in sample.members()])
     assert final.read_bytes() == expected
     assert (size, sha256) == (len(expected), hashlib.sha256(expected).hexdigest())
     assert [p.name for p in tmp_path.iterdir()] == [final.name]

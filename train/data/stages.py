@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.seeded import seeded_random
+from pipeline.shardformat import Sample
 from pipeline.shardformat.check import CorruptSample, decode_sample, sample_problem
 from train.augment import Augment, sample_seed
 from train.data.shards import Shard, ShardError
@@ -100,29 +101,31 @@ def _skipped(samples: Iterable[dict[str, Any]], count: int, num_classes: int) ->
 
 
 def _decoded(samples: Iterable[dict[str, Any]], transform: Transform, num_classes: int, seed: int,
-             epoch: int, max_bad_run: int | None = None) -> Iterator[tuple[str, np.ndarray, int] | None]:
-    """(key, augmented HWC uint8 image, label) per sample; None for a dropped corrupt sample (one warning
-    line), so that the batch stage can count it."""
+             epoch: int, max_bad_run: int | None = None) -> Iterator[Sample | None]:
+    """Each raw sample decoded, its image replaced by the augmented HWC uint8 pixels; None for a dropped
+    corrupt sample (one warning line), so that the batch stage can count it."""
     bad_run = 0
-    for sample in samples:
-        key = sample["__key__"]
+    for raw in samples:
+        key = raw["__key__"]
         aug_seed = sample_seed(seed, epoch, key)
         try:
             if isinstance(transform, Augment):  # decoded at the size its augmentation needs (train.decode)
-                label, (image, source_shape) = decode_sample(sample, num_classes,
-                                                             functools.partial(transform.decode, seed=aug_seed))
+                sample = decode_sample(raw, num_classes, functools.partial(transform.decode, seed=aug_seed))
+                image, source_shape = sample.image
             else:
-                (label, image), source_shape = decode_sample(sample, num_classes), None
+                sample = decode_sample(raw, num_classes)
+                image, source_shape = sample.image, None
         except CorruptSample as e:
-            log.warning("dropped corrupt sample %s in shard %s: %s", key, sample["__url__"], e)
+            log.warning("dropped corrupt sample %s in shard %s: %s", key, raw["__url__"], e)
             bad_run += 1
             if max_bad_run is not None and bad_run > max_bad_run:
-                raise ShardError(f"{bad_run} corrupt samples in a row (last in {sample['__url__']}): "
+                raise ShardError(f"{bad_run} corrupt samples in a row (last in {raw['__url__']}): "
                                  f"the shard set is broken; check it with `python -m pipeline verify`") from None
             yield None
             continue
         bad_run = 0
         if source_shape is None:
-            yield key, transform(image, aug_seed), label
+            sample.image = transform(image, aug_seed)
         else:
-            yield key, transform(image, aug_seed, source_shape), label
+            sample.image = transform(image, aug_seed, source_shape)
+        yield sample
