@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from pipeline.errors import UserError
 from pipeline.remote import read_all
 
 FORMAT = "cubstream-shards"
-VERSION = 1
+VERSION = 1  # the format version this code writes; when it changes: shards/README.md, "Versions"
 MANIFEST = "manifest.json"
 SPLITS = ("train", "valid", "test")
 # Optional per-class lists some layouts add next to "classes" (NABirds: original ids, ancestors' names).
@@ -72,13 +73,20 @@ def load_manifest(location: str) -> dict[str, Any]:
 
 
 def validate(manifest: Any, where: str) -> None:
-    """Check every field this code or its readers use, with its type; one line naming the first problem."""
+    """The format and its version first, then the reader of that version checks every field this code or
+    its readers use, with its type; one line naming the first problem."""
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ManifestError(f"{where}: not a {FORMAT} manifest")
-    if manifest.get("version") != VERSION:
-        raise ManifestError(
-            f"{where}: format version {manifest.get('version')!r} is not supported (this code reads {VERSION})"
-        )
+    version = manifest.get("version")
+    reader = READERS.get(version) if is_count(version) else None  # JSON true is not version 1
+    if reader is None:
+        newer = "; it was written by a newer cubstream" if is_count(version) and version > max(READERS) else ""
+        raise ManifestError(f"{where}: format version {version!r} is not supported (this code reads "
+                            f"{', '.join(map(str, sorted(READERS)))}{newer})")
+    reader(manifest, where)
+
+
+def _validate_v1(manifest: dict[str, Any], where: str) -> None:
     classes = manifest.get("classes")
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes):
         raise ManifestError(f"{where}: 'classes' must be a non-empty list of names")
@@ -152,6 +160,11 @@ def _validate_skipped(skipped: Any, where: str) -> None:
             isinstance(s, dict) and isinstance(s.get("path"), str) and isinstance(s.get("reason"), str)
             for s in skipped):
         raise ManifestError(f"{where}: 'skipped' must be a list of objects with a path and a reason")
+
+
+# The reader of each format version this code reads (its check of the manifest; what it then reads of the
+# shards follows from the version too). A new version adds its reader here.
+READERS: dict[int, Callable[[dict[str, Any], str], None]] = {1: _validate_v1}
 
 
 def is_count(value: Any) -> bool:

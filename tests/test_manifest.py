@@ -51,7 +51,10 @@ DELETE = object()
 # (field, bad value, what the one-line error says)
 BAD_FIELDS = [
     ("format", "webdataset", "not a cubstream-shards manifest"),
-    ("version", 2, "format version 2 is not supported"),
+    ("version", 2, "format version 2 is not supported (this code reads 1; it was written by a newer cubstream)"),
+    ("version", "1", "format version '1' is not supported (this code reads 1)"),
+    ("version", True, "format version True is not supported (this code reads 1)"),
+    ("version", DELETE, "format version None is not supported (this code reads 1)"),
     ("classes", "001.A", "'classes' must be a non-empty list of names"),
     ("classes", [], "'classes' must be a non-empty list of names"),
     ("classes", ["001.A", 7], "'classes' must be a non-empty list of names"),
