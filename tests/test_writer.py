@@ -289,11 +289,11 @@ def test_full_disk_is_one_line_and_leaves_no_temporary(cub_source: Path, tmp_pat
               f"find {shlex.quote(str(out))} -type f -printf '%P\\n'; }}")  # the mount vanishes with the namespace
     result = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, env=cli_env(),
                             cwd=ROOT, timeout=120)
-    rc, *files = result.stdout.split()
+    rc, *written = result.stdout.split()
     assert rc.startswith("rc="), result.stdout + result.stderr
     build_result = subprocess.CompletedProcess(build, int(rc[3:]), "", result.stderr)
     assert_one_line_error(build_result, f"{out}/", ".tar: cannot write (No space left on device)")
-    assert "manifest.json" not in files and not [f for f in files if files.is_temporary(Path(f).name)], files
+    assert "manifest.json" not in written and not [f for f in written if files.is_temporary(Path(f).name)], written
 
 
 def test_stale_temporaries_are_reported_and_removed(cub_source: Path, shard_set: Path, tmp_path: Path) -> None:
