@@ -32,6 +32,11 @@ def is_temporary(name: str) -> bool:
     return name.startswith(".") and TEMPORARY_MARK in name
 
 
+def temporaries(directory: Path, name: str = "*", pid: int | str = "*") -> list[Path]:
+    """The temporaries in `directory` of the file `name`, written by process `pid` (`*`: any)."""
+    return sorted(directory.glob(f".{name}{TEMPORARY_MARK}{pid}"))
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary name beside `path` for the block to write to; renamed to `path` when the block ends

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UserError
-from pipeline.remote import read_all
+from pipeline.remote import is_pipe, is_url, read_all
 
 FORMAT = "cubstream-shards"
 VERSION = 1  # the format version this code writes; when it changes: shards/README.md, "Versions"
@@ -28,15 +28,6 @@ class ManifestError(UserError):
 
 
 PIPE_EXAMPLE = "pipe:aws s3 cp s3://BUCKET/PREFIX/{} -"
-
-
-def is_url(location: str) -> bool:
-    return location.startswith(("http://", "https://"))
-
-
-def is_pipe(location: str) -> bool:
-    """A `pipe:COMMAND` location: COMMAND with `{}` where the file name goes prints that file to stdout."""
-    return location.startswith("pipe:")
 
 
 def join(location: str, name: str) -> str:

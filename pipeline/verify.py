@@ -13,6 +13,7 @@ from tqdm import tqdm
 from pipeline import manifest as mf
 from pipeline.buildstate import temporaries
 from pipeline.errors import UserError
+from pipeline.remote import is_pipe, is_url
 from pipeline.shardformat.check import CorruptSample, decode_sample, record_problem
 from pipeline.shardformat.tarread import strict_samples
 
@@ -117,6 +118,6 @@ def inspect(location: str) -> str:
 
 def _temporaries(location: str) -> list[str]:
     """Temporaries in a local shard set (remote stores are listed by their own tools)."""
-    if mf.is_url(location) or mf.is_pipe(location) or not Path(location).is_dir():
+    if is_url(location) or is_pipe(location) or not Path(location).is_dir():
         return []
     return temporaries(Path(location))

@@ -116,7 +116,7 @@ def encode_sample(task: SampleTask) -> SampleResult:
 def _remove_temporaries_of(out: Path, pids: list[int]) -> None:
     """A failed build stops its workers mid-write (terminate is SIGTERM): their temporaries go with them."""
     for pid in pids:
-        for path in out.glob(f".*{files.TEMPORARY_MARK}{pid}"):
+        for path in files.temporaries(out, pid=pid):
             files.remove_quietly(path)
 
 

@@ -83,3 +83,10 @@ def test_atomic_path_renames_only_a_finished_write(tmp_path: Path) -> None:
         raise RuntimeError("half-way")
     assert target.read_bytes() == b"new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plot.png"]
+
+
+def test_temporaries_by_file_and_by_writer(tmp_path: Path) -> None:
+    for name in (".a.tar.tmp-11", ".a.tar.tmp-12", ".b.tar.tmp-11", "a.tar", ".a.tar.old-11"):
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in files.temporaries(tmp_path, "a.tar")] == [".a.tar.tmp-11", ".a.tar.tmp-12"]
+    assert [p.name for p in files.temporaries(tmp_path, pid=11)] == [".a.tar.tmp-11", ".b.tar.tmp-11"]

@@ -39,7 +39,7 @@ from typing import BinaryIO
 
 from pipeline.env import positive_number
 from pipeline.errors import UserError
-from pipeline.files import TEMPORARY_MARK, atomic_path, remove_quietly, sha256_of
+from pipeline.files import atomic_path, remove_quietly, sha256_of, temporaries
 from pipeline.lock import lock_fd, open_lock
 from pipeline.outputs import output_dir_problem
 from pipeline.remote import CHUNK, RemoteError, is_pipe, is_url, open_stream
@@ -198,7 +198,7 @@ def _remove_unused(path: Path) -> bool:
 
 def _remove_temporaries(path: Path) -> None:
     """Temporaries of `path` that killed fetches left (call only when no process can be fetching it)."""
-    for leftover in path.parent.glob(f".{path.name}{TEMPORARY_MARK}*"):
+    for leftover in temporaries(path.parent, path.name):
         remove_quietly(leftover)
 
 
