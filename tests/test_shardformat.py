@@ -19,9 +19,9 @@ from webdataset.tariterators import tar_file_iterator
 
 from pipeline.manifest import load_manifest
 from pipeline.shardformat import Sample
-from pipeline.shardformat.check import sample_problem
+from pipeline.shardformat.check import decode_sample, record_problem, sample_problem
 from pipeline.shardformat.schema import MEMBER_ORDER, shard_name
-from pipeline.shardformat.tarread import tar_members
+from pipeline.shardformat.tarread import strict_samples, tar_members
 from pipeline.shardformat.tarwrite import tar_bytes, tarinfo
 from pipeline.verify import verify
 from train import data
@@ -239,3 +239,17 @@ def test_verify_and_train_stream_give_the_same_reason(tmp_path: Path, caplog: py
         found = sample_problem(raw, NUM_CLASSES)
         assert (found == by_verify[str(shard)].split(": ", 1)[1]) if cheap else found is None, defect
         assert sample_problem(good, NUM_CLASSES) is None
+
+
+def test_a_written_sample_decodes_to_the_same_sample() -> None:
+    """What the writer builds comes back from decoding (verify's reader and the train stream's) as a Sample
+    with the same key, label and record, its image decoded."""
+    written = Sample("00042", 3, _jpeg(90), {"class_index": 3, "split": "train", "bbox": None})
+    raw, problem = strict_samples(tar_bytes(list(written.members())))
+    assert problem == ""
+    read = decode_sample(raw["00042"], NUM_CLASSES, with_meta=True)
+    assert (read.key, read.label, read.meta) == (written.key, written.label, written.meta)
+    assert read.image.shape == (32, 48, 3) and read.image.dtype == np.uint8
+    assert record_problem(read, "train") is None
+    assert record_problem(read, "test") == "json says split 'train', but the sample is in a test shard"
+    assert decode_sample(raw["00042"], NUM_CLASSES).meta is None  # the train stream never parses the JSON
