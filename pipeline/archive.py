@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from pipeline.env import positive_number
-from pipeline.errors import UserError
+from pipeline.errors import UserError, one_line
+from pipeline.files import atomic_path
 
 CUB_DIRNAME = "CUB_200_2011"
 # CUB_200_2011.tgz (1.1 GB) unpacks to about 1.2 GB in about 12,000 members: the default limits leave about
@@ -44,19 +45,13 @@ def pack_tgz(src_dir: Path, tgz_path: Path, arcname: str = CUB_DIRNAME) -> None:
     if not src_dir.is_dir():
         raise UserError(f"{src_dir}: not a directory, nothing to pack")
     tgz_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tgz_path.with_name(f".{tgz_path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0,
-                                                   compresslevel=6) as gz, \
-                tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            for path in _walk_sorted(src_dir):
-                relative = path.relative_to(src_dir).as_posix()
-                name = arcname if relative == "." else f"{arcname}/{relative}"
-                _add_normalized(tar, path, name)
-        os.replace(tmp, tgz_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(tgz_path) as tmp, open(tmp, "wb") as raw, \
+            gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as gz, \
+            tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for path in _walk_sorted(src_dir):
+            relative = path.relative_to(src_dir).as_posix()
+            name = arcname if relative == "." else f"{arcname}/{relative}"
+            _add_normalized(tar, path, name)
 
 
 def _walk_sorted(root: Path) -> Iterator[Path]:
@@ -134,9 +129,9 @@ def safe_extract(tgz_path: Path, dest: Path, limits: ExtractLimits | None = None
         if isinstance(e, UserError | KeyboardInterrupt):
             raise
         if isinstance(e, tarfile.FilterError):
-            raise UserError(f"{tgz_path}: unsafe member refused while extracting: {_one_line(e)}") from None
+            raise UserError(f"{tgz_path}: unsafe member refused while extracting: {one_line(e)}") from None
         if isinstance(e, tarfile.TarError | EOFError | zlib.error | gzip.BadGzipFile):
-            raise UserError(f"{tgz_path}: corrupt, truncated or not a tar archive ({_one_line(e)})") from None
+            raise UserError(f"{tgz_path}: corrupt, truncated or not a tar archive ({one_line(e)})") from None
         if isinstance(e, OSError):
             raise UserError(f"{tgz_path}: extracting into {dest} failed ({e})") from None
         raise
@@ -211,11 +206,6 @@ def _check_space(tgz_path: Path, dest: Path, total: int) -> None:
 
 def _gb(size: int) -> str:
     return f"{size / 1e9:.3g} GB"
-
-
-def _one_line(error: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(error).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _check_members(members: list[tarfile.TarInfo]) -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline import files
 from pipeline import manifest as mf
 from pipeline.errors import UserError
 from pipeline.shardformat.schema import SHARD_GLOB
@@ -49,7 +50,7 @@ def prepare_out(out: Path, state: dict[str, Any], overwrite: bool, num_jobs: int
     for marker in markers(out):
         if marker.total != num_jobs:
             marker.path.unlink()
-    mf.write_json_atomic(state_path(out), state)
+    files.write_json_atomic(state_path(out), state)
 
 
 def _previous_state(out: Path, overwrite: bool) -> dict[str, Any] | None:
@@ -132,7 +133,7 @@ def temporaries(out: Path) -> list[str]:
     names = []
     for directory in (out, out / STATE_DIR):
         if directory.is_dir():
-            names += [str(p.relative_to(out)) for p in sorted(directory.iterdir()) if mf.is_temporary(p.name)]
+            names += [str(p.relative_to(out)) for p in sorted(directory.iterdir()) if files.is_temporary(p.name)]
     return names
 
 
@@ -154,7 +155,7 @@ def complete(out: Path, name: str) -> bool:
 
 def matches(path: Path, record: dict[str, Any], rehash: bool) -> bool:
     return (path.is_file() and path.stat().st_size == record["bytes"]
-            and (not rehash or mf.sha256_file(path) == record["sha256"]))
+            and (not rehash or files.sha256_file(path) == record["sha256"]))
 
 
 def load_shard_record(out: Path, name: str) -> dict[str, Any] | None:
@@ -203,7 +204,7 @@ class Marker:
 
 
 def write_marker(out: Path, job_index: int, num_jobs: int, shards: list[str]) -> None:
-    mf.write_json_atomic(out / STATE_DIR / f"job-{job_index:03d}-of-{num_jobs:03d}.json", {"shards": shards})
+    files.write_json_atomic(out / STATE_DIR / f"job-{job_index:03d}-of-{num_jobs:03d}.json", {"shards": shards})
 
 
 def markers(out: Path) -> list[Marker]:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from pipeline.archive import CUB_DIRNAME, find_cub_root, safe_extract
 from pipeline.errors import UserError
-from pipeline.manifest import replace_dir
+from pipeline.files import replace_dir
 from pipeline.remote import IO_TIMEOUT_ENV, io_timeout
 
 DEFAULT_URL = "https://data.caltech.edu/records/65de6-vzh51/files/CUB_200_2011.tgz?download=1"
@@ -66,6 +66,8 @@ def _md5_of(path: Path) -> str:
 
 
 def _fetch_verified(url: str, tgz: Path, expected: str, progress: bool) -> None:
+    # Not pipeline.files' `.NAME.tmp-PID`: the partial download must keep one name across runs, so that the
+    # next run resumes it (an HTTP Range request) instead of starting over.
     part = tgz.with_name(tgz.name + ".part")
     _fetch(url, part, progress)
     got = _md5_of(part)

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageOps
 
+from pipeline.errors import one_line
+
 Box = tuple[float, float, float, float]  # x, y, w, h
 BBOX_MARGIN = 0.1  # --crop-bbox keeps this fraction of the box's size around it on each side
 
@@ -46,7 +48,7 @@ def encode_image(data: bytes, bbox: Box | None, options: EncodeOptions) -> Encod
     except MemoryError:
         raise
     except Exception as e:  # PIL raises many types for corrupt data, from any step that reads it
-        raise BadImage(f"cannot decode ({type(e).__name__}: {one_line(e)})") from None
+        raise BadImage(f"cannot decode ({one_line(e, typed=True)})") from None
 
 
 def _encode(image: Image.Image, data: bytes, bbox: Box | None, options: EncodeOptions) -> Encoded:
@@ -82,13 +84,7 @@ def _open(data: bytes) -> Image.Image:
     except MemoryError:
         raise
     except Exception as e:  # PIL raises many types for garbage input
-        raise BadImage(f"not an image ({type(e).__name__}: {one_line(e)})") from None
-
-
-def one_line(error: BaseException, limit: int = 200) -> str:
-    """An error's message on one line, cut to `limit` characters (PIL messages can span lines)."""
-    text = " ".join(str(error).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+        raise BadImage(f"not an image ({one_line(e, typed=True)})") from None
 
 
 def _can_keep_bytes(image: Image.Image, orientation: int, options: EncodeOptions) -> bool:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.errors import UserError
-from pipeline.manifest import write_json_atomic
+from pipeline.files import write_json_atomic
 
 Mode = Literal["exclusive", "shared"]
 META_WAIT_S = 60.0  # the decision lock is held only while deciding; only a stopped process keeps it longer

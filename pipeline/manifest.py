@@ -1,29 +1,26 @@
-"""The shard-set contract: manifest schema, loading from a directory or URL, atomic writes."""
+"""The shard-set contract: the manifest's schema and format version, loading it from a directory or URL, and
+the locations of a set's files."""
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
-import os
 import re
 import shlex
-import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from pipeline.errors import UserError
-from pipeline.remote import read_all
+from pipeline.remote import is_pipe, is_url, read_all
 
 FORMAT = "cubstream-shards"
-VERSION = 1
+VERSION = 1  # the format version this code writes; when it changes: shards/README.md, "Versions"
 MANIFEST = "manifest.json"
 SPLITS = ("train", "valid", "test")
 # Optional per-class lists some layouts add next to "classes" (NABirds: original ids, ancestors' names).
 CLASS_FIELDS = ("class_ids", "class_parents")
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
-TEMPORARY_MARK = ".tmp-"  # `.NAME.tmp-PID`: what write_atomic and the shard writer write before renaming
 
 
 class ManifestError(UserError):
@@ -31,15 +28,6 @@ class ManifestError(UserError):
 
 
 PIPE_EXAMPLE = "pipe:aws s3 cp s3://BUCKET/PREFIX/{} -"
-
-
-def is_url(location: str) -> bool:
-    return location.startswith(("http://", "https://"))
-
-
-def is_pipe(location: str) -> bool:
-    """A `pipe:COMMAND` location: COMMAND with `{}` where the file name goes prints that file to stdout."""
-    return location.startswith("pipe:")
 
 
 def join(location: str, name: str) -> str:
@@ -76,13 +64,20 @@ def load_manifest(location: str) -> dict[str, Any]:
 
 
 def validate(manifest: Any, where: str) -> None:
-    """Check every field this code or its readers use, with its type; one line naming the first problem."""
+    """The format and its version first, then the reader of that version checks every field this code or
+    its readers use, with its type; one line naming the first problem."""
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ManifestError(f"{where}: not a {FORMAT} manifest")
-    if manifest.get("version") != VERSION:
-        raise ManifestError(
-            f"{where}: format version {manifest.get('version')!r} is not supported (this code reads {VERSION})"
-        )
+    version = manifest.get("version")
+    reader = READERS.get(version) if is_count(version) else None  # JSON true is not version 1
+    if reader is None:
+        newer = "; it was written by a newer cubstream" if is_count(version) and version > max(READERS) else ""
+        raise ManifestError(f"{where}: format version {version!r} is not supported (this code reads "
+                            f"{', '.join(map(str, sorted(READERS)))}{newer})")
+    reader(manifest, where)
+
+
+def _validate_v1(manifest: dict[str, Any], where: str) -> None:
     classes = manifest.get("classes")
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes):
         raise ManifestError(f"{where}: 'classes' must be a non-empty list of names")
@@ -158,6 +153,11 @@ def _validate_skipped(skipped: Any, where: str) -> None:
         raise ManifestError(f"{where}: 'skipped' must be a list of objects with a path and a reason")
 
 
+# The reader of each format version this code reads (its check of the manifest; what it then reads of the
+# shards follows from the version too). A new version adds its reader here.
+READERS: dict[int, Callable[[dict[str, Any], str], None]] = {1: _validate_v1}
+
+
 def is_count(value: Any) -> bool:
     """An integer >= 0 (JSON true/false are not counts, though Python's bool is an int)."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
@@ -166,67 +166,3 @@ def is_count(value: Any) -> bool:
 def shard_locations(location: str, manifest: dict[str, Any], split: str) -> list[str]:
     """Paths or URLs of every shard of `split`, in manifest order."""
     return [join(location, shard["name"]) for shard in manifest["splits"][split]["shards"]]
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    with open(path, "rb") as f:
-        return sha256_of(f)
-
-
-def sha256_of(file: BinaryIO) -> str:
-    """The sha256 of what is left to read in the open binary `file` (read to its end)."""
-    digest = hashlib.sha256()
-    for block in iter(lambda: file.read(1 << 20), b""):
-        digest.update(block)
-    return digest.hexdigest()
-
-
-def temporary_name(path: Path) -> Path:
-    """The name a file is written under before it is renamed to `path` (hidden, tagged with this pid)."""
-    return path.with_name(f".{path.name}{TEMPORARY_MARK}{os.getpid()}")
-
-
-def is_temporary(name: str) -> bool:
-    return name.startswith(".") and TEMPORARY_MARK in name
-
-
-def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write `data` to a temporary name in the same directory, fsync, then rename over `path`. A failed
-    write (a full disk, a quota) removes the temporary and raises one line naming `path` and the reason."""
-    path = Path(path)
-    tmp = temporary_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        raise UserError(f"{path}: cannot write ({e.strerror or e})") from None
-    finally:  # gone after the rename; otherwise whatever stopped the write (an error, Ctrl-C) leaves none
-        remove_quietly(tmp)
-
-
-def remove_quietly(path: Path) -> None:
-    """Best-effort removal of a temporary while another error is being reported: that error is the news."""
-    with contextlib.suppress(OSError):
-        path.unlink(missing_ok=True)
-
-
-def replace_dir(src: Path, final: Path) -> None:
-    """Rename the finished directory `src` to `final`; an old `final` is moved aside first, then deleted,
-    so `final` is always either the old or the new whole directory."""
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
-    if final.exists():
-        os.replace(final, old)
-    try:
-        os.replace(src, final)
-    except OSError:
-        if old.exists():
-            os.replace(old, final)  # put the old one back rather than leave nothing
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
-    write_atomic(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())

@@ -8,7 +8,7 @@ from typing import Any
 
 import PIL
 
-from pipeline import buildstate, lock
+from pipeline import buildstate, files, lock
 from pipeline import manifest as mf
 from pipeline.errors import UserError
 
@@ -50,7 +50,7 @@ def merge_locked(out: Path, rehash: bool) -> dict[str, Any]:
         "skipped": sorted(skipped, key=lambda s: s["image_id"]),
     }
     mf.validate(manifest, str(out / mf.MANIFEST))
-    mf.write_json_atomic(out / mf.MANIFEST, manifest)
+    files.write_json_atomic(out / mf.MANIFEST, manifest)
     return manifest
 
 

@@ -80,6 +80,7 @@ def is_url(target: str) -> bool:
 
 
 def is_pipe(target: str) -> bool:
+    """A `pipe:COMMAND` location: COMMAND with `{}` where the file name goes prints that file to stdout."""
     return target.startswith("pipe:")
 
 

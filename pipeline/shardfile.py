@@ -17,7 +17,8 @@ import threading
 from pathlib import Path
 
 from pipeline.errors import UserError
-from pipeline.manifest import remove_quietly, temporary_name
+from pipeline.files import remove_quietly, temporary_name
+from pipeline.shardformat import Sample
 from pipeline.shardformat.tarwrite import end_of_archive, member_chunks
 
 SYNC_EVERY = 1 << 20  # bytes written between two fdatasync calls of the writer thread
@@ -40,9 +41,9 @@ class ShardFile:
         self.thread = threading.Thread(target=self._write, name=f"write {final.name}", daemon=True)
         self.thread.start()
 
-    def add(self, members: tuple[tuple[str, bytes], ...]) -> None:
+    def add(self, sample: Sample) -> None:
         """Append one sample's members (written in the background)."""
-        chunks = tuple(chunk for name, payload in members for chunk in member_chunks(name, payload))
+        chunks = tuple(chunk for name, payload in sample.members() for chunk in member_chunks(name, payload))
         self.size += sum(map(len, chunks))
         self.queue.put(chunks)
 

@@ -3,18 +3,14 @@ of its train set, unless the source has its own valid set."""
 
 from __future__ import annotations
 
-import hashlib
 from collections import defaultdict
 from collections.abc import Hashable
 from typing import TYPE_CHECKING
 
+from pipeline.seeded import seeded_digest
+
 if TYPE_CHECKING:  # only a type here: pipeline.sources imports this module
     from pipeline.sources.base import Record
-
-
-def _rank(seed: int, purpose: str, image_id: int | str) -> bytes:
-    """A seeded, platform-independent sort key (no RNG library whose stream could change between versions)."""
-    return hashlib.sha256(f"{seed}:{purpose}:{image_id}".encode("utf-8", "surrogateescape")).digest()
 
 
 def num_valid(num_train_images: int, fraction: float) -> int:
@@ -28,7 +24,7 @@ def carve(ids_by_class: dict[Hashable, list[int | str]], fraction: float, seed: 
     """The ids taken out of each class (num_valid of them), chosen by a seeded hash of (purpose, id)."""
     taken: set[int | str] = set()
     for label in sorted(ids_by_class):
-        members = sorted(ids_by_class[label], key=lambda image_id: _rank(seed, purpose, image_id))
+        members = sorted(ids_by_class[label], key=lambda image_id: seeded_digest(seed, purpose, image_id))
         taken.update(members[: num_valid(len(members), fraction)])
     return taken
 
@@ -47,4 +43,4 @@ def assign_splits(records: list[Record], valid_fraction: float, seed: int) -> di
     splits: dict[str, list[Record]] = {"train": [], "valid": [], "test": []}
     for record in records:
         splits["valid" if record.image_id in valid_ids else record.split].append(record)
-    return {name: sorted(rs, key=lambda r: _rank(seed, f"order-{name}", r.image_id)) for name, rs in splits.items()}
+    return {name: sorted(rs, key=lambda r: seeded_digest(seed, f"order-{name}", r.image_id)) for name, rs in splits.items()}

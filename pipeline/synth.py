@@ -12,7 +12,6 @@ Deterministic: the same arguments give byte-identical files (and, with `tgz`, a 
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from tqdm import tqdm
 
 from pipeline.archive import pack_tgz
 from pipeline.errors import UserError
-from pipeline.manifest import replace_dir
+from pipeline.files import replace_dir, temporary_name
 from pipeline.synth_draw import ClassStyle, class_styles, draw_bird
 from pipeline.synth_layouts import LAYOUTS, ImageEntry, dirname, listings, place, write_listings
 
@@ -56,7 +55,7 @@ def synth(out: Path, classes: int = 20, per_class: int = 40, seed: int = 0, tgz:
     final = out / name
     _check_replaceable(final)
     _make_dir(out)
-    tmp = out / f".{name}.tmp-{os.getpid()}"
+    tmp = temporary_name(final)  # a directory: built whole, then swapped in by replace_dir
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         _write_dataset(tmp, layout, classes, per_class, seed, progress)

@@ -13,6 +13,7 @@ from tqdm import tqdm
 from pipeline import manifest as mf
 from pipeline.buildstate import temporaries
 from pipeline.errors import UserError
+from pipeline.remote import is_pipe, is_url
 from pipeline.shardformat.check import CorruptSample, decode_sample, record_problem
 from pipeline.shardformat.tarread import strict_samples
 
@@ -77,17 +78,17 @@ def _check_shard(location: str, shard: dict[str, Any], split: str, num_classes: 
     if len(samples) != shard["num_samples"]:
         return f"{len(samples)} samples, manifest says {shard['num_samples']}", []
     labels = []
-    for key, members in samples.items():
+    for key, raw in samples.items():
         if key in seen:
             return f"sample {key}: key also in {seen[key]}", []
-        try:
-            label, _ = decode_sample(members, num_classes)  # the train stream's check and decode: the same verdict
+        try:  # the train stream's check and decode: the same verdict
+            sample = decode_sample(raw, num_classes, with_meta=True)
         except CorruptSample as e:
             return f"sample {key}: {e}", []
-        problem = record_problem(members, split)
+        problem = record_problem(sample, split)
         if problem:
             return f"sample {key}: {problem}", []
-        labels.append(label)
+        labels.append(sample.label)
     seen.update(dict.fromkeys(samples, shard["name"]))
     return "", labels
 
@@ -117,6 +118,6 @@ def inspect(location: str) -> str:
 
 def _temporaries(location: str) -> list[str]:
     """Temporaries in a local shard set (remote stores are listed by their own tools)."""
-    if mf.is_url(location) or mf.is_pipe(location) or not Path(location).is_dir():
+    if is_url(location) or is_pipe(location) or not Path(location).is_dir():
         return []
     return temporaries(Path(location))

@@ -9,13 +9,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline import buildstate
-from pipeline import manifest as mf
+from pipeline import buildstate, files
 from pipeline.encode import BadImage, EncodeOptions, encode_image
 from pipeline.plan import BuildOptions, ShardPlan
 from pipeline.pool import mapped
 from pipeline.shardfile import ShardFile
-from pipeline.shardformat.schema import sample_members
+from pipeline.shardformat import Sample
 from pipeline.sources import Dataset, Record
 
 
@@ -42,7 +41,7 @@ class ShardJob:
 @dataclass(frozen=True)
 class SampleResult:
     task: SampleTask
-    members: tuple[tuple[str, bytes], ...] = ()
+    sample: Sample | None = None  # None when the image is bad
     error: str = ""
 
 
@@ -73,11 +72,11 @@ def write_shard(job: ShardJob) -> list[tuple[Record, str]]:
     class_counts = [0] * job.num_classes
     with ShardFile(job.out / job.shard.name) as tar:
         for task in job.tasks:
-            sample = encode_sample(task)
-            if sample.error:
-                bad.append((task.record, sample.error))
+            result = encode_sample(task)
+            if result.sample is None:
+                bad.append((task.record, result.error))
             elif not bad or job.skip_bad:
-                tar.add(sample.members)
+                tar.add(result.sample)
                 class_counts[task.record.label] += 1
         if bad and not job.skip_bad:
             tar.discard()
@@ -87,7 +86,7 @@ def write_shard(job: ShardJob) -> list[tuple[Record, str]]:
 
 
 def encode_sample(task: SampleTask) -> SampleResult:
-    """Runs in a worker process: read the file, encode it, build the tar members of one sample."""
+    """Runs in a worker process: read the file, encode it, build the sample."""
     try:
         with open(task.image_path, "rb", buffering=0) as f:
             data = f.read()
@@ -111,14 +110,14 @@ def encode_sample(task: SampleTask) -> SampleResult:
         "bbox": None if record.bbox is None else [round(v, 2) for v in encoded.bbox],
         **dict(record.extras),
     }
-    return SampleResult(task, sample_members(record.key, record.label, encoded.jpeg, meta))
+    return SampleResult(task, Sample(record.key, record.label, encoded.jpeg, meta))
 
 
 def _remove_temporaries_of(out: Path, pids: list[int]) -> None:
     """A failed build stops its workers mid-write (terminate is SIGTERM): their temporaries go with them."""
     for pid in pids:
-        for path in out.glob(f".*{mf.TEMPORARY_MARK}{pid}"):
-            mf.remove_quietly(path)
+        for path in files.temporaries(out, pid=pid):
+            files.remove_quietly(path)
 
 
 def _commit(out: Path, shard: ShardPlan, tar: ShardFile, class_counts: list[int],
@@ -133,5 +132,5 @@ def _commit(out: Path, shard: ShardPlan, tar: ShardFile, class_counts: list[int]
         "class_counts": class_counts,
         "skipped": [{"image_id": r.image_id, "path": r.path, "reason": reason} for r, reason in skipped],
     }
-    mf.write_json_atomic(buildstate.record_path(out, shard.name), record)
+    files.write_json_atomic(buildstate.record_path(out, shard.name), record)
     tar.rename()

@@ -21,7 +21,8 @@ from PIL import Image
 from support import ROOT, LoopbackServer, free_port, launch_env, serve
 
 from pipeline.errors import UserError
-from pipeline.manifest import load_manifest, sha256_file
+from pipeline.files import sha256_file
+from pipeline.manifest import load_manifest
 from train import data
 from train.augment import sample_seed as derive_seed
 from train.data import ShardError, eval_loader, train_batches_per_epoch, train_loader

@@ -19,7 +19,8 @@ from conftest import FIT_ARGS, TRAIN_SYNTH
 from safetensors.torch import load_file
 from support import ROOT, assert_one_line_error, cli_env, free_port, launch_env, run_cli, run_main, wait_for
 
-from pipeline.manifest import load_manifest, sha256_file
+from pipeline.files import sha256_file
+from pipeline.manifest import load_manifest
 from train.config import Config
 
 

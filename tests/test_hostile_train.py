@@ -15,7 +15,8 @@ from conftest import FIT_ARGS
 from support import ONE_THREAD, assert_one_line_error, run_cli, run_main
 
 from pipeline.build import build
-from pipeline.manifest import load_manifest, sha256_file, write_json_atomic
+from pipeline.files import sha256_file, write_json_atomic
+from pipeline.manifest import load_manifest
 from pipeline.plan import BuildOptions
 
 NO_SCORE = {"top1": None, "top5": None, "loss": None, "num_samples": 0}

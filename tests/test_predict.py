@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from support import ONE_THREAD, assert_one_line_error, run_cli, run_main
 
+from pipeline.sources.imagefolder import IMAGE_EXTENSIONS
 from train import augment, checkpoint, predict
 
 
@@ -105,6 +106,15 @@ def test_globs_and_folders_visit_each_file_once_through_symlink_loops(tmp_path: 
     assert files == [str(tmp_path / p) for p in ("a/.hidden.jpg", "a/b/y.jpg", "a/link/z.jpg", "a/x.jpg")]
     files, _ = predict.expand([str(tmp_path / "a" / "**" / "y.jpg"), str(tmp_path / "a" / "*.jpg")])
     assert files == [str(tmp_path / "a" / "b" / "y.jpg"), str(tmp_path / "a" / "x.jpg")]
+
+
+def test_a_folder_yields_every_image_type_build_reads(tmp_path: Path) -> None:
+    """predict takes from a folder exactly the files an ImageFolder build takes as images (any case)."""
+    for suffix in IMAGE_EXTENSIONS:
+        (tmp_path / f"img{suffix.upper()}").write_bytes(b"")
+    (tmp_path / "notes.txt").write_bytes(b"")
+    files, failures = predict.expand([str(tmp_path)])
+    assert sorted(Path(f).suffix.lower() for f in files) == sorted(IMAGE_EXTENSIONS) and failures == []
 
 
 def test_a_fifo_is_skipped_not_waited_on(capsys: pytest.CaptureFixture[str], fitted_run: Path, images: Path,

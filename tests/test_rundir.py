@@ -14,8 +14,8 @@ import pytest
 from test_checkpoint import DAMAGE, save_steps
 
 from pipeline.errors import UserError
+from pipeline.files import write_json_atomic
 from pipeline.lock import holder_path
-from pipeline.manifest import write_json_atomic
 from train import config as cfgmod
 from train import rundir
 from train.lifecycle import TRAINER_KEYS

@@ -18,9 +18,10 @@ from PIL import Image
 from webdataset.tariterators import tar_file_iterator
 
 from pipeline.manifest import load_manifest
-from pipeline.shardformat.check import sample_problem
-from pipeline.shardformat.schema import MEMBER_ORDER, sample_members, shard_name
-from pipeline.shardformat.tarread import tar_members
+from pipeline.shardformat import Sample
+from pipeline.shardformat.check import decode_sample, record_problem, sample_problem
+from pipeline.shardformat.schema import MEMBER_ORDER, shard_name
+from pipeline.shardformat.tarread import strict_samples, tar_members
 from pipeline.shardformat.tarwrite import tar_bytes, tarinfo
 from pipeline.verify import verify
 from train import data
@@ -148,11 +149,11 @@ def test_tar_bytes_equal_what_tarfile_writes() -> None:
 
 
 def test_sample_members_in_schema_order() -> None:
-    members = sample_members("00042", 7, b"jpeg", {"b": 1.5, "a": [1, 2]})
+    members = Sample("00042", 7, b"jpeg", {"b": 1.5, "a": [1, 2]}).members()
     assert members == (("00042.cls", b"7"), ("00042.jpg", b"jpeg"), ("00042.json", b'{"a": [1, 2], "b": 1.5}'))
     assert [name.split(".", 1)[1] for name, _ in members] == list(MEMBER_ORDER)
     with pytest.raises(ValueError, match="JSON compliant"):
-        sample_members("00042", 7, b"jpeg", {"bbox": [float("nan")]})
+        Sample("00042", 7, b"jpeg", {"bbox": [float("nan")]}).members()
     assert shard_name("valid", 12) == "valid-000012.tar"
 
 
@@ -172,7 +173,7 @@ def _jpeg(shade: int) -> bytes:
 def _sample(key: str, label: int = 1, **replace: bytes | None) -> list[tuple[str, bytes]]:
     """A sample's members with some payloads replaced by suffix (None leaves the member out, a new suffix adds
     one; `_` in a keyword stands for a dot: x_pkl is the suffix x.pkl)."""
-    members = dict(sample_members(key, label, _jpeg(label * 30), {"image_id": int(key)}))
+    members = dict(Sample(key, label, _jpeg(label * 30), {"image_id": int(key)}).members())
     for suffix, payload in replace.items():
         name = f"{key}.{suffix.replace('_', '.')}"
         if payload is None:
@@ -238,3 +239,17 @@ def test_verify_and_train_stream_give_the_same_reason(tmp_path: Path, caplog: py
         found = sample_problem(raw, NUM_CLASSES)
         assert (found == by_verify[str(shard)].split(": ", 1)[1]) if cheap else found is None, defect
         assert sample_problem(good, NUM_CLASSES) is None
+
+
+def test_a_written_sample_decodes_to_the_same_sample() -> None:
+    """What the writer builds comes back from decoding (verify's reader and the train stream's) as a Sample
+    with the same key, label and record, its image decoded."""
+    written = Sample("00042", 3, _jpeg(90), {"class_index": 3, "split": "train", "bbox": None})
+    raw, problem = strict_samples(tar_bytes(list(written.members())))
+    assert problem == ""
+    read = decode_sample(raw["00042"], NUM_CLASSES, with_meta=True)
+    assert (read.key, read.label, read.meta) == (written.key, written.label, written.meta)
+    assert read.image.shape == (32, 48, 3) and read.image.dtype == np.uint8
+    assert record_problem(read, "train") is None
+    assert record_problem(read, "test") == "json says split 'train', but the sample is in a test shard"
+    assert decode_sample(raw["00042"], NUM_CLASSES).meta is None  # the train stream never parses the JSON

@@ -23,10 +23,12 @@ from conftest import SMALL, SMALL_OPTIONS
 from PIL import Image
 from support import ROOT, assert_one_line_error, cli_env, run_cli
 
+from pipeline import files
 from pipeline import manifest as mf
 from pipeline.build import build
 from pipeline.errors import UserError
-from pipeline.manifest import load_manifest, sha256_file
+from pipeline.files import sha256_file
+from pipeline.manifest import load_manifest
 from pipeline.plan import BuildOptions
 from pipeline.sources import Settings
 from pipeline.sources import cub as cub_layout
@@ -266,7 +268,7 @@ def test_write_error_is_one_line_and_leaves_no_temporary(cub_source: Path, shard
     line = assert_one_line_error(result, "cannot write (File too large)")
     assert re.fullmatch(rf"error: {re.escape(str(out))}/(train|valid|test)-\d{{6}}\.tar: cannot write \(File too "
                         r"large\)", line), line
-    assert [p.name for p in out.rglob("*") if mf.is_temporary(p.name) or p.suffix == ".tar"] == []
+    assert [p.name for p in out.rglob("*") if files.is_temporary(p.name) or p.suffix == ".tar"] == []
     assert not (out / "manifest.json").exists()
     assert run_cli(*_build_args(cub_source / "CUB_200_2011", out, "--workers", workers)).returncode == 0
     assert _digests(out) == _digests(shard_set)
@@ -287,11 +289,11 @@ def test_full_disk_is_one_line_and_leaves_no_temporary(cub_source: Path, tmp_pat
               f"find {shlex.quote(str(out))} -type f -printf '%P\\n'; }}")  # the mount vanishes with the namespace
     result = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, env=cli_env(),
                             cwd=ROOT, timeout=120)
-    rc, *files = result.stdout.split()
+    rc, *written = result.stdout.split()
     assert rc.startswith("rc="), result.stdout + result.stderr
     build_result = subprocess.CompletedProcess(build, int(rc[3:]), "", result.stderr)
     assert_one_line_error(build_result, f"{out}/", ".tar: cannot write (No space left on device)")
-    assert "manifest.json" not in files and not [f for f in files if mf.is_temporary(Path(f).name)], files
+    assert "manifest.json" not in written and not [f for f in written if files.is_temporary(Path(f).name)], written
 
 
 def test_stale_temporaries_are_reported_and_removed(cub_source: Path, shard_set: Path, tmp_path: Path) -> None:
@@ -309,7 +311,7 @@ def test_stale_temporaries_are_reported_and_removed(cub_source: Path, shard_set:
         command = _build_args(cub_source / "CUB_200_2011", out, "--workers", "1") if _ == 0 else (
             "pipeline", "merge", str(out))
         assert run_cli(*command).returncode == 0
-        assert not [p for p in out.rglob("*") if mf.is_temporary(p.name)]
+        assert not [p for p in out.rglob("*") if files.is_temporary(p.name)]
         assert _digests(out) == before
         assert "temporary" not in run_cli("pipeline", "inspect", str(out)).stdout
 
@@ -320,18 +322,19 @@ def test_a_shard_file_streams_exactly_the_bytes_of_tar_bytes(tmp_path: Path, mon
     import hashlib
 
     from pipeline import shardfile
+    from pipeline.shardformat import Sample
     from pipeline.shardformat.tarwrite import tar_bytes
 
     monkeypatch.setattr(shardfile, "SYNC_EVERY", 1)
-    samples = [((f"{i:05d}.cls", b"%d" % i), (f"{i:05d}.jpg", bytes([i]) * (700 * i + 1))) for i in range(9)]
+    samples = [Sample(f"{i:05d}", i, bytes([i]) * (700 * i + 1), {"i": i}) for i in range(9)]
     final = tmp_path / "train-000000.tar"
     with shardfile.ShardFile(final) as tar:
-        for members in samples:
-            tar.add(members)
+        for sample in samples:
+            tar.add(sample)
         size, sha256 = tar.finish()
         assert not final.exists()
         tar.rename()
-    expected = tar_bytes([member for members in samples for member in members])
+    expected = tar_bytes([member for sample in samples for member in sample.members()])
     assert final.read_bytes() == expected
     assert (size, sha256) == (len(expected), hashlib.sha256(expected).hexdigest())
     assert [p.name for p in tmp_path.iterdir()] == [final.name]

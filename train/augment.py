@@ -17,7 +17,6 @@ several times more per image (bench/micro.py measures both).
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections.abc import Callable
 
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import UserError
+from pipeline.seeded import seeded_int
 from pipeline.shardformat.check import decode_rgb
 from train import decode as scaled
 
@@ -218,8 +218,7 @@ def sample_seed(seed: int, epoch: int, key: str) -> int:
 
     sha256 rather than hash(): str hashes are salted per process (PYTHONHASHSEED).
     """
-    digest = hashlib.sha256(f"{seed}:{epoch}:{key}".encode()).digest()
-    return int.from_bytes(digest[:4], "little")
+    return seeded_int(seed, epoch, key, bits=32)
 
 
 Stats = tuple[float, float, float] | list[float]

@@ -17,12 +17,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from pipeline.errors import UserError
-from pipeline.manifest import replace_dir, write_json_atomic
-from train.integrity import FILES, file_problem, first_line, recorded_problem, seal, sync_dir, weights_problem
+from pipeline.errors import UserError, one_line
+from pipeline.files import ASIDE_MARK, is_temporary, replace_dir, write_json_atomic
+from train.integrity import FILES, file_problem, recorded_problem, seal, sync_dir, weights_problem
 
 TRAINER_STATE = "trainer.json"
 BEST = "best"
+TEMPORARY_DIR = ".tmp-"  # `.tmp-step-N`, `.tmp-best`: a checkpoint directory being written (see _temporary_dir)
 STEP_NAME = re.compile(r"step-(\d+)")
 MODEL_FILE = "model.safetensors"
 META_FILE = "meta.json"
@@ -60,7 +61,7 @@ def checkpoint_problem(checkpoint: Path, trainer_keys: tuple[str, ...]) -> str |
     try:
         state = json.loads((checkpoint / TRAINER_STATE).read_text())
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        return f"{TRAINER_STATE} is unreadable ({first_line(e)})"
+        return f"{TRAINER_STATE} is unreadable ({one_line(e)})"
     if not isinstance(state, dict) or [key for key in trainer_keys if key not in state]:
         missing = [key for key in trainer_keys if not isinstance(state, dict) or key not in state]
         return f"{TRAINER_STATE} lacks {', '.join(missing)}"
@@ -89,7 +90,7 @@ def remove_temporaries(run_dir: Path) -> list[Path]:
     folder = checkpoints_dir(run_dir)
     best = folder / BEST
     if not best.exists():
-        for old in sorted(folder.glob(f".{BEST}.old-*")):
+        for old in sorted(folder.glob(f".{BEST}{ASIDE_MARK}*")):
             if (old / "model.safetensors").is_file() and (old / "meta.json").is_file():
                 os.replace(old, best)
                 break
@@ -103,8 +104,15 @@ def remove_temporaries(run_dir: Path) -> list[Path]:
 
 
 def _is_temporary(name: str) -> bool:
-    """Names this code gives things before a rename: .tmp-step-N, .tmp-best, .best.old-PID, .NAME.tmp-PID."""
-    return name.startswith(".tmp-") or (name.startswith(".") and (".tmp-" in name or ".old-" in name))
+    """Names this code gives things before a rename: .tmp-step-N, .tmp-best (TEMPORARY_DIR), .best.old-PID
+    (replace_dir's), .NAME.tmp-PID (pipeline.files')."""
+    return name.startswith(TEMPORARY_DIR) or is_temporary(name) or (name.startswith(".") and ASIDE_MARK in name)
+
+
+def _temporary_dir(final: Path) -> Path:
+    """Where a checkpoint directory is written before its rename. Not pipeline.files' `.NAME.tmp-PID`: every
+    process of the run writes its part into the same directory, so its name cannot hold one process's pid."""
+    return final.with_name(f"{TEMPORARY_DIR}{final.name}")
 
 
 def save_checkpoint(accelerator: Any, run_dir: Path, state: dict[str, Any], keep: int) -> Path:
@@ -113,7 +121,7 @@ def save_checkpoint(accelerator: Any, run_dir: Path, state: dict[str, Any], keep
     A failed write (a full disk) is one error in every process naming the checkpoint; the temp dir is
     removed and the previous checkpoints stay as they were."""
     final = checkpoints_dir(run_dir) / f"step-{state['global_step']:08d}"
-    tmp = final.with_name(f".tmp-{final.name}")
+    tmp = _temporary_dir(final)
     problem = None
     if accelerator.is_main_process:
         problem = _attempt(lambda: (shutil.rmtree(tmp, ignore_errors=True), tmp.mkdir(parents=True)))
@@ -147,7 +155,7 @@ def _attempt(action: Any) -> str | None:
     try:
         action()
     except WRITE_ERRORS as e:
-        return first_line(e)
+        return one_line(e)
     return None
 
 
@@ -184,7 +192,7 @@ def save_best(accelerator: Any, run_dir: Path, model: torch.nn.Module, meta: dic
     """Replace checkpoints/best atomically (the main process writes; call it in every process): the previous
     best stays until the new one is whole, and a failed write is the same one-line error everywhere."""
     best = checkpoints_dir(run_dir) / BEST
-    tmp = best.with_name(f".tmp-{BEST}")
+    tmp = _temporary_dir(best)
     problem = None
     if accelerator.is_main_process:
         problem = _attempt(lambda: _write_best(tmp, best, model, meta))
@@ -223,7 +231,7 @@ def load_best(run_dir: Path, flag: str = "--checkpoint") -> tuple[dict[str, torc
         problem = _best_weights_problem(best, meta.get(FILES) if isinstance(meta, dict) else None)
         state = None if problem else load_file(str(best / MODEL_FILE))
     except (SafetensorError, ValueError, OSError) as e:  # truncated or garbled files
-        problem = f"{type(e).__name__}: {first_line(e)}"
+        problem = one_line(e, typed=True)
     if problem:
         raise UserError(f"{named}: unreadable best checkpoint in {best} ({problem})")
     missing = [key for key in META_KEYS if key not in meta] if isinstance(meta, dict) else list(META_KEYS)
@@ -241,7 +249,7 @@ def best_problem(run_dir: Path) -> str | None:
     try:
         meta = json.loads((best / META_FILE).read_text())
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        return f"{best}/{META_FILE} is unreadable ({first_line(e)})"
+        return f"{best}/{META_FILE} is unreadable ({one_line(e)})"
     problem = _best_weights_problem(best, meta.get(FILES) if isinstance(meta, dict) else None)
     return f"{best}: {problem}" if problem else None
 
@@ -266,5 +274,5 @@ def load_model(run_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
         model.load_state_dict(state)
     except RuntimeError as e:
         raise UserError(f"--checkpoint {run_dir}: the weights do not fit {meta['arch']} with "
-                        f"{len(meta['classes'])} classes ({str(e).splitlines()[0]})") from None
+                        f"{len(meta['classes'])} classes ({one_line(e)})") from None
     return model.eval(), meta

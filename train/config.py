@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, one_line
 from train import names
 from train.stopping import DEFAULT_SIGNALS
 from train.validate import (  # noqa: F401 (the config's checks, used through this module)
@@ -206,7 +206,7 @@ def load_yaml(path: Path) -> dict[str, Any]:
     except OSError as e:
         raise UserError(f"--config {path}: {e.strerror}") from None
     except yaml.YAMLError as e:
-        raise UserError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise UserError(f"--config {path}: not valid YAML ({one_line(e)})") from None
     if not isinstance(data, dict):
         raise UserError(f"--config {path}: expected a mapping of option: value")
     known = {f.name for f in fields(Config)}
@@ -272,7 +272,7 @@ def to_dict(config: Config) -> dict[str, Any]:
 
 
 def save(config: Config, path: Path) -> None:
-    from pipeline.manifest import write_atomic
+    from pipeline.files import write_atomic
 
     write_atomic(path, yaml.safe_dump(to_dict(config), sort_keys=False).encode())
 

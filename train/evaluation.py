@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from accelerate import Accelerator
 
-from pipeline.manifest import write_json_atomic
+from pipeline.files import write_json_atomic
 from train import augment, checkpoint, data, rundir
 from train.config import Config
 from train.metrics import Totals, predictions

@@ -9,7 +9,6 @@ ONNX `metadata_props` key "cubstream_meta".
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, one_line
+from pipeline.files import atomic_path
 from pipeline.outputs import output_file_problem
 from train import checkpoint, names
 
@@ -102,15 +102,11 @@ def export(run: str, fmt: str, out: Path) -> tuple[str, float]:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"--out {out}: cannot create {out.parent} ({e.strerror or e})") from None
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(out) as tmp:
         if fmt == "auto":
             fmt, diff = _first_that_works(model, meta, tmp, out, batch, expected)
         else:
             diff = _write_and_check(fmt, model, meta, tmp, out, batch, expected)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return fmt, diff
 
 
@@ -140,7 +136,7 @@ def _write(fmt: str, model: torch.nn.Module, example: torch.Tensor, meta: dict[s
     except OSError as e:
         raise WriteFailed(f"--out {out}: cannot write ({e.strerror or e})") from None
     except RuntimeError as e:  # torch's file writer reports a failed write as a RuntimeError
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = one_line(e)
         if "writ" in str(e).lower():
             raise WriteFailed(f"--out {out}: cannot write ({first})") from None
         if fmt == "torchscript":

@@ -20,7 +20,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from pipeline.manifest import sha256_file
+from pipeline.errors import one_line
+from pipeline.files import sha256_file
 
 FILES = "files"  # the metadata key holding {file name: sha256}
 
@@ -70,7 +71,7 @@ def file_problem(path: Path) -> str | None:
             if not archive.namelist():
                 return "is empty"
     except (OSError, zipfile.BadZipFile, ValueError) as e:
-        return f"is unreadable ({first_line(e)})"
+        return f"is unreadable ({one_line(e)})"
     return None
 
 
@@ -97,7 +98,7 @@ def weights_problem(path: Path) -> str | None:
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        return f"is unreadable ({first_line(e)})"
+        return f"is unreadable ({one_line(e)})"
     problem = nonfinite_problem(tensors)
     return f"{problem} (damaged: training never saves such weights)" if problem else None
 
@@ -108,8 +109,3 @@ def nonfinite_problem(tensors: Mapping[str, torch.Tensor]) -> str | None:
     if not bad:
         return None
     return f"holds NaN or inf in {len(bad)} tensor(s) (first: {bad[0]})"
-
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -14,12 +14,11 @@ from typing import Any
 
 from accelerate import Accelerator
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, one_line
 from train import checkpoint, data, rundir
 from train.config import Config, to_dict
 from train.config import save as save_config
 from train.data import elastic
-from train.integrity import first_line
 from train.optim import reschedule
 from train.tracking import say
 
@@ -193,8 +192,8 @@ def resume(accelerator: Accelerator, where: Path, state: dict[str, Any], schedul
     try:
         accelerator.load_state(str(where))
     except Exception as e:  # unpickling damaged bytes raises almost any type (UnpicklingError, KeyError, ...)
-        reason = first_line(e).split(". ", 1)[0]  # torch's advice after it (weights_only=False) does not apply
-        raise UserError(f"cannot load checkpoint {where} ({type(e).__name__}: {reason}): remove it to resume from "
+        reason = one_line(e, typed=True, sentence=True)
+        raise UserError(f"cannot load checkpoint {where} ({reason}): remove it to resume from "
                         "the one before, or train in another --run-dir") from None
     progress = Progress(**{key: value for key, value in state.items() if key in Progress.__dataclass_fields__})
     now = layout(accelerator, config)

@@ -23,10 +23,9 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.encode import to_rgb
+from pipeline.sources.imagefolder import IMAGE_EXTENSIONS
 from train import augment, checkpoint
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-TOP_K = 5
+from train.metrics import TOP_K
 
 
 @dataclass(frozen=True)
@@ -45,7 +44,7 @@ def expand(inputs: list[str]) -> tuple[list[str], list[Failure]]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = _unique(p for p in _walk(path) if p.suffix.lower() in IMAGE_SUFFIXES)
+            found = _unique(p for p in _walk(path) if p.suffix.lower() in IMAGE_EXTENSIONS)
             files += found
             if not found:
                 failures.append(Failure(item, "folder holds no image files"))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ matplotlib.use("Agg")  # files only, no display; before pyplot is imported
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pipeline.manifest import write_atomic, write_json_atomic  # noqa: E402
+from pipeline.files import atomic_path, write_atomic, write_json_atomic  # noqa: E402
 from train import embedding  # noqa: E402
 
 ANNOTATE_MAX_CLASSES = 30  # write the count in each confusion-matrix cell up to this many classes
@@ -125,13 +124,11 @@ def wandb_payload(out: Path, records: list[dict[str, Any]], classes: list[str], 
 
 def _save(fig: plt.Figure, path: Path, dpi: int = 100) -> None:
     """The PNG under a temporary name, then renamed: never a half-written plot at `path`."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
 
 
 def plot_confusion_matrix(matrix: np.ndarray, classes: list[str], path: Path, title: str = "") -> None:

@@ -15,11 +15,10 @@ from typing import Any
 import yaml
 
 from pipeline import lock
-from pipeline.errors import UserError
-from pipeline.manifest import write_json_atomic
+from pipeline.errors import UserError, one_line
+from pipeline.files import write_json_atomic
 from train import config as cfgmod
 from train.checkpoint import checkpoint_problem, complete_checkpoints, remove_temporaries
-from train.integrity import first_line
 
 LOCK = ".lock"  # with .lock.meta and .lock.holder beside it (pipeline.lock)
 # Options a resumed run may change without --force: how the global batch is split (the claim keeps the
@@ -62,7 +61,7 @@ def _read_mapping(path: Path, parse: Callable[[str], Any], shape: str, what: str
     try:
         data = parse(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
-        problem = first_line(e)
+        problem = one_line(e)
     else:
         if isinstance(data, dict):
             return data

@@ -15,7 +15,7 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
 from pipeline.errors import UserError
-from pipeline.manifest import write_atomic
+from pipeline.files import write_atomic
 from train.config import Config, to_dict
 
 

@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 import torch
 from torch import Tensor, nn
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, one_line
 from pipeline.remote import io_timeout
 from train.integrity import nonfinite_problem
 
@@ -56,7 +56,7 @@ def _url_state_dict(url: str) -> Mapping[str, object]:
                                                      weights_only=True)
         return _unwrap_state_dict(obj, url)
     except Exception as exc:  # HTTPError, URLError, a bad hash, anything torch.load raises, or no state dict
-        reason = str(exc) if isinstance(exc, UserError) else f"{url}: {one_line(exc, sentences=True)}"
+        reason = str(exc) if isinstance(exc, UserError) else f"{url}: {one_line(exc, typed=True, sentence=True)}"
         if was_cached:
             raise UserError(f"pretrained weights {reason}; it is the cached file {cache_file}: delete it to "
                             f"download it again") from exc
@@ -104,7 +104,7 @@ def _file_state_dict(path: str) -> Mapping[str, object]:
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # arbitrary bytes make the unpickler raise almost any type (IndexError, ...)
-        raise UserError(f"cannot read pretrained weights file {path}: {one_line(exc, sentences=True)}") from exc
+        raise UserError(f"cannot read pretrained weights file {path}: {one_line(exc, typed=True, sentence=True)}") from exc
     return _unwrap_state_dict(obj, path)
 
 
@@ -185,13 +185,3 @@ def _preview(items: list[str], limit: int = 5) -> str:
     shown = ", ".join(items[:limit])
     more = f", ... {len(items) - limit} more" if len(items) > limit else ""
     return f" [{shown}{more}]"
-
-
-def one_line(exc: BaseException, sentences: bool = False) -> str:
-    """The type and first line of an exception; with `sentences`, only its first sentence (torch.load's
-    errors go on with advice that does not apply here, such as retrying with weights_only=False)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    if not lines:
-        return type(exc).__name__
-    first = lines[0].split(". ", 1)[0].rstrip(".") if sentences else lines[0]
-    return f"{type(exc).__name__}: {first}"

@@ -1,10 +1,11 @@
 """The one sample check, and decoding: `verify` and the train stream reject a sample for the same reason.
 
-A sample is a mapping of member suffix -> payload (keys starting with "__", webdataset's `__key__` and
-`__url__`, are not members). `sample_problem` is cheap (member names, label, image header: no pixels), so the
-train stream can run it on samples it skips when resuming; `decode_sample` adds the full decode, which is
-what the train stream feeds to augmentation and what `verify` requires of every sample. `record_problem` is
-verify's own further check of the sample's JSON record (the train stream reads no JSON).
+A raw sample, as read from a tar, is a mapping of member suffix -> payload (keys starting with "__",
+webdataset's `__key__` and `__url__`, are not members). `sample_problem` is cheap (member names, label, image
+header: no pixels), so the train stream can run it on samples it skips when resuming; `decode_sample` adds the
+full decode and returns a `Sample`, which is what the train stream feeds to augmentation and what `verify`
+requires of every sample. With `with_meta` it also parses the JSON record, and `record_problem` is verify's
+own further check of it (the train stream reads no JSON).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
-from pipeline.encode import one_line
-from pipeline.shardformat.schema import IMAGE, LABEL, META, is_refused
+from pipeline.errors import one_line
+from pipeline.shardformat.schema import IMAGE, LABEL, META, Sample, is_refused
 
 log = logging.getLogger(__name__)
 # PIL names the in-memory file it could not identify by its repr, address included: dropped, so the same
@@ -50,38 +51,44 @@ def sample_problem(sample: Mapping[str, Any], num_classes: int) -> str | None:
     return _header_problem(sample[IMAGE])
 
 
-def record_problem(sample: Mapping[str, Any], split: str) -> str | None:
-    """Why a usable sample's JSON record disagrees with its label or with the split of the shard holding it
-    (a sample copied from another split); None if it agrees."""
-    if META not in sample:
-        return f"needs {META}, has {sorted(name for name in sample if not name.startswith('__'))}"
-    try:
-        record = json.loads(sample[META])
-    except ValueError as e:  # UnicodeDecodeError included
-        return f"{META} is not JSON ({one_line(e)})"
-    if not isinstance(record, dict):
-        return f"{META} is not a JSON object"
+def record_problem(sample: Sample, split: str) -> str | None:
+    """Why a decoded sample's record (read `with_meta`) disagrees with its label or with the split of the
+    shard holding it (a sample copied from another split); None if it agrees."""
+    record = sample.meta or {}
     if record.get("split") != split:
         return f"{META} says split {record.get('split')!r}, but the sample is in a {split} shard"
-    if record.get("class_index") != int(sample[LABEL]):
-        return f"{META} says class_index {record.get('class_index')!r}, {LABEL} says {int(sample[LABEL])}"
+    if record.get("class_index") != sample.label:
+        return f"{META} says class_index {record.get('class_index')!r}, {LABEL} says {sample.label}"
     return None
 
 
-def decode_sample(sample: Mapping[str, Any], num_classes: int,
-                  decode: Callable[[bytes], Any] | None = None) -> tuple[int, Any]:
-    """(label, HWC uint8 RGB image) of a usable sample; CorruptSample naming the first problem otherwise.
-    `decode` replaces decode_rgb (the train stream's decodes at the size its augmentation needs)."""
-    problem = sample_problem(sample, num_classes)
+def decode_sample(raw: Mapping[str, Any], num_classes: int, decode: Callable[[bytes], Any] | None = None, *,
+                  with_meta: bool = False) -> Sample:
+    """The `Sample` of a usable raw sample, its image decoded (HWC uint8 RGB; `decode` replaces decode_rgb:
+    the train stream's decodes at the size its augmentation needs); CorruptSample naming the first problem
+    otherwise. `with_meta`: the JSON record too, which must then be there and be a JSON object."""
+    problem = sample_problem(raw, num_classes)
     if problem is not None:
         raise CorruptSample(problem)
     try:
-        image = (decode or decode_rgb)(sample[IMAGE])
+        image = (decode or decode_rgb)(raw[IMAGE])
     except MemoryError:
         raise
     except Exception as e:  # PIL raises many types for corrupt data
         raise CorruptSample(_undecodable(e)) from None
-    return int(sample[LABEL]), image
+    return Sample(raw["__key__"], int(raw[LABEL]), image, _record(raw) if with_meta else None)
+
+
+def _record(raw: Mapping[str, Any]) -> dict[str, Any]:
+    if META not in raw:
+        raise CorruptSample(f"needs {META}, has {sorted(name for name in raw if not name.startswith('__'))}")
+    try:
+        record = json.loads(raw[META])
+    except ValueError as e:  # UnicodeDecodeError included
+        raise CorruptSample(f"{META} is not JSON ({one_line(e)})") from None
+    if not isinstance(record, dict):
+        raise CorruptSample(f"{META} is not a JSON object")
+    return record
 
 
 def decode_rgb(data: bytes, min_size: tuple[int, int] | None = None) -> np.ndarray:
@@ -118,4 +125,4 @@ def _header_problem(data: bytes) -> str | None:
 
 
 def _undecodable(error: Exception) -> str:
-    return f"{IMAGE} does not decode ({type(error).__name__}: {_OBJECT_REPR.sub('', one_line(error))})"
+    return f"{IMAGE} does not decode ({_OBJECT_REPR.sub('', one_line(error, typed=True))})"

@@ -114,12 +114,13 @@ def _read_exactly(stream: BinaryIO, size: int) -> bytes:
     return data
 
 
-def strict_samples(data: bytes) -> tuple[dict[str, dict[str, bytes]], str]:
-    """Members grouped by key ({key: {suffix: payload}}), and the first grouping problem: a member that
+def strict_samples(data: bytes) -> tuple[dict[str, dict[str, bytes | str]], str]:
+    """Raw samples by key ({key: {"__key__": key, suffix: payload, ...}}, as webdataset groups them), and
+    the first grouping problem: a member that
     appears twice, or a sample whose members are split by another's (readers group consecutive members, so
     they would see it twice or read only its first part). tarfile.TarError or ValueError for a tar that
     cannot be read, or a member that is not a regular file."""
-    samples: dict[str, dict[str, bytes]] = {}
+    samples: dict[str, dict[str, bytes | str]] = {}
     previous = None
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
         for member in tar:
@@ -128,7 +129,7 @@ def strict_samples(data: bytes) -> tuple[dict[str, dict[str, bytes]], str]:
             key, suffix = split_name(member.name)
             if key != previous and key in samples:
                 return samples, f"sample {key}: duplicate sample ({member.name} after sample {previous})"
-            if suffix in samples.setdefault(key, {}):
+            if suffix in samples.setdefault(key, {"__key__": key}):
                 return samples, f"sample {key}: duplicate member {member.name}"
             samples[key][suffix] = tar.extractfile(member).read()
             previous = key

@@ -16,12 +16,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from pipeline.errors import one_line
 from train import groups, weights
+from train.augment import IMAGENET_MEAN, IMAGENET_STD
 from train.groups import Group
 from train.validate import MAX_IMAGE_SIZE
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
@@ -155,8 +154,7 @@ def dry_run_problem(build: Callable[[int], nn.Module], size: int) -> str | None:
         with torch.device("meta"):
             model(torch.empty(1, 3, size, size))
     except Exception as e:  # whatever the model raises at this size (RuntimeError, ValueError, AssertionError...)
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        return lines[0] if lines else type(e).__name__
+        return one_line(e)
     return None
 
 

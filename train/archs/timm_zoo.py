@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, one_line
 from train import weights
 from train.archs.base import InputSpec, Listed, Source
 from train.groups import Group
@@ -100,7 +100,7 @@ class Timm(Source):
                                      **_size_kwargs(name, image_size))
         except (TypeError, ValueError, AssertionError, RuntimeError) as e:
             raise UserError(f"--arch timm/{name} cannot be built for --image-size {image_size}: "
-                            f"{weights.one_line(e)}") from None
+                            f"{one_line(e, typed=True)}") from None
 
     def build(self, name: str, num_classes: int, pretrained: str, image_size: int) -> nn.Module:
         if pretrained != "imagenet":
@@ -119,7 +119,7 @@ class Timm(Source):
             with weights.stall_timeout():
                 model = timm.create_model(name, pretrained=True, **_size_kwargs(name, image_size))
         except Exception as e:  # offline (huggingface_hub's LocalEntryNotFoundError, URLError), a bad file
-            raise UserError(f"cannot load the published weights of timm/{name} ({weights.one_line(e)}); "
+            raise UserError(f"cannot load the published weights of timm/{name} ({one_line(e, typed=True)}); "
                             f"{_where_to_put(name, cfg)}") from e
         model.reset_classifier(num_classes)
         return model
@@ -133,7 +133,7 @@ class Timm(Source):
         try:
             return convert(dict(state_dict), model)
         except Exception as e:  # a state dict timm cannot convert: name the conversion's complaint
-            raise UserError(f"the weights do not fit {type(model).__name__}: {weights.one_line(e)}") from e
+            raise UserError(f"the weights do not fit {type(model).__name__}: {one_line(e, typed=True)}") from e
 
     def spec(self, name: str, pretrained: str, crop_pct: float) -> InputSpec:
         """With weights, the tag's mean, std, eval crop and interpolation; from scratch, ImageNet statistics

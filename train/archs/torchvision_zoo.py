@@ -14,7 +14,7 @@ from typing import Any
 import torchvision
 from torch import nn
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, one_line
 from train import groups, weights
 from train.archs.base import InputSpec, Listed, Source
 from train.groups import Group
@@ -88,11 +88,11 @@ def imagenet_state_dict(name: str) -> Mapping[str, object]:
     except Exception as exc:  # no network (URLError), bad hash, unreadable file
         if was_cached:
             raise UserError(
-                f"cached ImageNet weights {cache_file} are unreadable ({weights.one_line(exc)}); "
+                f"cached ImageNet weights {cache_file} are unreadable ({one_line(exc, typed=True)}); "
                 f"delete that file to download it again, or pass --pretrained PATH"
             ) from exc
         raise UserError(
-            f"cannot download ImageNet weights for {name} from {found.url} ({weights.one_line(exc)}); "
+            f"cannot download ImageNet weights for {name} from {found.url} ({one_line(exc, typed=True)}); "
             f"put that file at {cache_file}, or pass --pretrained PATH"
         ) from exc
 

@@ -12,6 +12,8 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.data import default_collate
 
+from pipeline.shardformat import Sample
+
 Batch = dict[str, Any]
 
 # Shared-memory batch buffers per DataLoader worker: two batches in flight (the DataLoader's prefetch_factor),
@@ -61,7 +63,7 @@ def _released(free: torch.Tensor, slot: int, ref: StorageWeakRef) -> bool:
     return True
 
 
-def _batched(items: Iterable[tuple[str, np.ndarray, int] | None], batch_size: int, ring: _Ring | None,
+def _batched(items: Iterable[Sample | None], batch_size: int, ring: _Ring | None,
              limit: int | None = None) -> Iterator[Batch]:
     """Full batches (at most `limit`), then the short remainder if the input ends first (eval)."""
     keys: list[str] = []
@@ -73,10 +75,9 @@ def _batched(items: Iterable[tuple[str, np.ndarray, int] | None], batch_size: in
         if item is None:
             bad += 1
             continue
-        key, image, label = item
-        keys.append(key)
-        images.append(image)
-        labels.append(label)
+        keys.append(item.key)
+        images.append(item.image)
+        labels.append(item.label)
         if len(keys) == batch_size:
             yield _batch(keys, images, labels, bad, ring)
             keys, images, labels, bad = [], [], [], 0

@@ -39,8 +39,8 @@ from typing import BinaryIO
 
 from pipeline.env import positive_number
 from pipeline.errors import UserError
+from pipeline.files import atomic_path, remove_quietly, sha256_of, temporaries
 from pipeline.lock import lock_fd, open_lock
-from pipeline.manifest import TEMPORARY_MARK, remove_quietly, sha256_of, temporary_name
 from pipeline.outputs import output_dir_problem
 from pipeline.remote import CHUNK, RemoteError, is_pipe, is_url, open_stream
 
@@ -128,22 +128,19 @@ class ShardCache:
         """Stream `url` into a temporary beside `path`, check its sha256, rename. Runs under the shard's
         fetch lock, so any temporary of this shard is a killed fetch's and is removed first."""
         _remove_temporaries(path)
-        tmp = temporary_name(path)
         stream = open_stream(url, digest=True)
         try:
-            with open(tmp, "wb", buffering=0) as out:  # chunks of up to CHUNK bytes: no buffer needed
+            with atomic_path(path) as tmp, open(tmp, "wb", buffering=0) as out:  # chunks of up to CHUNK bytes
                 while chunk := stream.read(CHUNK):
                     out.write(chunk)
-            digest = stream.finish()
-            if digest != sha256:
-                raise RemoteError(url, "its bytes do not match the manifest's sha256 (changed or corrupted since "
-                                       "the set was built; check it with `python -m pipeline verify`); not cached")
-            os.replace(tmp, path)
+                if stream.finish() != sha256:
+                    raise RemoteError(url, "its bytes do not match the manifest's sha256 (changed or corrupted "
+                                           "since the set was built; check it with `python -m pipeline verify`); "
+                                           "not cached")
         except OSError as e:
             raise RemoteError(url, f"cannot write its copy in the cache {self.directory} ({e.strerror or e})") from None
         finally:
             stream.abort()  # no-op once finished
-            remove_quietly(tmp)  # gone after the rename
 
     def evict(self, keep: Path | None = None) -> None:
         """Remove least recently opened shards no process holds (never `keep`) until the cache fits its
@@ -201,7 +198,7 @@ def _remove_unused(path: Path) -> bool:
 
 def _remove_temporaries(path: Path) -> None:
     """Temporaries of `path` that killed fetches left (call only when no process can be fetching it)."""
-    for leftover in path.parent.glob(f".{path.name}{TEMPORARY_MARK}*"):
+    for leftover in temporaries(path.parent, path.name):
         remove_quietly(leftover)
 
 

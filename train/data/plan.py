@@ -9,9 +9,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from pipeline.errors import UserError
+from pipeline.seeded import seeded_random
 from train.data.jobs import _EvalJob, _TrainJob
 from train.data.shards import Shard
-from train.data.stages import Transform, _rng
+from train.data.stages import Transform
 
 Position = tuple[int, int]  # (index of the shard in the manifest's train list, sample index within that shard)
 
@@ -116,7 +117,7 @@ def stream_shards(shards: list[Shard], *, seed: int, epoch: int, num_streams: in
 def shard_order(shards: list[Shard], *, seed: int, epoch: int) -> list[Shard]:
     """The (seed, epoch) order of the train shards, the same on every rank."""
     order = list(shards)
-    _rng("shards", seed, epoch).shuffle(order)
+    seeded_random("shards", seed, epoch).shuffle(order)
     return order
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from webdataset.tariterators import group_by_keys
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, one_line
 from pipeline.manifest import shard_locations
 from pipeline.remote import RETRY_POLICY, RemoteError, Stream, io_timeout, is_url, open_stream
 from pipeline.shardformat.tarread import tar_members
@@ -118,5 +118,4 @@ def _first_line(error: Exception) -> str:
     message = str(error.args[0]) if error.args else ""
     if isinstance(error, OSError) and error.strerror:
         message = error.strerror
-    message = message.split(" @ ", 1)[0].splitlines()[0] if message else ""
-    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+    return one_line(error, typed=True, text=message.split(" @ ", 1)[0])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import itertools
 import logging
 import random
@@ -18,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.seeded import seeded_random
+from pipeline.shardformat import Sample
 from pipeline.shardformat.check import CorruptSample, decode_sample, sample_problem
 from train.augment import Augment, sample_seed
 from train.data.shards import Shard, ShardError
@@ -25,12 +26,6 @@ from train.data.shards import Shard, ShardError
 log = logging.getLogger(__name__)
 
 Transform = Callable[[np.ndarray, int], np.ndarray]
-
-
-def _rng(*parts: object) -> random.Random:
-    """A random generator seeded from `parts`, identical in every process."""
-    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
-    return random.Random(int.from_bytes(digest[:8], "little"))
 
 
 def stream_samples(shards: tuple[Shard, ...], keep: tuple[frozenset[int], ...] | None, *, seed: int, epoch: int,
@@ -45,7 +40,7 @@ def stream_samples(shards: tuple[Shard, ...], keep: tuple[frozenset[int], ...] |
     if keep is not None:
         read = _only(read, dict(zip(shards, keep, strict=True)))
     cycled = _cycled(shards, seed, epoch, stream, read)
-    head = _shuffled(itertools.islice(cycled, quota), min(shuffle_buffer, quota), _rng("buffer", seed, epoch, stream))
+    head = _shuffled(itertools.islice(cycled, quota), min(shuffle_buffer, quota), seeded_random("buffer", seed, epoch, stream))
     return itertools.chain(head, cycled)
 
 
@@ -71,7 +66,7 @@ def _cycled(shards: tuple[Shard, ...], seed: int, epoch: int, stream: int | str,
     for cycle in itertools.count():
         order = list(shards)
         if cycle:
-            _rng("cycle", seed, epoch, stream, cycle).shuffle(order)
+            seeded_random("cycle", seed, epoch, stream, cycle).shuffle(order)
         count = 0
         for shard in order:
             for sample in read(shard):
@@ -106,29 +101,31 @@ def _skipped(samples: Iterable[dict[str, Any]], count: int, num_classes: int) ->
 
 
 def _decoded(samples: Iterable[dict[str, Any]], transform: Transform, num_classes: int, seed: int,
-             epoch: int, max_bad_run: int | None = None) -> Iterator[tuple[str, np.ndarray, int] | None]:
-    """(key, augmented HWC uint8 image, label) per sample; None for a dropped corrupt sample (one warning
-    line), so that the batch stage can count it."""
+             epoch: int, max_bad_run: int | None = None) -> Iterator[Sample | None]:
+    """Each raw sample decoded, its image replaced by the augmented HWC uint8 pixels; None for a dropped
+    corrupt sample (one warning line), so that the batch stage can count it."""
     bad_run = 0
-    for sample in samples:
-        key = sample["__key__"]
+    for raw in samples:
+        key = raw["__key__"]
         aug_seed = sample_seed(seed, epoch, key)
         try:
             if isinstance(transform, Augment):  # decoded at the size its augmentation needs (train.decode)
-                label, (image, source_shape) = decode_sample(sample, num_classes,
-                                                             functools.partial(transform.decode, seed=aug_seed))
+                sample = decode_sample(raw, num_classes, functools.partial(transform.decode, seed=aug_seed))
+                image, source_shape = sample.image
             else:
-                (label, image), source_shape = decode_sample(sample, num_classes), None
+                sample = decode_sample(raw, num_classes)
+                image, source_shape = sample.image, None
         except CorruptSample as e:
-            log.warning("dropped corrupt sample %s in shard %s: %s", key, sample["__url__"], e)
+            log.warning("dropped corrupt sample %s in shard %s: %s", key, raw["__url__"], e)
             bad_run += 1
             if max_bad_run is not None and bad_run > max_bad_run:
-                raise ShardError(f"{bad_run} corrupt samples in a row (last in {sample['__url__']}): "
+                raise ShardError(f"{bad_run} corrupt samples in a row (last in {raw['__url__']}): "
                                  f"the shard set is broken; check it with `python -m pipeline verify`") from None
             yield None
             continue
         bad_run = 0
         if source_shape is None:
-            yield key, transform(image, aug_seed), label
+            sample.image = transform(image, aug_seed)
         else:
-            yield key, transform(image, aug_seed, source_shape), label
+            sample.image = transform(image, aug_seed, source_shape)
+        yield sample
