@@ -31,7 +31,8 @@ from typing import Any, NoReturn
 
 import yaml
 
-from pipeline.manifest import load_manifest, write_json_atomic
+from pipeline.files import write_json_atomic
+from pipeline.manifest import load_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = "configs/notebook.yaml"  # relative to ROOT, where every fit runs
