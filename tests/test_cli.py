@@ -38,7 +38,7 @@ def test_name_lists_equal_their_registries() -> None:
 
     assert tuple(augment.TRAIN_PRESETS) == names.AUGMENT_PRESETS
     assert tuple(optim.OPTIMIZERS) == names.OPTIMIZERS
-    assert tuple(optim.SCHEMES) == names.LR_SCHEMES
+    assert (optim.AUTO, *optim.SCHEMES) == names.LR_SCHEMES
     assert tuple(source.syntax for source in archs.SOURCES) == names.ARCH_SYNTAX
 
 

@@ -183,7 +183,7 @@ def test_help_shows_real_defaults(capsys, command: str) -> None:
         assert "choices" not in options["--arch"] and "python -m train models" in options["--arch"]
         assert all(part in options["--arch"] for part in ("resnet18 .. resnet152", "tv/NAME", "timm/NAME"))
         assert registries["optimizer"] == ("adam", "adamw", "sgd")
-        assert registries["lr_scheme"] == ("notebook", "geometric", "flat")
+        assert registries["lr_scheme"] == ("auto", "notebook", "geometric", "flat")
         assert registries["augment"] == ("standard", "notebook", "none")
     if command == "lr-find":
         assert f"default: {cfgmod.Config().lr_find_start})" in options["--start-lr"]

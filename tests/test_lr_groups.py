@@ -44,3 +44,23 @@ def test_geometric_scheme_keeps_its_ratios_under_lr_auto(train_shards: Path, tmp
     _assert_ratios(steps, GEOMETRIC_07)
     chosen = json.loads((run_dir / "lr_find" / "lr_find.json").read_text())["suggested_lr"]
     assert steps[0]["fc"] == pytest.approx(chosen / 25)
+
+
+def test_auto_scheme_is_flat_from_scratch_and_the_notebook_when_fine_tuning(tmp_path: Path) -> None:
+    import torch
+    from accelerate import Accelerator
+
+    from train.config import Config
+    from train.engine import build_model_and_optimizer
+    from train.model import build_model
+    from train.optim import group_lrs
+
+    weights = tmp_path / "resnet18.pth"
+    torch.save(build_model("resnet18", 1000, "none", 32).state_dict(), weights)
+    manifest = {"classes": [f"class {i}" for i in range(3)]}
+    for pretrained, expected in (("none", dict.fromkeys(NOTEBOOK, 1.0)), (str(weights), NOTEBOOK)):
+        config = Config(arch="resnet18", pretrained=pretrained, image_size=32, lr=0.01, channels_last=False)
+        assert config.lr_scheme == "auto"  # the default
+        _, optimizer = build_model_and_optimizer(Accelerator(cpu=True), config, manifest)
+        lrs = group_lrs(optimizer)
+        assert {group: lr / lrs["fc"] for group, lr in lrs.items()} == pytest.approx(expected, rel=1e-12)

@@ -49,7 +49,7 @@ class Config:
     lr_find_start: float = 1e-7  # the LR range test's sweep (lr-find, and fit with lr auto)
     lr_find_end: float = 10.0
     lr_find_steps: int = 100
-    lr_scheme: str = "notebook"
+    lr_scheme: str = "auto"
     lr_decay: float = 0.5  # for lr_scheme geometric
     weight_decay: float = 0.0
     momentum: float = 0.9
@@ -108,7 +108,8 @@ HELP = {
     "lr": "peak LR of the head group (fc for a ResNet); the other groups get lr_scheme's multipliers (auto: run "
           "lr-find first)",
     "lr_scheme": "discriminative LRs over stem, stages, head: notebook (head 1, then /2, /4, /6 ...: a ResNet's "
-                 "layer4 /2 .. stem /10), geometric (lr_decay per group below the head), flat",
+                 "layer4 /2 .. stem /10), geometric (lr_decay per group below the head), flat (one LR), auto "
+                 "(notebook with pretrained weights, flat from scratch)",
     "lr_decay": "per-group LR factor of lr_scheme geometric",
     "pct_start": "the warm-up: share of the optimizer steps over which the one-cycle LR rises from peak / "
                  "div_factor to its peak, before annealing",

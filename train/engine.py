@@ -25,7 +25,7 @@ from train.evaluation import eval_transform, evaluate, final_results, model_meta
 from train.lifecycle import Progress
 from train.metrics import Totals, format_metric
 from train.model import build_model, group_names
-from train.optim import build_optimizer, build_scheduler, group_lrs, lr_multipliers, param_groups
+from train.optim import build_optimizer, build_scheduler, group_lrs, lr_multipliers, param_groups, resolve_scheme
 from train.tracking import MetricsLog, say
 
 
@@ -52,7 +52,8 @@ def build_model_and_optimizer(accelerator: Accelerator, config: Config,
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     base_lr = 1.0 if config.lr == "auto" else config.lr
-    multipliers = lr_multipliers(config.lr_scheme, config.lr_decay, group_names(model))
+    scheme = resolve_scheme(config.lr_scheme, config.pretrained)
+    multipliers = lr_multipliers(scheme, config.lr_decay, group_names(model))
     groups = param_groups(model, base_lr, config.weight_decay, multipliers)
     return model, build_optimizer(config.optimizer, groups, base_lr, momentum=config.momentum)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 AUGMENT_PRESETS = ("standard", "notebook", "none")
 OPTIMIZERS = ("adam", "adamw", "sgd")
-LR_SCHEMES = ("notebook", "geometric", "flat")
+LR_SCHEMES = ("auto", "notebook", "geometric", "flat")
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 EXPORT_FORMATS = ("auto", "torchscript", "onnx")

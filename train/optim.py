@@ -30,6 +30,9 @@ SCHEMES: dict[str, Callable[[int, float], float]] = {
     "geometric": lambda depth, decay: decay**depth,
     "flat": lambda depth, decay: 1.0,
 }
+# "auto": the notebook's discriminative LRs when fine-tuning pretrained weights; one LR for every group when
+# training from scratch, where lower LRs for the early layers only slow them down (bench/recipe.py measures it).
+AUTO = "auto"
 # Optimizers: "adam" (the notebook's; L2 weight decay), "adamw" (decoupled decay), "sgd" (Nesterov momentum).
 OPTIMIZERS: dict[str, Callable[[list[dict], float, float, tuple[float, float]], torch.optim.Optimizer]] = {
     "adam": lambda groups, lr, momentum, betas: torch.optim.Adam(groups, lr=lr, betas=betas),
@@ -43,6 +46,13 @@ _NORM_TYPES = (
     nn.LayerNorm,
     nn.modules.instancenorm._InstanceNorm,
 )
+
+
+def resolve_scheme(scheme: str, pretrained: str) -> str:
+    """The LR scheme a run uses: `scheme`, or for AUTO the one that fits its start (`pretrained` "none": flat)."""
+    if scheme != AUTO:
+        return scheme
+    return "flat" if pretrained == "none" else "notebook"
 
 
 def lr_multipliers(scheme: str = "notebook", decay: float = 0.5,
