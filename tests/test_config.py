@@ -191,7 +191,7 @@ def test_help_shows_real_defaults(capsys, command: str) -> None:
 
 @pytest.mark.parametrize(("flag", "value", "named"), [
     ("--optimizer", "adagrad", "choose from adam, adamw, sgd"),
-    ("--lr-scheme", "cosine", "choose from notebook, geometric, flat"),
+    ("--lr-scheme", "cosine", "choose from auto, notebook, geometric, flat"),
     ("--augment", "heavy", "choose from standard, notebook, none"),
     ("--arch", "vit_b_61", "did you mean vit_b_16"),
 ])

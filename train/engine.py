@@ -25,7 +25,14 @@ from train.evaluation import eval_transform, evaluate, final_results, model_meta
 from train.lifecycle import Progress
 from train.metrics import Totals, format_metric
 from train.model import build_model, group_names
-from train.optim import build_optimizer, build_scheduler, group_lrs, lr_multipliers, param_groups, resolve_scheme
+from train.optim import (
+    build_optimizer,
+    build_scheduler,
+    group_lrs,
+    lr_multipliers,
+    param_groups,
+    resolve_scheme,
+)
 from train.tracking import MetricsLog, say
 
 
