@@ -299,6 +299,7 @@ def _checkpoint_steps(run_dir: Path) -> list[int]:
     ("--lr", "0", "--lr must be > 0"),
     ("--lr", "-1e-3", "--lr must be > 0"),
     ("--epochs", "0", "--epochs must be >= 1"),
+    ("--ema-decay", "0.2", "--ema-decay must be 0 (off) or in [0.5, 1), got 0.2"),
 ])
 def test_bad_options_fail_before_any_work(flag: str, value: str, message: str, tmp_path: Path,
                                          train_shards: Path) -> None:
