@@ -17,7 +17,7 @@ import wandb_log
 import yaml
 from conftest import FIT_ARGS, TRAIN_SYNTH
 from safetensors.torch import load_file
-from support import ROOT, assert_one_line_error, cli_env, free_port, launch_env, run_cli, run_main, wait_for
+from support import ROOT, max_ema_difference, assert_one_line_error, cli_env, free_port, launch_env, run_cli, run_main, wait_for
 
 from pipeline.manifest import load_manifest, sha256_file
 from train.config import Config
@@ -81,7 +81,9 @@ def _without_rank_batches(record: dict) -> dict:
 
 
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(train_shards: Path, tmp_path: Path) -> None:
-    extra = ("--epochs", "2", "--workers", "2", "--checkpoint-every", "3", "--keep-checkpoints", "10")
+    """With an EMA of the weights, whose state the checkpoint carries too."""
+    extra = ("--epochs", "2", "--workers", "2", "--checkpoint-every", "3", "--keep-checkpoints", "10",
+             "--ema-decay", "0.9")
     reference = subprocess.run(_fit_command(train_shards, tmp_path / "a", *extra), cwd=ROOT, capture_output=True,
                                text=True, timeout=300)
     assert reference.returncode == 0, reference.stderr[-2000:]
@@ -123,6 +125,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(train_shards: Path, 
     b = load_file(str(tmp_path / "b" / "checkpoints" / final / "model.safetensors"))
     assert a.keys() == b.keys()
     assert max((a[k].double() - b[k].double()).abs().max().item() for k in a) <= 1e-6
+    assert max_ema_difference(tmp_path / "a" / "checkpoints" / final, tmp_path / "b" / "checkpoints" / final) <= 1e-6
 
     def steps(run: str) -> list[tuple]:
         return [(r["step"], r["loss"], r["lr"]["fc"]) for r in _records(tmp_path / run, "step")]
