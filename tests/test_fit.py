@@ -17,7 +17,17 @@ import wandb_log
 import yaml
 from conftest import FIT_ARGS, TRAIN_SYNTH
 from safetensors.torch import load_file
-from support import ROOT, max_ema_difference, assert_one_line_error, cli_env, free_port, launch_env, run_cli, run_main, wait_for
+from support import (
+    ROOT,
+    assert_one_line_error,
+    cli_env,
+    free_port,
+    launch_env,
+    max_ema_difference,
+    run_cli,
+    run_main,
+    wait_for,
+)
 
 from pipeline.manifest import load_manifest, sha256_file
 from train.config import Config
@@ -26,7 +36,8 @@ from train.config import Config
 def test_fit_results_and_run_files(fitted_run: Path, train_shards: Path) -> None:
     manifest = load_manifest(str(train_shards))
     results = json.loads((fitted_run / "results.json").read_text())
-    assert set(results) == {"test", "valid", "best_epoch"}
+    assert set(results) == {"test", "valid", "best_epoch", "weights"}
+    assert results["weights"] == "raw"  # no --ema-decay: the trained weights
     assert results["test"]["num_samples"] == manifest["splits"]["test"]["num_samples"]
     assert results["valid"]["num_samples"] == manifest["splits"]["valid"]["num_samples"]
     chance = 1 / TRAIN_SYNTH["classes"]
@@ -49,6 +60,7 @@ def test_fit_results_and_run_files(fitted_run: Path, train_shards: Path) -> None
     best = fitted_run / "checkpoints" / "best"
     meta = json.loads((best / "meta.json").read_text())
     assert meta["classes"] == manifest["classes"] and meta["arch"] == "resnet18" and meta["image_size"] == 40
+    assert meta["weights"] == "raw"
     assert "fc.weight" in load_file(str(best / "model.safetensors"))
     assert len(list((fitted_run / "checkpoints").glob("step-*"))) == 2  # keep_checkpoints
 
