@@ -327,3 +327,15 @@ def damage_inside(path: Path, byte: int, count: int = 16) -> None:
     assert data[middle:middle + count] != bytes([byte]) * count, path
     data[middle:middle + count] = bytes([byte]) * count
     path.write_bytes(bytes(data))
+
+
+def max_ema_difference(a: Path, b: Path) -> float:
+    """The largest difference between the EMA states (train/ema.py) of two step checkpoints, which must both
+    hold one (parameters and BatchNorm statistics)."""
+    import torch
+
+    from train.ema import EMA_STATE
+
+    first, second = (torch.load(path / EMA_STATE, weights_only=True) for path in (a, b))
+    assert first.keys() == second.keys() and any("running_mean" in k for k in first)
+    return max((first[k].double() - second[k].double()).abs().max().item() for k in first)

@@ -54,6 +54,8 @@ def test_changed_fields_ignore_resumable_options() -> None:
     saved = cfgmod.to_dict(cfgmod.Config(shards="a"))
     assert cfgmod.changed_fields(saved, cfgmod.Config(shards="http://mirror/a", workers=9, wandb="offline")) == []
     assert cfgmod.changed_fields(saved, cfgmod.Config(shards="a", lr=0.5, arch="resnet18")) == ["arch", "lr"]
+    # the moving average is part of a checkpoint's state: a resume cannot turn it on, off or change it
+    assert cfgmod.changed_fields(saved, cfgmod.Config(shards="a", ema_decay=0.99)) == ["ema_decay"]
 
 
 @pytest.mark.parametrize("argv,fragment", [
@@ -87,6 +89,11 @@ def test_changed_fields_ignore_resumable_options() -> None:
     (["--lr-find-start", "0"], "--lr-find-start/--start-lr must be > 0"),
     (["--lr-find-start", "1", "--lr-find-end", "0.1"], "needs --start-lr < --end-lr"),
     (["--run-dir", ""], "--run-dir must not be empty"),
+    (["--ema-decay", "1"], "--ema-decay must be in [0, 1), got 1"),
+    (["--ema-decay", "-0.5"], "--ema-decay must be in [0, 1), got -0.5"),
+    (["--ema-decay", "nan"], "--ema-decay must be a finite number"),
+    (["--ema-decay", "0.3"], "--ema-decay must be 0 (off) or in [0.5, 1), got 0.3"),
+    (["--ema-decay", "1e-9"], "--ema-decay must be 0 (off) or in [0.5, 1), got 1e-09"),
 ])
 def test_every_option_is_range_checked(argv: list[str], fragment: str) -> None:
     problems = cfgmod.check(_parse("--shards", "s", *argv))
@@ -115,6 +122,9 @@ def test_yaml_types_are_checked(tmp_path: Path, text: str, fragment: str) -> Non
     ("momentum: inf\n", "--momentum must be a finite number"),
     ("crop_scale: [0.5, .nan]\n", "--crop-scale needs two numbers"),
     ("label_smoothing: 5\n", "--label-smoothing must be in [0, 1)"),
+    ("ema_decay: 0.1\n", "--ema-decay must be 0 (off) or in [0.5, 1), got 0.1"),
+    ("ema_decay: 0.5\n", None),  # the range's ends: 0.5 and 0 (off) are fine
+    ("ema_decay: 0\n", None),
     ("epochs: 3.0\n", None),  # a whole number written as a float is fine
 ])
 def test_yaml_values_get_the_same_checks(tmp_path: Path, text: str, fragment: str | None) -> None:

@@ -21,8 +21,9 @@ from typing import Any
 import procs
 import psutil
 import pytest
+import torch
 from safetensors.torch import load_file
-from support import ROOT, free_port, launch_env, synth_shards
+from support import ROOT, free_port, launch_env, max_ema_difference, synth_shards
 
 from pipeline.manifest import load_manifest
 from pipeline.plan import BuildOptions
@@ -36,7 +37,7 @@ EPOCHS = 3
 STEPS_PER_EPOCH = 57 // (2 * BATCH)  # 3
 ARGS = ("--arch", "resnet18", "--pretrained", "none", "--image-size", "32", "--workers", "2", "--lr", "0.003",
         "--lr-scheme", "flat", "--epochs", str(EPOCHS), "--wandb", "disabled", "--log-every", "1",
-        "--crop-scale", "0.6", "1.0")
+        "--crop-scale", "0.6", "1.0", "--ema-decay", "0.9")
 TOP1_TOLERANCE, LOSS_TOLERANCE = 0.25, 0.75
 RUN_TIMEOUT_S = 240
 DIST_TIMEOUT_S = 60  # --dist-timeout of the killed run: the bound for a peer that hangs instead of dying
@@ -182,7 +183,7 @@ def rank_process(launcher: int, rank: int) -> psutil.Process:
 def test_two_nodes_rank_killed_then_resume_auto(dist_shards: Path, two_processes: Path, tmp_path: Path) -> None:
     """Node 1's rank dies (SIGKILL): node 0, which only knows it through gloo, exits with one error line
     within FAILURE_BOUND_S; the same two launches with --resume auto continue from the last checkpoint and
-    end exactly where an uninterrupted 2-process run ends."""
+    end exactly where an uninterrupted 2-process run ends, the EMA of the weights included."""
     run_dir = tmp_path / "run"
     extra = ("--checkpoint-every", "2", "--dist-timeout", str(DIST_TIMEOUT_S))
     command = fit_command(dist_shards, run_dir, BATCH, *extra)
@@ -222,18 +223,23 @@ def test_two_nodes_rank_killed_then_resume_auto(dist_shards: Path, two_processes
         (run_dir / "output.log").write_text(group.output("node0"))
     assert_distributed_run(run_dir, dist_shards, resumed_at=resumed_at)
     assert_same_run(run_dir, two_processes)
+    assert all("valid_ema" in e for e in records(run_dir, "epoch"))  # compared by assert_same_run
+    final = f"step-{EPOCHS * STEPS_PER_EPOCH:08d}"
+    assert max_ema_difference(run_dir / "checkpoints" / final, two_processes / "checkpoints" / final) <= 1e-6
 
 
 STEP_ARGS = ("--arch", "resnet18", "--pretrained", "none", "--image-size", "32", "--batch-size", "4", "--lr", "0.003",
-             "--lr-scheme", "flat", "--wandb", "disabled", "--steps", "2")
+             "--lr-scheme", "flat", "--wandb", "disabled", "--steps", "3", "--ema-decay", "0.9")
 
 
 @pytest.mark.timeout(RUN_TIMEOUT_S + 60)
 def test_two_processes_train_step_equals_one_with_grad_accum(tmp_path: Path) -> None:
     """fit's model, optimizer and train step (tests/train_step_ranks.py) on the same seeded global batches:
     2 processes x 4 images against 1 process x 4 images x --grad-accum 2 over the same two halves. BatchNorm
-    sees the same 4 images in both, and DDP's averaged gradient equals the accumulated one, so after two
-    optimizer steps every parameter agrees to float precision, on both ranks."""
+    sees the same 4 images in both, and DDP's averaged gradient equals the accumulated one, so after three
+    optimizer steps every parameter agrees to float precision, on both ranks; so do the parameters of fit's
+    EMA of the weights, and the two ranks hold exactly the same EMA, BatchNorm statistics included (each
+    rank's own statistics differ: it normalised its own half-batch)."""
     script = str(ROOT / "tests" / "train_step_ranks.py")
     env = launch_env(tmp_path)
     with procs.group(tmp_path / "logs") as group:
@@ -246,10 +252,10 @@ def test_two_processes_train_step_equals_one_with_grad_accum(tmp_path: Path) -> 
     one, rank0, rank1 = (json.loads(p.read_text()) for p in
                          (tmp_path / "one" / "rank0.json", tmp_path / "two" / "rank0.json", tmp_path / "two" / "rank1.json"))
     assert [r["world"] for r in (one, rank0, rank1)] == [1, 2, 2]
-    assert [r["optimizer_steps"] for r in (one, rank0, rank1)] == [2, 2, 2]
+    assert [r["optimizer_steps"] for r in (one, rank0, rank1)] == [3, 3, 3]
     interleaved = [loss for pair in zip(rank0["losses"], rank1["losses"], strict=True) for loss in pair]
     assert one["losses"] == pytest.approx(interleaved, abs=1e-5)  # the same half-batches, in the same order
-    assert one["max_update"] > 1e-3  # two Adam steps at 0.003 moved the weights: the comparison means something
+    assert one["max_update"] > 1e-3  # three Adam steps at 0.003 moved the weights: the comparison means something
 
     weights = [load_file(str(tmp_path / run / f"rank{r}.safetensors")) for run, r in (("one", 0), ("two", 0),
                                                                                     ("two", 1))]
@@ -257,3 +263,10 @@ def test_two_processes_train_step_equals_one_with_grad_accum(tmp_path: Path) -> 
     for other in weights[1:]:
         diff = max((weights[0][k] - other[k]).abs().max().item() for k in weights[0])
         assert diff <= 1e-5, diff
+
+    averaged = [load_file(str(tmp_path / run / f"rank{r}-ema.safetensors")) for run, r in (("one", 0), ("two", 0),
+                                                                                          ("two", 1))]
+    assert all(torch.equal(averaged[1][k], averaged[2][k]) for k in averaged[1])  # every rank the same EMA
+    assert max((averaged[0][k] - averaged[1][k]).abs().max().item() for k in weights[0]) <= 1e-5
+    assert max((averaged[1][k] - weights[1][k]).abs().max().item() for k in weights[0]) > 1e-4  # an average
+    assert any("running_mean" in k for k in averaged[1])

@@ -17,7 +17,17 @@ import wandb_log
 import yaml
 from conftest import FIT_ARGS, TRAIN_SYNTH
 from safetensors.torch import load_file
-from support import ROOT, assert_one_line_error, cli_env, free_port, launch_env, run_cli, run_main, wait_for
+from support import (
+    ROOT,
+    assert_one_line_error,
+    cli_env,
+    free_port,
+    launch_env,
+    max_ema_difference,
+    run_cli,
+    run_main,
+    wait_for,
+)
 
 from pipeline.files import sha256_file
 from pipeline.manifest import load_manifest
@@ -27,7 +37,10 @@ from train.config import Config
 def test_fit_results_and_run_files(fitted_run: Path, train_shards: Path) -> None:
     manifest = load_manifest(str(train_shards))
     results = json.loads((fitted_run / "results.json").read_text())
-    assert set(results) == {"test", "valid", "best_epoch"}
+    assert set(results) == {"test", "valid", "best_epoch", "weights"}
+    assert results["weights"] in ("raw", "ema")
+    if not Config().ema_decay:  # no EMA of the weights (the default): the trained ones
+        assert results["weights"] == "raw"
     assert results["test"]["num_samples"] == manifest["splits"]["test"]["num_samples"]
     assert results["valid"]["num_samples"] == manifest["splits"]["valid"]["num_samples"]
     chance = 1 / TRAIN_SYNTH["classes"]
@@ -50,6 +63,7 @@ def test_fit_results_and_run_files(fitted_run: Path, train_shards: Path) -> None
     best = fitted_run / "checkpoints" / "best"
     meta = json.loads((best / "meta.json").read_text())
     assert meta["classes"] == manifest["classes"] and meta["arch"] == "resnet18" and meta["image_size"] == 40
+    assert meta["weights"] == results["weights"]
     assert "fc.weight" in load_file(str(best / "model.safetensors"))
     assert len(list((fitted_run / "checkpoints").glob("step-*"))) == 2  # keep_checkpoints
 
@@ -82,7 +96,9 @@ def _without_rank_batches(record: dict) -> dict:
 
 
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(train_shards: Path, tmp_path: Path) -> None:
-    extra = ("--epochs", "2", "--workers", "2", "--checkpoint-every", "3", "--keep-checkpoints", "10")
+    """With an EMA of the weights, whose state the checkpoint carries too."""
+    extra = ("--epochs", "2", "--workers", "2", "--checkpoint-every", "3", "--keep-checkpoints", "10",
+             "--ema-decay", "0.9")
     reference = subprocess.run(_fit_command(train_shards, tmp_path / "a", *extra), cwd=ROOT, capture_output=True,
                                text=True, timeout=300)
     assert reference.returncode == 0, reference.stderr[-2000:]
@@ -124,6 +140,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(train_shards: Path, 
     b = load_file(str(tmp_path / "b" / "checkpoints" / final / "model.safetensors"))
     assert a.keys() == b.keys()
     assert max((a[k].double() - b[k].double()).abs().max().item() for k in a) <= 1e-6
+    assert max_ema_difference(tmp_path / "a" / "checkpoints" / final, tmp_path / "b" / "checkpoints" / final) <= 1e-6
 
     def steps(run: str) -> list[tuple]:
         return [(r["step"], r["loss"], r["lr"]["fc"]) for r in _records(tmp_path / run, "step")]
@@ -300,6 +317,7 @@ def _checkpoint_steps(run_dir: Path) -> list[int]:
     ("--lr", "0", "--lr must be > 0"),
     ("--lr", "-1e-3", "--lr must be > 0"),
     ("--epochs", "0", "--epochs must be >= 1"),
+    ("--ema-decay", "0.2", "--ema-decay must be 0 (off) or in [0.5, 1), got 0.2"),
 ])
 def test_bad_options_fail_before_any_work(flag: str, value: str, message: str, tmp_path: Path,
                                          train_shards: Path) -> None:

@@ -16,7 +16,8 @@ from support import ONE_THREAD, assert_one_line_error, damage_inside, run_cli, r
 from train import checkpoint
 from train.lifecycle import TRAINER_KEYS
 
-STEPPED = ("--epochs", "2", "--checkpoint-every", "4", "--keep-checkpoints", "20")  # 8 steps an epoch
+# 8 steps an epoch; an EMA of the weights, which a resume restores before it chooses the best model again
+STEPPED = ("--epochs", "2", "--checkpoint-every", "4", "--keep-checkpoints", "20", "--ema-decay", "0.9")
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +104,12 @@ def test_a_run_without_its_best_model_resumes_and_finishes(stepped_run: Path, tr
     assert "--checkpoint" not in result.stdout + result.stderr
     results = json.loads((run_dir / "results.json").read_text())
     assert results["best_epoch"] == 2 and results["test"]["num_samples"] > 0
-    assert json.loads((best / "meta.json").read_text())["epoch"] == 2
+    meta = json.loads((best / "meta.json").read_text())
+    assert meta["epoch"] == 2 and meta["weights"] == results["weights"]
+    if not removed:  # step 16's weights and EMA, as the run left them, validated again: the same numbers
+        last = [json.loads(line) for line in (stepped_run / "metrics.jsonl").read_text().splitlines()][-2]
+        assert last["kind"] == "epoch" and last["epoch"] == 2
+        assert (meta["weights"], meta["valid"]) == (last["valid_weights"], last["valid"])
 
 
 def test_a_checkpoint_without_recorded_sha256_that_cannot_load_is_one_line(stepped_run: Path, train_shards: Path,

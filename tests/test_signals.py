@@ -17,12 +17,13 @@ import procs
 import pytest
 from conftest import FIT_ARGS
 from safetensors.torch import load_file
-from support import free_port, launch_env, run_main
+from support import free_port, launch_env, max_ema_difference, run_main
 from test_distributed import rank_process
 
 RUN_TIMEOUT_S = 180
-# One epoch, mid-epoch stops possible (14 steps of 8 images); --workers 2: workers see the group's signal.
-ARGS = (*FIT_ARGS, "--epochs", "1", "--workers", "2")
+# One epoch, mid-epoch stops possible (14 steps of 8 images); --workers 2: workers see the group's signal; an
+# EMA of the weights, whose state the stop checkpoint carries too.
+ARGS = (*FIT_ARGS, "--epochs", "1", "--workers", "2", "--ema-decay", "0.9")
 LINE = re.compile(r"^stopped by (SIG\w+) at step (\d+) \(epoch 1\): checkpoint (\S+) written; "
                   r"rerun with --resume auto to continue$", re.MULTILINE)
 
@@ -96,6 +97,8 @@ def test_sigterm_to_process_group_stops_at_checkpoint_then_resume_matches(
     assert ours.keys() == theirs.keys() and len(ours) > 50
     diff = max((ours[k].double() - theirs[k].double()).abs().max().item() for k in ours)
     assert diff <= 1e-6, diff
+    assert max_ema_difference(max(run_dir.glob("checkpoints/step-*")),
+                              max(reference.glob("checkpoints/step-*"))) <= 1e-6
     print(f"stopped {stopped - started:.1f} s after start at step {step}; max abs weight difference {diff:.3g}")
 
 

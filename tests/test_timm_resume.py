@@ -1,7 +1,7 @@
 """A timm model through fit's run options: bf16 mixed precision on CPU with channels_last, checkpoints mid-epoch,
-and resumes from one. Resumed with the same layout it ends with the uninterrupted run's weights and losses;
-resumed under another layout (batch x grad-accum, workers) it trains each remaining sample once with the same
-LR schedule for every one of the model's groups.
+and resumes from one, with an EMA of the weights. Resumed with the same layout it ends with the uninterrupted
+run's weights, EMA and losses; resumed under another layout (batch x grad-accum, workers) it trains each
+remaining sample once with the same LR schedule for every one of the model's groups.
 
 A run killed right after its step-4 checkpoint is made by copying the uninterrupted run's directory without
 what came after that checkpoint (as test_elastic's cut_at leaves a killed run)."""
@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 import yaml
 from safetensors.torch import load_file
-from support import ONE_THREAD, run_cli
+from support import ONE_THREAD, max_ema_difference, run_cli
 from test_elastic import recorded
 
 from train import keylog
 
 ARGS = ("--arch", "timm/resnet10t", "--pretrained", "none", "--image-size", "32", "--batch-size", "8", "--workers",
         "0", "--wandb", "disabled", "--log-every", "1", "--lr", "0.002", "--epochs", "1", "--checkpoint-every", "2",
-        "--keep-checkpoints", "100", "--precision", "bf16", "--channels-last")
+        "--keep-checkpoints", "100", "--precision", "bf16", "--channels-last", "--ema-decay", "0.9")
 CUT = 4  # the checkpoint resumed from, mid-epoch
 
 
@@ -69,6 +69,8 @@ def test_a_timm_run_in_bf16_resumes_exactly_and_under_another_layout(train_shard
     assert _steps(same) == steps  # losses and every group's LR, step by step
     a, b = _weights(full, last), _weights(same, last)
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)  # BatchNorm statistics included
+    checkpoints = [run / "checkpoints" / f"step-{last:08d}" for run in (full, same)]
+    assert max_ema_difference(*checkpoints) == 0  # the EMA of the weights too
     assert json.loads((same / "results.json").read_text()) == json.loads((full / "results.json").read_text())
 
     other = _killed_after_checkpoint(full, tmp_path / "other", CUT)

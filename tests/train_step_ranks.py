@@ -5,7 +5,9 @@ seeded batches. Each optimizer step consumes one global batch of 2 x --batch-siz
 half r, the single process gets half 0 then half 1 as two accumulation micro-batches, so every BatchNorm
 sees the same images in both runs and the averaged gradient is the same sum. Every process writes its
 parameters after the last step to OUT/rank<R>.safetensors, and to OUT/rank<R>.json the losses it saw, the
-optimizer steps taken and how far the parameters moved (the largest change of any one)."""
+optimizer steps taken and how far the parameters moved (the largest change of any one). With --ema-decay,
+fit's EMA of the weights (train.ema) is updated after every optimizer step as fit does, and its whole state
+(parameters and BatchNorm statistics) written to OUT/rank<R>-ema.safetensors."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from accelerate.utils import set_seed
 from safetensors.torch import save_file
 
 from train import config as cfgmod
-from train import engine, tracking
+from train import ema, engine, tracking
 
 CLASSES = 6
 INPUT_SEED = 1234
@@ -39,6 +41,7 @@ def main() -> None:
     manifest = {"classes": [f"{i:03d}.class_{i}" for i in range(CLASSES)]}
     model, optimizer = engine.build_model_and_optimizer(accelerator, config, manifest)
     model, optimizer = accelerator.prepare(model, optimizer)
+    averaged = ema.create(accelerator, model, config.ema_decay)
     model.train()
     initial = {name: p.detach().clone() for name, p in model.named_parameters()}
 
@@ -53,11 +56,16 @@ def main() -> None:
             _, _, loss = engine._train_step(accelerator, model, optimizer, step, config)
             losses.append(loss.item())
             optimizer_steps += accelerator.sync_gradients
+            if averaged is not None and accelerator.sync_gradients:
+                ema.update(accelerator, averaged, model, optimizer_steps)
 
     moved = max((p.detach() - initial[name]).abs().max().item() for name, p in model.named_parameters())
     weights = {name: p.detach().cpu().contiguous() for name, p in accelerator.unwrap_model(model).named_parameters()}
     args.out.mkdir(parents=True, exist_ok=True)
     save_file(weights, str(args.out / f"rank{rank}.safetensors"))
+    if averaged is not None:
+        state = {name: t.detach().cpu().contiguous() for name, t in averaged.module.state_dict().items()}
+        save_file(state, str(args.out / f"rank{rank}-ema.safetensors"))
     (args.out / f"rank{rank}.json").write_text(json.dumps({"world": world, "losses": losses,
                                                             "optimizer_steps": optimizer_steps,
                                                             "max_update": moved}))

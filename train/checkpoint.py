@@ -1,6 +1,7 @@
 """Checkpoints that never lose work: temp dir + rename, last K kept, the best model kept apart.
 
-run_dir/checkpoints/step-00000120/   accelerate state (model, optimizer, scheduler, RNG) + trainer.json
+run_dir/checkpoints/step-00000120/   accelerate state (model, optimizer, scheduler, EMA of the weights with
+                                     --ema-decay, RNG) + trainer.json
 run_dir/checkpoints/best/            model.safetensors + meta.json: self-describing (arch, classes, transform)
 """
 

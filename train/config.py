@@ -60,6 +60,7 @@ class Config:
     grad_accum: int = 1
     clip_grad: float = 0.0  # 0: no clipping
     label_smoothing: float = 0.0
+    ema_decay: float = 0.0  # 0: no moving average of the weights (train/ema.py)
     # runtime
     precision: str = "auto"  # auto: what `accelerate launch` was configured with, else no
     channels_last: bool = True
@@ -115,6 +116,10 @@ HELP = {
                  "div_factor to its peak, before annealing",
     "weight_decay": "L2 in the gradient with adam and sgd, decoupled with adamw; never on norms, biases and "
                     "embeddings (position embeddings, class tokens)",
+    "ema_decay": "keep an exponential moving average of the weights (parameters and BatchNorm statistics), "
+                 "updated after every optimizer step with a decay warming up as 1 - step^(-2/3) to at most this "
+                 "value (0: off; else in [0.5, 1)); each epoch validates both the trained and the averaged "
+                 "weights, and the best checkpoint keeps the one with the lower valid loss",
     "precision": "mixed precision (auto: from the accelerate launch config, else no)", "resume": "auto: continue from the newest complete checkpoint",
     "force": "resume with another --epochs (the LR schedule is rebuilt, continuous at the resumed step) or "
              "another shard set with the same classes", "compile": "torch.compile the model",

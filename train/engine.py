@@ -18,7 +18,7 @@ from accelerate.utils import set_seed
 from tqdm import tqdm
 
 from pipeline.errors import UserError
-from train import augment, checkpoint, data, keylog, lifecycle, stopping, tracking
+from train import augment, checkpoint, data, ema, keylog, lifecycle, stopping, tracking
 from train.config import Config
 from train.data import elastic
 from train.evaluation import eval_transform, evaluate, final_results, model_meta, norm_stats, replaces_best
@@ -82,6 +82,7 @@ def train(accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, conf
     scheduler = build_scheduler(optimizer.optimizer, config.epochs * steps_per_epoch, config.pct_start,
                                 config.div_factor, config.final_div_factor)  # the unwrapped optimizer
     accelerator.register_for_checkpointing(scheduler)  # stepped by us once per optimizer step, never prepared
+    averaged = ema.create(accelerator, model, config.ema_decay)  # registered second: ema.EMA_STATE
 
     progress = Progress(steps_per_epoch=steps_per_epoch,
                         **lifecycle.layout_fields(lifecycle.layout(accelerator, config)))
@@ -91,7 +92,7 @@ def train(accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, conf
                                     steps_per_epoch, elastic.Layout(**start["saved_layout"]))
         chunks = lifecycle.resumed_chunks(config, manifest, progress, steps_per_epoch)
         if start["renew_best"]:
-            renew_best(accelerator, model, config, manifest, progress)
+            renew_best(accelerator, model, config, manifest, progress, averaged)
     log = MetricsLog(accelerator, run_dir / "metrics.jsonl", progress.global_step if start["checkpoint"] else None)
     tracking.start_run_tracker(accelerator, config, start["wandb_id"])
 
@@ -106,7 +107,7 @@ def train(accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, conf
         for epoch in range(progress.epoch, config.epochs):
             progress.epoch = epoch
             _train_and_validate(accelerator, model, optimizer, scheduler, stream, config, manifest, progress,
-                                steps_per_epoch, log)
+                                steps_per_epoch, log, averaged)
             signum = agreed_stop(accelerator)
             if signum:  # the epoch-end checkpoint just written is the one to resume from
                 _stop(accelerator, signum, progress,
@@ -124,17 +125,20 @@ def train(accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, conf
 
 def _train_and_validate(accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, scheduler: Any,
                         stream: Iterator[dict[str, Any]], config: Config, manifest: dict[str, Any],
-                        progress: Progress, steps_per_epoch: int, log: MetricsLog) -> None:
-    """The rest of epoch `progress.epoch`, its validation, the best model and the epoch-end checkpoint."""
+                        progress: Progress, steps_per_epoch: int, log: MetricsLog, averaged: Any = None) -> None:
+    """The rest of epoch `progress.epoch`, its validation, the best model and the epoch-end checkpoint
+    (`averaged`: the EMA of the weights, or None)."""
     run_dir, epoch = Path(config.run_dir), progress.epoch
     train_metrics = train_epoch(accelerator, model, optimizer, scheduler, stream, config, progress,
-                                steps_per_epoch, log, run_dir)
+                                steps_per_epoch, log, run_dir, averaged)
     require_finite_weights(accelerator, model, progress, run_dir)
-    valid = validate(accelerator, model, config, manifest, progress, epoch + 1)
+    entries = validate(accelerator, model, config, manifest, progress, epoch + 1, averaged)
+    valid = entries["valid"]
     log.write({"kind": "epoch", "step": progress.global_step, "epoch": epoch + 1, "train": train_metrics,
-               "valid": valid, "best_epoch": progress.best_epoch})
+               **entries, "best_epoch": progress.best_epoch})
+    which = f" ({entries['valid_weights']} weights)" if averaged is not None else ""
     say(accelerator, f"epoch {epoch + 1}/{config.epochs}: train loss {format_metric(train_metrics['loss'])} "
-                     f"top1 {format_metric(train_metrics['top1'], '.3f')} | valid loss "
+                     f"top1 {format_metric(train_metrics['top1'], '.3f')} | valid{which} loss "
                      f"{format_metric(valid['loss'])} top1 {format_metric(valid['top1'], '.3f')} "
                      f"top5 {format_metric(valid['top5'], '.3f')}")
     progress.epoch, progress.step_in_epoch, progress.segments = epoch + 1, 0, []
@@ -143,25 +147,30 @@ def _train_and_validate(accelerator: Accelerator, model: torch.nn.Module, optimi
 
 
 def validate(accelerator: Accelerator, model: torch.nn.Module, config: Config, manifest: dict[str, Any],
-             progress: Progress, epoch: int) -> dict[str, Any]:
-    """The valid metrics of the model (epoch `epoch`, counted from 1), which becomes the best model when
-    it beats the best so far."""
-    valid = evaluate(accelerator, model, config.shards, manifest, "valid", eval_transform(config),
-                     norm_stats(config), config.eval_batch_size or config.batch_size, config.workers)
+             progress: Progress, epoch: int, averaged: Any = None) -> dict[str, Any]:
+    """The valid metrics of the model (epoch `epoch`, counted from 1) and of its EMA `averaged` (when not
+    None), as ema.valid_entries: the weights with the lower valid loss count, and become the best model
+    when they beat the best so far (meta.json says which: "weights")."""
+    nets = {ema.RAW: model} if averaged is None else {ema.RAW: model, ema.EMA: averaged.module}
+    scored = {name: evaluate(accelerator, net, config.shards, manifest, "valid", eval_transform(config),
+                             norm_stats(config), config.eval_batch_size or config.batch_size, config.workers)
+              for name, net in nets.items()}
+    weights = ema.winner(scored)
+    valid = scored[weights]
     if replaces_best(valid, progress):
         progress.best_loss, progress.best_epoch, progress.best_valid = valid["loss"], epoch, valid
-        checkpoint.save_best(accelerator, Path(config.run_dir), accelerator.unwrap_model(model), {
-            **model_meta(config, manifest), "epoch": epoch, "valid": valid})
-    return valid
+        checkpoint.save_best(accelerator, Path(config.run_dir), accelerator.unwrap_model(nets[weights]), {
+            **model_meta(config, manifest), "epoch": epoch, "valid": valid, "weights": weights})
+    return ema.valid_entries(scored, weights)
 
 
 def renew_best(accelerator: Accelerator, model: torch.nn.Module, config: Config, manifest: dict[str, Any],
-               progress: Progress) -> None:
+               progress: Progress, averaged: Any = None) -> None:
     """After a resume whose best model is missing or damaged (lifecycle says so): the best is chosen again
     from what there is, the resumed model when it ended an epoch, else the epochs still to train."""
     progress.best_loss, progress.best_epoch, progress.best_valid = math.inf, -1, {}
     if progress.step_in_epoch == 0 and progress.epoch >= 1:
-        validate(accelerator, model, config, manifest, progress, progress.epoch)
+        validate(accelerator, model, config, manifest, progress, progress.epoch, averaged)
 
 
 def require_finite_weights(accelerator: Accelerator, model: torch.nn.Module, progress: Progress,
@@ -205,9 +214,9 @@ class Throughput:
 
 def train_epoch(accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, scheduler: Any,
                 stream: Iterator[dict[str, Any]], config: Config, progress: Progress, steps_per_epoch: int,
-                log: MetricsLog, run_dir: Path) -> dict[str, Any]:
+                log: MetricsLog, run_dir: Path, averaged: Any = None) -> dict[str, Any]:
     """One epoch (or the rest of one, after a resume) from `stream`; returns exact train metrics over all
-    ranks."""
+    ranks. `averaged`: the EMA of the weights, updated after every optimizer step (or None)."""
     epoch = progress.epoch
     remaining = (steps_per_epoch - progress.step_in_epoch) * config.grad_accum
     totals = Totals(accelerator.device)
@@ -233,6 +242,8 @@ def train_epoch(accelerator: Accelerator, model: torch.nn.Module, optimizer: Any
             scheduler.step()
             progress.global_step += 1
             progress.step_in_epoch += 1
+            if averaged is not None:
+                ema.update(accelerator, averaged, model, progress.global_step)
             step_loss = accelerator.reduce(loss, "mean").item()  # the same in every process
             if not math.isfinite(step_loss):
                 raise UserError(f"training diverged: the loss is {step_loss} at step {progress.global_step} "

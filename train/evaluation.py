@@ -124,11 +124,12 @@ def final_results(accelerator: Accelerator, model: torch.nn.Module, manifest: di
     """Load the best model into every process, evaluate it on test, write results.json, then the test
     report (metrics.json, predictions.csv, PNGs) into run_dir/report/. A split with no sample has null
     metrics in results.json (num_samples 0), and an empty test split gets no report."""
-    state, _ = checkpoint.load_best(run_dir, flag="")  # fit has no --checkpoint option
+    state, meta = checkpoint.load_best(run_dir, flag="")  # fit has no --checkpoint option
     accelerator.unwrap_model(model).load_state_dict(state)
     test = evaluate(accelerator, model, config.shards, manifest, "test", eval_transform(config),
                     norm_stats(config), config.eval_batch_size or config.batch_size, config.workers, collect=True)
-    results = {"test": _public(test), "valid": _public(progress.best_valid), "best_epoch": progress.best_epoch}
+    results = {"test": _public(test), "valid": _public(progress.best_valid), "best_epoch": progress.best_epoch,
+               "weights": meta.get("weights", "raw")}  # the best model's: trained ("raw") or averaged ("ema")
     if accelerator.is_main_process:
         write_json_atomic(run_dir / "results.json", results)
     if test["num_samples"] == 0:

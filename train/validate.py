@@ -64,6 +64,7 @@ RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
     "grad_accum": (1, True, None, False),
     "clip_grad": (0, True, None, False),  # 0: no clipping
     "label_smoothing": (0, True, 1, False),
+    "ema_decay": (0, True, 1, False),  # 0: off; ema_decay_problem refuses the gap (0, 0.5) too
     "seed": (0, True, MAX_SEED, True),
     "checkpoint_every": (0, True, None, False),  # 0: epoch ends only
     "keep_checkpoints": (1, True, None, False),
@@ -119,6 +120,17 @@ def _show(number: float) -> str:
     return str(int(number)) if float(number).is_integer() else f"{number:g}"
 
 
+EMA_DECAY_LOW = 0.5  # below it the newest weights would outweigh the whole average: not an average any more
+
+
+def ema_decay_problem(value: float) -> str | None:
+    """--ema-decay is 0 (off) or in [EMA_DECAY_LOW, 1): RANGES has [0, 1) (a decay of 1 would never move from
+    the first weights), this the gap above 0."""
+    if not 0 < value < EMA_DECAY_LOW:
+        return None
+    return f"--ema-decay must be 0 (off) or in [{_show(EMA_DECAY_LOW)}, 1), got {_show(value)}"
+
+
 def model_problem(config: Config) -> str | None:
     """Whether --arch names a model and the model takes --image-size (imports torch and the model sources:
     run it after `check` and the shard set's manifest, which are quick)."""
@@ -148,6 +160,7 @@ def check(config: Config, require_shards: bool = True) -> list[str]:
     low, high = config.crop_scale
     if not (math.isfinite(low) and math.isfinite(high) and 0 < low <= high <= 1):
         problems.append(f"--crop-scale needs two numbers 0 < min <= max <= 1, got {low:g} {high:g}")
+    problems += filter(None, [ema_decay_problem(config.ema_decay)])
     if config.resume not in ("", "auto"):
         problems.append(f"--resume: only 'auto' is supported, got {config.resume!r}")
     try:
