@@ -139,7 +139,7 @@ def validate(accelerator: Accelerator, model: torch.nn.Module, config: Config, m
     """The valid metrics of the model (epoch `epoch`, counted from 1), which becomes the best model when
     it beats the best so far."""
     valid = evaluate(accelerator, model, config.shards, manifest, "valid", eval_transform(config),
-                     norm_stats(config), config.eval_batch_size or config.batch_size, config.workers)
+                     norm_stats(config), config.eval_batch_size or config.batch_size, config.workers, tta=config.tta)
     if replaces_best(valid, progress):
         progress.best_loss, progress.best_epoch, progress.best_valid = valid["loss"], epoch, valid
         checkpoint.save_best(accelerator, Path(config.run_dir), accelerator.unwrap_model(model), {
