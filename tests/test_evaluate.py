@@ -11,6 +11,7 @@ from typing import Any
 import procs
 import pytest
 import wandb_log
+from conftest import FITTED_EVAL
 from support import ONE_THREAD, assert_one_line_error, assert_png, free_port, launch_env, run_cli, run_main
 
 from pipeline.manifest import load_manifest
@@ -21,7 +22,7 @@ PLOTS = ("confusion_matrix.png", "most_incorrect.png", "embeddings.png")
 def _check_report(out: Path, num_classes: int, num_samples: int) -> dict[str, Any]:
     """metrics.json agrees with its own counts and with predictions.csv; the plots are real."""
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {"top1", "top5", "loss", "num_samples", "per_class"}
+    assert set(metrics) == {"top1", "top5", "loss", "num_samples", "per_class", "eval"}
     assert metrics["num_samples"] == num_samples
     per_class = metrics["per_class"]
     assert len(per_class) == num_classes
@@ -74,10 +75,15 @@ def one_process_eval(fitted_run: Path, train_shards: Path, tmp_path_factory: pyt
 
 
 def test_evaluate_cli_equals_the_fit_report(one_process_eval: Path, fitted_run: Path, train_shards: Path) -> None:
+    """Without eval flags, evaluate scores as fit did (fitted_run: eval size 48 for train size 40, flip TTA)."""
     manifest = load_manifest(str(train_shards))
     metrics = _check_report(one_process_eval, len(manifest["classes"]), manifest["splits"]["test"]["num_samples"])
     fit_metrics = json.loads((fitted_run / "report" / "metrics.json").read_text())
     assert metrics["per_class"] == fit_metrics["per_class"] and metrics["top5"] == fit_metrics["top5"]
+    results = json.loads((fitted_run / "results.json").read_text())
+    assert (metrics["top1"], metrics["top5"]) == (results["test"]["top1"], results["test"]["top5"])
+    assert metrics["loss"] == pytest.approx(results["test"]["loss"], rel=1e-6)
+    assert metrics["eval"] == fit_metrics["eval"] == results["eval"] == FITTED_EVAL
 
 
 @pytest.mark.slow
@@ -98,6 +104,7 @@ def test_evaluate_two_processes_equals_one(one_process_eval: Path, fitted_run: P
     assert two["per_class"] == one["per_class"]
     assert (two["top1"], two["top5"]) == (one["top1"], one["top5"])
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
+    assert two["eval"] == one["eval"] == FITTED_EVAL  # the exact path with an eval size and flip TTA
     assert (out / "predictions.csv").read_text().count("\n") == one["num_samples"] + 1
     for name in PLOTS:
         assert_png(out / name)

@@ -51,6 +51,7 @@ RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
     "eval_batch_size": (0, True, None, False),  # 0: the train batch size
     "workers": (0, True, None, False),
     "crop_pct": (0, False, 1, True),
+    "eval_image_size": (0, True, MAX_IMAGE_SIZE, True),  # 0: the default; else image_size's range
     "shuffle_buffer": (1, True, None, False),
     "lr_find_start": (0, False, None, False),
     "lr_find_end": (0, False, None, False),
@@ -155,9 +156,8 @@ def check(config: Config, require_shards: bool = True) -> list[str]:
         problems.append(f"--lr must be > 0 and finite, got {config.lr}")
     elif float32_problem("lr", config.lr):
         problems.append(float32_problem("lr", config.lr))
-    problem = eval_size_range_problem(config.eval_image_size)
-    if problem:
-        problems.append(problem)
+    if not _range_problem("eval_image_size", config.eval_image_size):  # 0 or image_size's range
+        problems += filter(None, [eval_size_range_problem(config.eval_image_size)])
     if not config.lr_find_start < config.lr_find_end:
         problems.append("the LR sweep needs --start-lr < --end-lr (lr_find_start, lr_find_end), got "
                         f"{config.lr_find_start} and {config.lr_find_end}")
