@@ -70,7 +70,7 @@ def one_process_eval(fitted_run: Path, train_shards: Path, tmp_path_factory: pyt
                      "--split", "test", "--out", str(out), "--workers", "0", "--batch-size", "16",
                      env=ONE_THREAD)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "(1 process(es))" in result.stdout
+    assert "(eval 48 px, tta flip; 1 process(es))" in result.stdout  # the recorded settings
     return out
 
 
@@ -97,7 +97,7 @@ def test_evaluate_two_processes_equals_one(one_process_eval: Path, fitted_run: P
         group.start("launch", command, launch_env(tmp_path))
         assert group.finish(timeout=240) == [0], group.output("launch")[-3000:]
         output = group.output("launch")
-    assert "(2 process(es))" in output  # really two processes, not one
+    assert "tta flip; 2 process(es))" in output  # really two processes, not one
     one = json.loads((one_process_eval / "metrics.json").read_text())
     two = json.loads((out / "metrics.json").read_text())
     assert two["num_samples"] == one["num_samples"]

@@ -127,7 +127,8 @@ def evaluate(run: str, shards: str, split: str, out: Path, batch_size: int, work
     evaluation.write_evaluation_report(accelerator, result, meta["classes"], out, split, step=0)
     say = tracking.say
     say(accelerator, f"{split}: top1 {result['top1']:.4f} top5 {result['top5']:.4f} loss {result['loss']:.4f} "
-                     f"on {result['num_samples']} images ({accelerator.num_processes} process(es))")
+                     f"on {result['num_samples']} images ({evaltime.describe(result['eval'])}; "
+                     f"{accelerator.num_processes} process(es))")
     if result["bad_samples"]:
         say(accelerator, f"warning: {result['bad_samples']} corrupt sample(s) skipped")
     accelerator.end_training()

@@ -105,3 +105,8 @@ def settings(meta: dict[str, Any]) -> dict[str, Any]:
     return {"image_size": size, "resize_short": round(size / meta["crop_pct"]), "crop_pct": meta["crop_pct"],
             "interpolation": meta.get("interpolation", "bilinear"), "tta": meta.get("tta", "none"),
             "weights": "raw"}
+
+
+def describe(recorded: dict[str, Any]) -> str:
+    """`settings` in a few words, for the line a score is printed on: "eval 48 px, tta flip"."""
+    return f"eval {recorded['image_size']} px, tta {recorded['tta']}"

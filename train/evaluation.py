@@ -151,7 +151,8 @@ def final_results(accelerator: Accelerator, model: torch.nn.Module, manifest: di
                          f"sample ({why}); no test report; results in {run_dir}/results.json")
         return results
     say(accelerator, f"test (best epoch {progress.best_epoch}): top1 {test['top1']:.4f} top5 {test['top5']:.4f} "
-                     f"loss {test['loss']:.4f} on {test['num_samples']} images; results in {run_dir}/results.json")
+                     f"loss {test['loss']:.4f} on {test['num_samples']} images ({evaltime.describe(test['eval'])}); "
+                     f"results in {run_dir}/results.json")
     write_evaluation_report(accelerator, test, manifest["classes"], run_dir / "report", "test", progress.global_step)
     return results
 
