@@ -86,6 +86,19 @@ def test_evaluate_cli_equals_the_fit_report(one_process_eval: Path, fitted_run: 
     assert metrics["eval"] == fit_metrics["eval"] == results["eval"] == FITTED_EVAL
 
 
+def test_evaluate_flags_override_the_recorded_settings(fitted_run: Path, train_shards: Path, tmp_path: Path) -> None:
+    out = tmp_path / "plain"
+    result = run_cli("train", "evaluate", "--checkpoint", str(fitted_run), "--shards", str(train_shards), "--split",
+                     "test", "--out", str(out), "--workers", "0", "--eval-image-size", "40", "--tta", "none",
+                     env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "(eval 40 px, tta none; 1 process(es))" in result.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["eval"] == {**FITTED_EVAL, "image_size": 40, "resize_short": 46, "tta": "none"}
+    fit_loss = json.loads((fitted_run / "results.json").read_text())["test"]["loss"]
+    assert metrics["loss"] != pytest.approx(fit_loss, rel=1e-4)  # really scored otherwise
+
+
 @pytest.mark.slow
 def test_evaluate_two_processes_equals_one(one_process_eval: Path, fitted_run: Path, train_shards: Path,
                                           tmp_path: Path) -> None:

@@ -120,8 +120,8 @@ def evaluate(run: str, shards: str, split: str, out: Path, batch_size: int, work
     if accelerator.log_with:
         if accelerator.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
-        accelerator.init_trackers(wandb_project, config={"checkpoint": run, "shards": shards, "split": split,
-                                                                 "eval": result["eval"]},
+        recorded = {"checkpoint": run, "shards": shards, "split": split, "eval": result["eval"]}
+        accelerator.init_trackers(wandb_project, config=recorded,
                                   init_kwargs={"wandb": {"dir": str(out), "mode": tracking.wandb_mode(wandb),
                                                          "job_type": "evaluate"}})
     evaluation.write_evaluation_report(accelerator, result, meta["classes"], out, split, step=0)
