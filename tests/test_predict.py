@@ -95,7 +95,7 @@ def test_eval_flags_override_the_run(capsys: pytest.CaptureFixture[str], fitted_
     assert json.loads(plain.stdout) != json.loads(recorded.stdout)
 
 
-@pytest.mark.parametrize(("flags", "words"), [(("--tta", "mirror"), ("--tta", "invalid choice", "flip")),
+@pytest.mark.parametrize(("flags", "words"), [(("--tta", "mirror"), ("--tta", "invalid choice", "'flip'")),
                                               (("--eval-image-size", "8"), ("--eval-image-size", "[16, 2048]"))])
 def test_bad_eval_flags_are_one_line(capsys: pytest.CaptureFixture[str], fitted_run: Path, images: Path,
                                      flags: tuple[str, ...], words: tuple[str, ...]) -> None:

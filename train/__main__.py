@@ -84,9 +84,9 @@ def _add_eval_settings(p: argparse.ArgumentParser) -> None:
     """evaluate's and predict's --eval-image-size and --tta: by default what the run recorded."""
     p.add_argument("--eval-image-size", type=int, default=0, metavar="N",
                    help="eval crop size in pixels (0: the one the run scored valid and test at)")
-    p.add_argument("--tta", choices=names.TTA_MODES, default="",
-                   help="test-time augmentation: flip also scores each image's mirror and averages the logits "
-                        "(default: the run's)")
+    p.add_argument("--tta", dest="eval_tta", choices=("run", *names.TTA_MODES), default="run",
+                   help="test-time augmentation (run: the one the run scored valid and test with; flip also "
+                        "scores each image's mirror and averages the logits)")
 
 
 def _add_predict(commands: argparse._SubParsersAction) -> None:
@@ -164,7 +164,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         _check_output(parser, output_dir_problem(args.out, "--out"))
         return commands.evaluate(args.checkpoint, args.shards, args.split, args.out, args.batch_size, args.workers,
                                  args.precision, args.wandb, args.wandb_project, args.io_timeout,
-                                 args.cache_dir, args.cache_limit_gb, args.eval_image_size, args.tta)
+                                 args.cache_dir, args.cache_limit_gb, args.eval_image_size, _tta(args))
     if args.command == "models":
         return commands.models(args.pattern)
     if args.command == "predict":
@@ -172,9 +172,14 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
         _check_output(parser, eval_size_range_problem(args.eval_image_size))
         return commands.predict(args.checkpoint, args.images, as_json=args.json, batch_size=args.batch_size,
-                                eval_size=args.eval_image_size, tta=args.tta)
+                                eval_size=args.eval_image_size, tta=_tta(args))
     _check_output(parser, output_file_problem(args.out, "--out"))
     return commands.export(args.checkpoint, args.format, args.out)
+
+
+def _tta(args: argparse.Namespace) -> str:
+    """evaluate's and predict's --tta for train.commands: "" for the run's own."""
+    return "" if args.eval_tta == "run" else args.eval_tta
 
 
 def main(argv: list[str] | None = None) -> int:
