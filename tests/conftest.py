@@ -62,11 +62,19 @@ def train_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
                         BuildOptions(resize_short=48, shard_samples=8))
 
 
+# fitted_run's eval settings, not the defaults (a larger eval crop than --image-size 40, flip TTA), so that
+# evaluate, predict and export are seen to follow what the run recorded.
+EVAL_ARGS = ("--eval-image-size", "48", "--tta", "flip")
+# What results.json, metrics.json and W&B record of them: the short side resized to round(48 / 0.875) first.
+FITTED_EVAL = {"image_size": 48, "resize_short": 55, "crop_pct": 0.875, "interpolation": "bilinear", "tta": "flip",
+               "weights": "raw"}
+
+
 @pytest.fixture(scope="session")
 def fitted_run(train_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One complete `fit` (offline W&B), shared by the tests that read what a run leaves behind."""
+    """One complete `fit` (offline W&B, EVAL_ARGS), shared by the tests that read what a run leaves behind."""
     run_dir = tmp_path_factory.mktemp("runs") / "fitted"
-    result = run_cli("train", "fit", "--shards", str(train_shards), *FIT_ARGS, "--wandb", "offline",
+    result = run_cli("train", "fit", "--shards", str(train_shards), *FIT_ARGS, *EVAL_ARGS, "--wandb", "offline",
                      "--run-dir", str(run_dir), env={"WANDB_SILENT": "true"})
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir

@@ -34,11 +34,12 @@ def _probe(*args: str) -> tuple[int, list[str], str]:
 
 
 def test_name_lists_equal_their_registries() -> None:
-    from train import archs, augment, optim
+    from train import archs, augment, evaltime, optim
 
     assert tuple(augment.TRAIN_PRESETS) == names.AUGMENT_PRESETS
     assert tuple(optim.OPTIMIZERS) == names.OPTIMIZERS
     assert (optim.AUTO, *optim.SCHEMES) == names.LR_SCHEMES
+    assert tuple(evaltime.TTA_VIEWS) == names.TTA_MODES
     assert tuple(source.syntax for source in archs.SOURCES) == names.ARCH_SYNTAX
 
 

@@ -53,6 +53,7 @@ def test_check_lists_every_problem() -> None:
 def test_changed_fields_ignore_resumable_options() -> None:
     saved = cfgmod.to_dict(cfgmod.Config(shards="a"))
     assert cfgmod.changed_fields(saved, cfgmod.Config(shards="http://mirror/a", workers=9, wandb="offline")) == []
+    assert cfgmod.changed_fields(saved, cfgmod.Config(shards="a", eval_image_size=64, tta="flip")) == []  # eval only
     assert cfgmod.changed_fields(saved, cfgmod.Config(shards="a", lr=0.5, arch="resnet18")) == ["arch", "lr"]
     # the moving average is part of a checkpoint's state: a resume cannot turn it on, off or change it
     assert cfgmod.changed_fields(saved, cfgmod.Config(shards="a", ema_decay=0.99)) == ["ema_decay"]

@@ -154,7 +154,7 @@ def test_both_weights_validated_and_the_best_keeps_the_winner(ema_run: Path) -> 
     best = min(epochs, key=lambda r: r["valid"]["loss"])
     assert results["best_epoch"] == best["epoch"] and results["valid"]["loss"] == best["valid"]["loss"]
     meta = json.loads((ema_run / "checkpoints" / "best" / "meta.json").read_text())
-    assert meta["weights"] == results["weights"] == best["valid_weights"] and meta["epoch"] == best["epoch"]
+    assert meta["weights"] == results["eval"]["weights"] == best["valid_weights"] and meta["epoch"] == best["epoch"]
 
     # the best model is the winner's weights at the end of its epoch: the model of that epoch-end checkpoint,
     # or the EMA saved beside it

@@ -11,6 +11,7 @@ from typing import Any
 import procs
 import pytest
 import wandb_log
+from conftest import FITTED_EVAL
 from support import ONE_THREAD, assert_one_line_error, assert_png, free_port, launch_env, run_cli, run_main
 
 from pipeline.manifest import load_manifest
@@ -21,7 +22,7 @@ PLOTS = ("confusion_matrix.png", "most_incorrect.png", "embeddings.png")
 def _check_report(out: Path, num_classes: int, num_samples: int) -> dict[str, Any]:
     """metrics.json agrees with its own counts and with predictions.csv; the plots are real."""
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {"top1", "top5", "loss", "num_samples", "per_class"}
+    assert set(metrics) == {"top1", "top5", "loss", "num_samples", "per_class", "eval"}
     assert metrics["num_samples"] == num_samples
     per_class = metrics["per_class"]
     assert len(per_class) == num_classes
@@ -69,15 +70,33 @@ def one_process_eval(fitted_run: Path, train_shards: Path, tmp_path_factory: pyt
                      "--split", "test", "--out", str(out), "--workers", "0", "--batch-size", "16",
                      env=ONE_THREAD)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "(1 process(es))" in result.stdout
+    assert "(eval 48 px, tta flip; 1 process(es))" in result.stdout  # the recorded settings
     return out
 
 
 def test_evaluate_cli_equals_the_fit_report(one_process_eval: Path, fitted_run: Path, train_shards: Path) -> None:
+    """Without eval flags, evaluate scores as fit did (fitted_run: eval size 48 for train size 40, flip TTA)."""
     manifest = load_manifest(str(train_shards))
     metrics = _check_report(one_process_eval, len(manifest["classes"]), manifest["splits"]["test"]["num_samples"])
     fit_metrics = json.loads((fitted_run / "report" / "metrics.json").read_text())
     assert metrics["per_class"] == fit_metrics["per_class"] and metrics["top5"] == fit_metrics["top5"]
+    results = json.loads((fitted_run / "results.json").read_text())
+    assert (metrics["top1"], metrics["top5"]) == (results["test"]["top1"], results["test"]["top5"])
+    assert metrics["loss"] == pytest.approx(results["test"]["loss"], rel=1e-6)
+    assert metrics["eval"] == fit_metrics["eval"] == results["eval"] == FITTED_EVAL
+
+
+def test_evaluate_flags_override_the_recorded_settings(fitted_run: Path, train_shards: Path, tmp_path: Path) -> None:
+    out = tmp_path / "plain"
+    result = run_cli("train", "evaluate", "--checkpoint", str(fitted_run), "--shards", str(train_shards), "--split",
+                     "test", "--out", str(out), "--workers", "0", "--eval-image-size", "40", "--tta", "none",
+                     env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "(eval 40 px, tta none; 1 process(es))" in result.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["eval"] == {**FITTED_EVAL, "image_size": 40, "resize_short": 46, "tta": "none"}
+    fit_loss = json.loads((fitted_run / "results.json").read_text())["test"]["loss"]
+    assert metrics["loss"] != pytest.approx(fit_loss, rel=1e-4)  # really scored otherwise
 
 
 @pytest.mark.slow
@@ -91,13 +110,14 @@ def test_evaluate_two_processes_equals_one(one_process_eval: Path, fitted_run: P
         group.start("launch", command, launch_env(tmp_path))
         assert group.finish(timeout=240) == [0], group.output("launch")[-3000:]
         output = group.output("launch")
-    assert "(2 process(es))" in output  # really two processes, not one
+    assert "tta flip; 2 process(es))" in output  # really two processes, not one
     one = json.loads((one_process_eval / "metrics.json").read_text())
     two = json.loads((out / "metrics.json").read_text())
     assert two["num_samples"] == one["num_samples"]
     assert two["per_class"] == one["per_class"]
     assert (two["top1"], two["top5"]) == (one["top1"], one["top5"])
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
+    assert two["eval"] == one["eval"] == FITTED_EVAL  # the exact path with an eval size and flip TTA
     assert (out / "predictions.csv").read_text().count("\n") == one["num_samples"] + 1
     for name in PLOTS:
         assert_png(out / name)

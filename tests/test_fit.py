@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import wandb_log
 import yaml
-from conftest import FIT_ARGS, TRAIN_SYNTH
+from conftest import FIT_ARGS, FITTED_EVAL, TRAIN_SYNTH
 from safetensors.torch import load_file
 from support import (
     ROOT,
@@ -37,10 +37,11 @@ from train.config import Config
 def test_fit_results_and_run_files(fitted_run: Path, train_shards: Path) -> None:
     manifest = load_manifest(str(train_shards))
     results = json.loads((fitted_run / "results.json").read_text())
-    assert set(results) == {"test", "valid", "best_epoch", "weights"}
-    assert results["weights"] in ("raw", "ema")
+    assert set(results) == {"test", "valid", "best_epoch", "eval"}
+    assert results["eval"] == FITTED_EVAL | {"weights": results["eval"]["weights"]}  # how: conftest.EVAL_ARGS
+    assert results["eval"]["weights"] in ("raw", "ema")
     if not Config().ema_decay:  # no EMA of the weights (the default): the trained ones
-        assert results["weights"] == "raw"
+        assert results["eval"]["weights"] == "raw"
     assert results["test"]["num_samples"] == manifest["splits"]["test"]["num_samples"]
     assert results["valid"]["num_samples"] == manifest["splits"]["valid"]["num_samples"]
     chance = 1 / TRAIN_SYNTH["classes"]
@@ -63,7 +64,9 @@ def test_fit_results_and_run_files(fitted_run: Path, train_shards: Path) -> None
     best = fitted_run / "checkpoints" / "best"
     meta = json.loads((best / "meta.json").read_text())
     assert meta["classes"] == manifest["classes"] and meta["arch"] == "resnet18" and meta["image_size"] == 40
-    assert meta["weights"] == results["weights"]
+    assert meta["weights"] == results["eval"]["weights"]
+    assert (meta["eval_image_size"], meta["tta"]) == (48, "flip")
+    assert meta["eval_transform"] == {"resize_short": 55, "center_crop": 48}
     assert "fc.weight" in load_file(str(best / "model.safetensors"))
     assert len(list((fitted_run / "checkpoints").glob("step-*"))) == 2  # keep_checkpoints
 
@@ -78,6 +81,7 @@ def test_wandb_offline_run_holds_the_history(fitted_run: Path) -> None:
     assert any("valid/top1" in h and "train/top5" in h for h in history)
     assert any("test/top1" in h for h in history)
     assert wandb_log.config(run_file)["arch"] == "resnet18"
+    assert wandb_log.config(run_file)["eval"] == FITTED_EVAL
 
 
 def _fit_command(shards: Path, run_dir: Path, *extra: str) -> list[str]:

@@ -105,7 +105,7 @@ def test_a_run_without_its_best_model_resumes_and_finishes(stepped_run: Path, tr
     results = json.loads((run_dir / "results.json").read_text())
     assert results["best_epoch"] == 2 and results["test"]["num_samples"] > 0
     meta = json.loads((best / "meta.json").read_text())
-    assert meta["epoch"] == 2 and meta["weights"] == results["weights"]
+    assert meta["epoch"] == 2 and meta["weights"] == results["eval"]["weights"]
     if not removed:  # step 16's weights and EMA, as the run left them, validated again: the same numbers
         last = [json.loads(line) for line in (stepped_run / "metrics.jsonl").read_text().splitlines()][-2]
         assert last["kind"] == "epoch" and last["epoch"] == 2

@@ -56,21 +56,53 @@ def test_json_lines_for_good_files_errors_for_bad_ones(fitted_run: Path, images:
     assert len(errors) == 4 and "Traceback" not in result.stderr
 
 
+def _by_hand(run: Path, path: str, size: int, flip: bool) -> torch.Tensor:
+    """The softmax over every class of one image: the eval resize and crop at `size`, the model, and with
+    `flip` the mean of its logits and those of the mirrored image."""
+    model, meta = checkpoint.load_model(run)
+    rgb = np.asarray(Image.open(path).convert("RGB"))
+    image = augment.Augment(augment.eval_transform(size, meta["crop_pct"]))(rgb, 0)
+    assert image.shape == (size, size, 3)
+    x = augment.normalize(torch.from_numpy(image[None]).permute(0, 3, 1, 2), meta["mean"], meta["std"])
+    with torch.no_grad():
+        logits = (model(x) + model(x.flip(3))) / 2 if flip else model(x)
+    return logits.softmax(dim=1)[0]
+
+
+def _check_top5(top: list[dict], full: torch.Tensor, classes: list[str]) -> None:
+    assert float(full.sum()) == pytest.approx(1.0, abs=1e-6)
+    expected = full.topk(5)
+    assert [entry["class"] for entry in top] == [classes[i] for i in expected.indices.tolist()]
+    assert [entry["prob"] for entry in top] == pytest.approx(expected.values.tolist(), abs=1e-6)
+
+
 def test_probabilities_are_the_full_softmax(fitted_run: Path, images: Path) -> None:
-    """The reported top-5 are the largest entries of a softmax over every class (which sums to 1)."""
+    """The reported top-5 are the largest entries of a softmax over every class (which sums to 1), scored as
+    the run recorded: at eval size 48 with flip TTA (conftest.EVAL_ARGS)."""
     predictor = predict.Predictor(str(fitted_run), device="cpu")
     path = str(images / "gray.png")
     (top,) = predictor.top_k([predictor.prepare(path)])
-    model, meta = checkpoint.load_model(fitted_run)
-    rgb = np.asarray(Image.open(path).convert("RGB"))
-    batch = torch.from_numpy(predictor.transform(rgb, 0)[None]).permute(0, 3, 1, 2)  # HWC -> NCHW view
-    assert batch.shape == (1, 3, meta["image_size"], meta["image_size"])
-    with torch.no_grad():
-        full = model(augment.normalize(batch, meta["mean"], meta["std"])).softmax(dim=1)[0]
-    assert float(full.sum()) == pytest.approx(1.0, abs=1e-6)
-    expected = full.topk(5)
-    assert [entry["class"] for entry in top] == [meta["classes"][i] for i in expected.indices.tolist()]
-    assert [entry["prob"] for entry in top] == pytest.approx(expected.values.tolist(), abs=1e-6)
+    _check_top5(top, _by_hand(fitted_run, path, 48, flip=True), predictor.meta["classes"])
+
+
+def test_eval_flags_override_the_run(capsys: pytest.CaptureFixture[str], fitted_run: Path, images: Path) -> None:
+    path = str(images / "gray.png")
+    recorded = run_main(capsys, "predict", "--checkpoint", str(fitted_run), "--json", path)
+    plain = run_main(capsys, "predict", "--checkpoint", str(fitted_run), "--json", "--eval-image-size", "40",
+                     "--tta", "none", path)
+    assert recorded.returncode == plain.returncode == 0, plain.stderr
+    classes = json.loads((fitted_run / "checkpoints" / "best" / "meta.json").read_text())["classes"]
+    _check_top5(json.loads(plain.stdout)["top5"], _by_hand(fitted_run, path, 40, flip=False), classes)
+    assert json.loads(plain.stdout) != json.loads(recorded.stdout)
+
+
+@pytest.mark.parametrize(("flags", "words"), [(("--tta", "mirror"), ("--tta", "invalid choice", "'flip'")),
+                                              (("--eval-image-size", "8"), ("--eval-image-size", "[16, 2048]"))])
+def test_bad_eval_flags_are_one_line(capsys: pytest.CaptureFixture[str], fitted_run: Path, images: Path,
+                                     flags: tuple[str, ...], words: tuple[str, ...]) -> None:
+    result = run_main(capsys, "predict", "--checkpoint", str(fitted_run), *flags, str(images / "gray.png"))
+    assert_one_line_error(result, *words)
+    assert result.stdout == ""
 
 
 def test_table_output_and_all_good_exit_zero(capsys: pytest.CaptureFixture[str], fitted_run: Path,

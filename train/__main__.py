@@ -18,6 +18,7 @@ from pipeline.outputs import output_dir_problem, output_file_problem  # noqa: E4
 from pipeline.remote import set_io_timeout  # noqa: E402
 from train import config as cfgmod  # noqa: E402
 from train import names  # noqa: E402
+from train.validate import eval_size_range_problem  # noqa: E402
 
 
 class _Parser(argparse.ArgumentParser):
@@ -76,6 +77,16 @@ def _add_evaluate(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--io-timeout", type=float, default=0.0, metavar="SECONDS", help=cfgmod.HELP["io_timeout"])
     p.add_argument("--cache-dir", default="", metavar="DIR", help=cfgmod.HELP["cache_dir"])
     p.add_argument("--cache-limit-gb", type=float, default=0.0, metavar="GB", help=cfgmod.HELP["cache_limit_gb"])
+    _add_eval_settings(p)
+
+
+def _add_eval_settings(p: argparse.ArgumentParser) -> None:
+    """evaluate's and predict's --eval-image-size and --tta: by default what the run recorded."""
+    p.add_argument("--eval-image-size", type=int, default=0, metavar="N",
+                   help="eval crop size in pixels (0: the one the run scored valid and test at)")
+    p.add_argument("--tta", dest="eval_tta", choices=("run", *names.TTA_MODES), default="run",
+                   help="test-time augmentation (run: the one the run scored valid and test with; flip also "
+                        "scores each image's mirror and averages the logits)")
 
 
 def _add_predict(commands: argparse._SubParsersAction) -> None:
@@ -84,6 +95,7 @@ def _add_predict(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, help="run directory of `fit` (or its checkpoints/best)")
     p.add_argument("--json", action="store_true", help="one JSON line per image instead of a table")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    _add_eval_settings(p)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders (recursive) or globs")
 
 
@@ -148,18 +160,26 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         if args.batch_size < 1 or args.workers < 0:
             parser.error(f"evaluate needs --batch-size >= 1 and --workers >= 0, got {args.batch_size} and "
                          f"{args.workers}")
+        _check_output(parser, eval_size_range_problem(args.eval_image_size))
         _check_output(parser, output_dir_problem(args.out, "--out"))
         return commands.evaluate(args.checkpoint, args.shards, args.split, args.out, args.batch_size, args.workers,
                                  args.precision, args.wandb, args.wandb_project, args.io_timeout,
-                                 args.cache_dir, args.cache_limit_gb)
+                                 args.cache_dir, args.cache_limit_gb, args.eval_image_size, _tta(args))
     if args.command == "models":
         return commands.models(args.pattern)
     if args.command == "predict":
         if args.batch_size < 1:
             parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
-        return commands.predict(args.checkpoint, args.images, as_json=args.json, batch_size=args.batch_size)
+        _check_output(parser, eval_size_range_problem(args.eval_image_size))
+        return commands.predict(args.checkpoint, args.images, as_json=args.json, batch_size=args.batch_size,
+                                eval_size=args.eval_image_size, tta=_tta(args))
     _check_output(parser, output_file_problem(args.out, "--out"))
     return commands.export(args.checkpoint, args.format, args.out)
+
+
+def _tta(args: argparse.Namespace) -> str:
+    """evaluate's and predict's --tta for train.commands: "" for the run's own."""
+    return "" if args.eval_tta == "run" else args.eval_tta
 
 
 def main(argv: list[str] | None = None) -> int:

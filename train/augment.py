@@ -178,9 +178,14 @@ class Augment:
 
 
 def run_eval_transform(meta: dict[str, object]) -> Augment:
-    """The eval transform a run recorded in its meta.json (size, crop, resize filter); runs saved before the
-    filter was recorded resized bilinear."""
-    return Augment(eval_transform(meta["image_size"], meta["crop_pct"], meta.get("interpolation", "bilinear")))
+    """The eval transform a run recorded in its meta.json (eval size, crop, resize filter); runs saved before
+    the eval size was recorded scored at the train size, before the filter was recorded resized bilinear."""
+    return Augment(eval_transform(eval_size(meta), meta["crop_pct"], meta.get("interpolation", "bilinear")))
+
+
+def eval_size(meta: dict[str, object]) -> int:
+    """The eval crop a run's meta records (the train size for runs saved before it was recorded)."""
+    return meta.get("eval_image_size") or meta["image_size"]
 
 
 MASK64 = (1 << 64) - 1

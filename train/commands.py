@@ -92,15 +92,17 @@ def check_classes(meta: dict[str, Any], manifest: dict[str, Any], run: str, shar
 
 def evaluate(run: str, shards: str, split: str, out: Path, batch_size: int, workers: int, precision: str,
              wandb: str, wandb_project: str, io_timeout: float = 0.0, cache_dir: str = "",
-             cache_limit_gb: float = 0.0) -> int:
-    """Metrics, predictions and plots of a run's best model on one split of a shard set, into `out`."""
+             cache_limit_gb: float = 0.0, eval_size: int = 0, tta: str = "") -> int:
+    """Metrics, predictions and plots of a run's best model on one split of a shard set, into `out`, at the
+    eval size and TTA the run recorded unless `eval_size` / `tta` are given (0 / "")."""
     set_io_timeout(io_timeout or None)  # 0: the environment's or the default
     configure_cache(cache_dir, cache_limit_gb)  # "" and 0: the environment's
     import torch
 
-    from train import augment, checkpoint, evaluation, tracking
+    from train import augment, checkpoint, evaltime, evaluation, tracking
 
     model, meta = checkpoint.load_model(Path(run))
+    meta = evaltime.with_overrides(meta, eval_size, tta)
     manifest = load_manifest(shards)
     check_classes(meta, manifest, run, shards)
     if manifest["splits"][split]["num_samples"] == 0:
@@ -110,31 +112,36 @@ def evaluate(run: str, shards: str, split: str, out: Path, batch_size: int, work
     transform = augment.run_eval_transform(meta)
     stats = (meta["mean"], meta["std"])
     result = evaluation.evaluate(accelerator, model, shards, manifest, split, transform, stats, batch_size,
-                                 workers, collect=True)
+                                 workers, collect=True, tta=meta["tta"])
+    result["eval"] = evaltime.settings(meta)
     if result["num_samples"] == 0:
         raise UserError(f"the {split} split of {shards}: all {result['bad_samples']} samples are corrupt, "
                         "nothing to evaluate")
     if accelerator.log_with:
         if accelerator.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
-        accelerator.init_trackers(wandb_project, config={"checkpoint": run, "shards": shards, "split": split},
+        recorded = {"checkpoint": run, "shards": shards, "split": split, "eval": result["eval"]}
+        accelerator.init_trackers(wandb_project, config=recorded,
                                   init_kwargs={"wandb": {"dir": str(out), "mode": tracking.wandb_mode(wandb),
                                                          "job_type": "evaluate"}})
     evaluation.write_evaluation_report(accelerator, result, meta["classes"], out, split, step=0)
     say = tracking.say
     say(accelerator, f"{split}: top1 {result['top1']:.4f} top5 {result['top5']:.4f} loss {result['loss']:.4f} "
-                     f"on {result['num_samples']} images ({accelerator.num_processes} process(es))")
+                     f"on {result['num_samples']} images ({evaltime.describe(result['eval'])}; "
+                     f"{accelerator.num_processes} process(es))")
     if result["bad_samples"]:
         say(accelerator, f"warning: {result['bad_samples']} corrupt sample(s) skipped")
     accelerator.end_training()
     return 0
 
 
-def predict(run: str, images: list[str], as_json: bool, batch_size: int) -> int:
-    """Top-5 species of each image; status 1 when some image could not be read."""
+def predict(run: str, images: list[str], as_json: bool, batch_size: int, eval_size: int = 0, tta: str = "") -> int:
+    """Top-5 species of each image (at the run's eval size and TTA unless given); status 1 when some image
+    could not be read."""
     from train.predict import predict as predict_images
 
-    return 1 if predict_images(run, images, as_json=as_json, batch_size=batch_size) else 0
+    failed = predict_images(run, images, as_json=as_json, batch_size=batch_size, eval_size=eval_size, tta=tta)
+    return 1 if failed else 0
 
 
 def export(run: str, fmt: str, out: Path) -> int:

@@ -153,7 +153,8 @@ def validate(accelerator: Accelerator, model: torch.nn.Module, config: Config, m
     when they beat the best so far (meta.json says which: "weights")."""
     nets = {ema.RAW: model} if averaged is None else {ema.RAW: model, ema.EMA: averaged.module}
     scored = {name: evaluate(accelerator, net, config.shards, manifest, "valid", eval_transform(config),
-                             norm_stats(config), config.eval_batch_size or config.batch_size, config.workers)
+                             norm_stats(config), config.eval_batch_size or config.batch_size, config.workers,
+                             tta=config.tta)
               for name, net in nets.items()}
     weights = ema.winner(scored)
     valid = scored[weights]

@@ -11,10 +11,10 @@ import torch
 from accelerate import Accelerator
 
 from pipeline.files import write_json_atomic
-from train import augment, checkpoint, data, rundir
+from train import augment, checkpoint, data, evaltime, rundir
 from train.config import Config
 from train.metrics import Totals, predictions
-from train.model import forward_with_features, preprocessing
+from train.model import preprocessing
 from train.tracking import say
 
 if TYPE_CHECKING:
@@ -22,8 +22,8 @@ if TYPE_CHECKING:
 
 
 def eval_transform(config: Config) -> augment.Augment:
-    settings = preprocessing(config.arch, config.pretrained, config.crop_pct)
-    return augment.Augment(augment.eval_transform(config.image_size, settings["crop_pct"], settings["interpolation"]))
+    """Resize the short side to eval size / crop_pct, then centre-crop the eval size (evaltime)."""
+    return augment.run_eval_transform(eval_meta(config))
 
 
 def norm_stats(config: Config) -> tuple[list[float], list[float]]:
@@ -32,13 +32,23 @@ def norm_stats(config: Config) -> tuple[list[float], list[float]]:
     return settings["mean"], settings["std"]
 
 
+def eval_meta(config: Config) -> dict[str, Any]:
+    """How a run scores: the train size (the model is built for it), the eval size, normalisation, resize
+    filter, crop and TTA, as a checkpoint's meta.json records them."""
+    settings = preprocessing(config.arch, config.pretrained, config.crop_pct)
+    size = evaltime.eval_image_size(config.arch, config.image_size, config.eval_image_size, config.pretrained)
+    meta = {"arch": config.arch, "image_size": config.image_size, **settings, "eval_image_size": size}
+    return evaltime.with_overrides(meta, 0, config.tta)
+
+
+def eval_settings(config: Config) -> dict[str, Any]:
+    """What results.json and W&B record of how a fit run's valid and test numbers were obtained."""
+    return evaltime.settings(eval_meta(config))
+
+
 def model_meta(config: Config, manifest: dict[str, Any]) -> dict[str, Any]:
     """What predict / evaluate / export need to use a checkpoint with no other flags."""
-    settings = preprocessing(config.arch, config.pretrained, config.crop_pct)
-    return {"arch": config.arch, "classes": manifest["classes"], "image_size": config.image_size, **settings,
-            "eval_transform": {"resize_short": round(config.image_size / settings["crop_pct"]),
-                               "center_crop": config.image_size},
-            "shard_set": rundir.shard_set_id(manifest)}
+    return {**eval_meta(config), "classes": manifest["classes"], "shard_set": rundir.shard_set_id(manifest)}
 
 
 MOST_INCORRECT = 16  # wrong predictions kept with their images, per process, for most_incorrect.png
@@ -79,8 +89,9 @@ def _most_confident(wrong: list[dict[str, Any]]) -> list[dict[str, Any]]:
 @torch.no_grad()
 def evaluate(accelerator: Accelerator, model: torch.nn.Module, location: str, manifest: dict[str, Any],
              split: str, transform: augment.Augment, stats: tuple[list[float], list[float]], batch_size: int,
-             workers: int, collect: bool = False) -> dict[str, Any]:
-    """Loss / top-1 / top-5 over every sample of `split` exactly once across processes.
+             workers: int, collect: bool = False, tta: str = "none") -> dict[str, Any]:
+    """Loss / top-1 / top-5 over every sample of `split` exactly once across processes, of the model's
+    outputs under test-time augmentation `tta` (evaltime.forward).
 
     With `collect`, also returns, gathered on every process, "records" (per sample: key, label, pred, conf,
     features; sorted by key) and "wrong" (the most confident wrong predictions, with uint8 images).
@@ -96,7 +107,7 @@ def evaluate(accelerator: Accelerator, model: torch.nn.Module, location: str, ma
         images = augment.normalize(batch["image"].to(accelerator.device, non_blocking=True), *stats)
         labels = batch["label"].to(accelerator.device)
         with accelerator.autocast():
-            features, logits = forward_with_features(net, images)
+            features, logits = evaltime.forward(net, images, tta)
             logits = logits.float()
         totals.add(logits, labels)
         if collect:
@@ -127,9 +138,11 @@ def final_results(accelerator: Accelerator, model: torch.nn.Module, manifest: di
     state, meta = checkpoint.load_best(run_dir, flag="")  # fit has no --checkpoint option
     accelerator.unwrap_model(model).load_state_dict(state)
     test = evaluate(accelerator, model, config.shards, manifest, "test", eval_transform(config),
-                    norm_stats(config), config.eval_batch_size or config.batch_size, config.workers, collect=True)
+                    norm_stats(config), config.eval_batch_size or config.batch_size, config.workers, collect=True,
+                    tta=config.tta)
+    test["eval"] = {**eval_settings(config), "weights": meta.get("weights", "raw")}  # trained or averaged
     results = {"test": _public(test), "valid": _public(progress.best_valid), "best_epoch": progress.best_epoch,
-               "weights": meta.get("weights", "raw")}  # the best model's: trained ("raw") or averaged ("ema")
+               "eval": test["eval"]}
     if accelerator.is_main_process:
         write_json_atomic(run_dir / "results.json", results)
     if test["num_samples"] == 0:
@@ -138,7 +151,8 @@ def final_results(accelerator: Accelerator, model: torch.nn.Module, manifest: di
                          f"sample ({why}); no test report; results in {run_dir}/results.json")
         return results
     say(accelerator, f"test (best epoch {progress.best_epoch}): top1 {test['top1']:.4f} top5 {test['top5']:.4f} "
-                     f"loss {test['loss']:.4f} on {test['num_samples']} images; results in {run_dir}/results.json")
+                     f"loss {test['loss']:.4f} on {test['num_samples']} images ({evaltime.describe(test['eval'])}); "
+                     f"results in {run_dir}/results.json")
     write_evaluation_report(accelerator, test, manifest["classes"], run_dir / "report", "test", progress.global_step)
     return results
 

@@ -1,9 +1,10 @@
 """`export`: a run's best model as TorchScript or ONNX, checked by reloading it and comparing logits.
 
-The exported model takes a float32 N x 3 x S x S batch (S = the run's image size), already normalised with
-the run's mean/std, and returns N x C logits; the batch dimension is dynamic. The run's meta (classes,
-image size, mean, std, eval transform) travels inside the file: TorchScript `_extra_files["meta.json"]`,
-ONNX `metadata_props` key "cubstream_meta".
+The exported model takes a float32 N x 3 x S x S batch (S = the run's eval image size), already normalised
+with the run's mean/std, and returns N x C logits; the batch dimension is dynamic. The run's meta (classes,
+image sizes, mean, std, eval transform, TTA) travels inside the file: TorchScript `_extra_files["meta.json"]`,
+ONNX `metadata_props` key "cubstream_meta". The file is the plain model: a run's test-time augmentation
+(meta "tta": "flip" = the mean of the logits of the image and of its horizontal mirror) is the caller's to apply.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from pipeline.errors import UserError, one_line
 from pipeline.files import atomic_path
 from pipeline.outputs import output_file_problem
-from train import checkpoint, names
+from train import augment, checkpoint, names
 
 FORMATS = names.EXPORT_FORMATS  # auto: the --out suffix's format; else TorchScript if it traces, else ONNX
 SUFFIXES = {".onnx": "onnx", ".pt": "torchscript", ".pth": "torchscript", ".ts": "torchscript"}
@@ -34,7 +35,7 @@ class WriteFailed(UserError):
 
 def check_batch(meta: dict[str, Any], batch: int = CHECK_BATCH) -> torch.Tensor:
     """A fixed, normalised-looking input batch for the round-trip check."""
-    size = meta["image_size"]
+    size = augment.eval_size(meta)
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
 
 

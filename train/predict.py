@@ -2,7 +2,7 @@
 
 Images are read with PIL as the pipeline reads them (EXIF orientation applied; grayscale, CMYK, palette,
 16-bit and alpha converted to RGB), then go through the eval transform stored with the run (resize the
-short side, centre crop) and its normalisation. A file that cannot be read is reported on stderr and the
+short side, centre crop, at the eval size) and its normalisation, and score with its test-time augmentation. A file that cannot be read is reported on stderr and the
 others are still predicted; the exit status is 1 when any failed.
 """
 
@@ -24,7 +24,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.encode import to_rgb
 from pipeline.sources.imagefolder import IMAGE_EXTENSIONS
-from train import augment, checkpoint
+from train import augment, checkpoint, evaltime
 from train.metrics import TOP_K
 
 
@@ -133,9 +133,13 @@ def load_rgb(path: str) -> np.ndarray:
 
 
 class Predictor:
-    def __init__(self, run: str, device: str | None = None) -> None:
+    """A run's best model with its eval transform and TTA (the recorded ones unless `eval_size` / `tta` are
+    given: 0 / "")."""
+
+    def __init__(self, run: str, device: str | None = None, eval_size: int = 0, tta: str = "") -> None:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model, self.meta = checkpoint.load_model(Path(run))
+        model, meta = checkpoint.load_model(Path(run))
+        self.meta = evaltime.with_overrides(meta, eval_size, tta)
         self.model = model.to(self.device)
         self.transform = augment.run_eval_transform(self.meta)
 
@@ -145,7 +149,9 @@ class Predictor:
     @torch.inference_mode()
     def top_k(self, images: list[np.ndarray], k: int = TOP_K) -> list[list[dict[str, Any]]]:
         batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).to(self.device)  # HWC images
-        probs = self.model(augment.normalize(batch, self.meta["mean"], self.meta["std"])).float().softmax(dim=1)
+        _, logits = evaltime.forward(self.model, augment.normalize(batch, self.meta["mean"], self.meta["std"]),
+                                     self.meta["tta"])
+        probs = logits.float().softmax(dim=1)
         values, indices = probs.topk(min(k, probs.shape[1]), dim=1)
         classes = self.meta["classes"]
         return [[{"class": classes[i], "prob": p} for i, p in zip(row_i, row_p, strict=True)]
@@ -183,10 +189,10 @@ def format_table(image: str, top: list[dict[str, Any]]) -> str:
 
 
 def predict(run: str, inputs: list[str], *, as_json: bool = False, batch_size: int = 32,
-            out: TextIO | None = None, err: TextIO | None = None) -> int:
+            out: TextIO | None = None, err: TextIO | None = None, eval_size: int = 0, tta: str = "") -> int:
     """Print the top-5 of every readable image (stdout), failures on stderr; returns how many failed."""
     out, err = out or sys.stdout, err or sys.stderr
-    predictor = Predictor(run)
+    predictor = Predictor(run, eval_size=eval_size, tta=tta)
     files, failures = expand(inputs)
     for failure in failures:
         report_failure(failure, err)

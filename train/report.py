@@ -60,8 +60,10 @@ def per_class(matrix: np.ndarray, classes: list[str]) -> list[dict[str, Any]]:
 
 
 def metrics_json(metrics: dict[str, Any], matrix: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """The numbers, and (`metrics["eval"]`, when the caller recorded it) how they were obtained."""
+    how = {"eval": metrics["eval"]} if "eval" in metrics else {}
     return {"top1": metrics["top1"], "top5": metrics["top5"], "loss": metrics["loss"],
-            "num_samples": metrics["num_samples"], "per_class": per_class(matrix, classes)}
+            "num_samples": metrics["num_samples"], "per_class": per_class(matrix, classes), **how}
 
 
 def prediction_rows(records: list[dict[str, Any]], classes: list[str]) -> list[list[Any]]:

@@ -56,8 +56,11 @@ def start_run_tracker(accelerator: Accelerator, config: Config, wandb_id: str) -
     of run.json, so a resumed run continues the same W&B run."""
     if not accelerator.log_with:
         return
+    from train.evaluation import eval_settings  # (evaluation imports this module)
+
     run_dir = Path(config.run_dir)
-    accelerator.init_trackers(config.wandb_project, config=to_dict(config), init_kwargs={"wandb": {
+    recorded = {**to_dict(config), "eval": eval_settings(config)}  # how valid and test score, resolved
+    accelerator.init_trackers(config.wandb_project, config=recorded, init_kwargs={"wandb": {
         "dir": str(run_dir), "mode": wandb_mode(config.wandb), "name": run_dir.name,
         "id": wandb_id, "resume": "allow"}})
 

@@ -18,6 +18,7 @@ CHOICES = {  # option -> its values, as plain names (train.names): checking them
     "lr_scheme": names.LR_SCHEMES,
     "precision": names.PRECISIONS,
     "wandb": names.WANDB_MODES,
+    "tta": names.TTA_MODES,
 }
 PRECISIONS, WANDB_MODES = names.PRECISIONS, names.WANDB_MODES
 
@@ -50,6 +51,7 @@ RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
     "eval_batch_size": (0, True, None, False),  # 0: the train batch size
     "workers": (0, True, None, False),
     "crop_pct": (0, False, 1, True),
+    "eval_image_size": (0, True, MAX_IMAGE_SIZE, True),  # 0: the default; else image_size's range
     "shuffle_buffer": (1, True, None, False),
     "lr_find_start": (0, False, None, False),
     "lr_find_end": (0, False, None, False),
@@ -131,12 +133,24 @@ def ema_decay_problem(value: float) -> str | None:
     return f"--ema-decay must be 0 (off) or in [{_show(EMA_DECAY_LOW)}, 1), got {_show(value)}"
 
 
+def eval_size_range_problem(value: int) -> str | None:
+    """--eval-image-size: 0 (the default) or a size --image-size could be."""
+    low, _, high, _ = RANGES["image_size"]
+    if value == 0 or low <= value <= high:
+        return None
+    return f"--eval-image-size must be 0 (the default) or in [{low}, {high}], got {value}"
+
+
 def model_problem(config: Config) -> str | None:
-    """Whether --arch names a model and the model takes --image-size (imports torch and the model sources:
-    run it after `check` and the shard set's manifest, which are quick)."""
+    """Whether --arch names a model, the model takes --image-size and, built for it, scores --eval-image-size
+    (imports torch and the model sources: run it after `check` and the shard set's manifest, which are quick)."""
+    from train.evaltime import eval_size_problem
     from train.model import arch_problem, size_problem
 
-    return arch_problem(config.arch) or size_problem(config.arch, config.image_size, config.pretrained)
+    problem = arch_problem(config.arch) or size_problem(config.arch, config.image_size, config.pretrained)
+    if problem or not config.eval_image_size:
+        return problem
+    return eval_size_problem(config.arch, config.image_size, config.eval_image_size, config.pretrained)
 
 
 def check(config: Config, require_shards: bool = True) -> list[str]:
@@ -154,6 +168,8 @@ def check(config: Config, require_shards: bool = True) -> list[str]:
         problems.append(f"--lr must be > 0 and finite, got {config.lr}")
     elif float32_problem("lr", config.lr):
         problems.append(float32_problem("lr", config.lr))
+    if not _range_problem("eval_image_size", config.eval_image_size):  # 0 or image_size's range
+        problems += filter(None, [eval_size_range_problem(config.eval_image_size)])
     if not config.lr_find_start < config.lr_find_end:
         problems.append("the LR sweep needs --start-lr < --end-lr (lr_find_start, lr_find_end), got "
                         f"{config.lr_find_start} and {config.lr_find_end}")
