@@ -46,6 +46,9 @@ ROWS: list[tuple[str, list[str]]] = [
     ("lr-2e-3", ["--lr", "0.002"]),
     ("adamw", ["--optimizer", "adamw", "--weight-decay", "0.05"]),
     ("smoothing", ["--label-smoothing", "0.1"]),
+    ("ema", ["--ema-decay", "0.9998"]),
+    ("tta", ["--tta", "flip"]),
+    ("eval-size", ["--eval-size-ratio", "1.15"]),
 ]
 # Not cumulative: `fit` with no recipe option at all, only the budget. It shows what a user gets by default,
 # which should equal the best cumulative row.

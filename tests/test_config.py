@@ -53,7 +53,8 @@ def test_check_lists_every_problem() -> None:
 def test_changed_fields_ignore_resumable_options() -> None:
     saved = cfgmod.to_dict(cfgmod.Config(shards="a"))
     assert cfgmod.changed_fields(saved, cfgmod.Config(shards="http://mirror/a", workers=9, wandb="offline")) == []
-    assert cfgmod.changed_fields(saved, cfgmod.Config(shards="a", eval_image_size=64, tta="flip")) == []  # eval only
+    assert cfgmod.changed_fields(saved, cfgmod.Config(shards="a", eval_image_size=64, eval_size_ratio=1.15,
+                                                     tta="flip")) == []  # eval only
     assert cfgmod.changed_fields(saved, cfgmod.Config(shards="a", lr=0.5, arch="resnet18")) == ["arch", "lr"]
     # the moving average is part of a checkpoint's state: a resume cannot turn it on, off or change it
     assert cfgmod.changed_fields(saved, cfgmod.Config(shards="a", ema_decay=0.99)) == ["ema_decay"]
@@ -95,6 +96,7 @@ def test_changed_fields_ignore_resumable_options() -> None:
     (["--ema-decay", "nan"], "--ema-decay must be a finite number"),
     (["--ema-decay", "0.3"], "--ema-decay must be 0 (off) or in [0.5, 1), got 0.3"),
     (["--ema-decay", "1e-9"], "--ema-decay must be 0 (off) or in [0.5, 1), got 1e-09"),
+    (["--eval-size-ratio", "3"], "--eval-size-ratio must be in [0.5, 2], got 3"),
 ])
 def test_every_option_is_range_checked(argv: list[str], fragment: str) -> None:
     problems = cfgmod.check(_parse("--shards", "s", *argv))

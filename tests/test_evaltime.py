@@ -34,11 +34,10 @@ def test_flip_tta_is_the_mean_over_the_image_and_its_mirror() -> None:
     assert features.shape == (4, 512)
 
 
-def test_default_eval_size_follows_the_ratio_where_the_model_takes_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert evaltime.default_eval_size("resnet18", 40) == 40  # EVAL_SIZE_RATIO 1
-    monkeypatch.setattr(evaltime, "EVAL_SIZE_RATIO", 1.15)
-    assert evaltime.default_eval_size("resnet18", 40) == 46
-    assert evaltime.default_eval_size(VIT, 224) == 224  # 256 would not fit its position embedding
+def test_default_eval_size_follows_the_ratio_where_the_model_takes_it() -> None:
+    assert evaltime.default_eval_size("resnet18", 40, 1.0) == 40
+    assert evaltime.default_eval_size("resnet18", 40, 1.15) == 46
+    assert evaltime.default_eval_size(VIT, 224, 1.15) == 224  # 256 would not fit its position embedding
     assert evaltime.eval_size_problem(VIT, 224, 224) is None
 
 

@@ -27,9 +27,6 @@ from train.validate import (  # noqa: F401 (the config's checks, used through th
     registry,
 )
 
-# The default eval crop (--eval-image-size 0): this times --image-size, rounded to a size the model takes.
-EVAL_SIZE_RATIO = 1.0
-
 
 @dataclass
 class Config:
@@ -42,7 +39,8 @@ class Config:
     augment: str = "standard"
     crop_scale: list[float] = field(default_factory=lambda: [0.35, 1.0])
     crop_pct: float = 0.875
-    eval_image_size: int = 0  # 0: EVAL_SIZE_RATIO x image_size, or image_size where the model needs it
+    eval_image_size: int = 0  # 0: eval_size_ratio x image_size, or image_size where the model needs it
+    eval_size_ratio: float = 1.0
     tta: str = "none"
     shuffle_buffer: int = 1000
     # model
@@ -91,7 +89,7 @@ class Config:
 RESUMABLE_CHANGES = {"resume", "force", "workers", "wandb", "log_every", "run_dir", "shards", "checkpoint_every",
                      "keep_checkpoints", "dist_timeout", "lr_find_start", "lr_find_end", "lr_find_steps",
                      "io_timeout", "stop_signals", "stop_grace", "cache_dir", "cache_limit_gb",
-                     "eval_image_size", "tta"}  # how valid / test score, not what trains
+                     "eval_image_size", "eval_size_ratio", "tta"}  # how valid / test score, not what trains
 # What --force lets a resumed run change besides the shard set: the one-cycle schedule is rebuilt for the new
 # length, continuous at the resumed step. Everything else (LR, optimizer, model, batch...) lives in the
 # checkpoint's state or defines its steps, so a change could not be followed exactly and is refused.
@@ -109,9 +107,12 @@ HELP = {
     "crop_pct": "eval crop / resize of the short side (pretrained weights of other models than ours bring "
                 "theirs)",
     "eval_image_size": "crop size in pixels of valid, test and the checkpoint's evaluate / predict / export; the "
-                       f"short side is resized to size / crop_pct first (0: --image-size x {EVAL_SIZE_RATIO:g}, "
+                       "short side is resized to size / crop_pct first (0: --image-size x --eval-size-ratio, "
                        "rounded to a size the model takes; --image-size for a model that scores no other, e.g. a "
                        "ViT)",
+    "eval_size_ratio": "the default eval crop size as a multiple of --image-size: a random-resized crop shows "
+                       "objects larger in training than a center crop of the same size does, so scoring a little "
+                       "larger matches them again",
     "tta": "test-time augmentation of valid, test, evaluate and predict: flip also scores each image's "
            "horizontal mirror and averages the two logits (costs one more forward pass per image)",
     "pretrained": "imagenet (the model's published weights, through its library's download and cache: torch hub or "

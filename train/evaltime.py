@@ -1,7 +1,7 @@
 """Eval-time settings: the image size valid / test / evaluate / predict score at, and test-time augmentation
 (TTA). Both cost eval time only; training never sees them.
 
-The eval size defaults to EVAL_SIZE_RATIO x the train size, rounded to a size the model takes; a model that
+The eval size defaults to --eval-size-ratio x the train size, rounded to a size the model takes; a model that
 cannot score another size than the one it was built for (a ViT's fixed position embedding) falls back to the
 train size. A checkpoint's meta.json records the eval size and TTA a run used, so `evaluate` and `predict`
 without flags score as `fit` did, and `settings` is what results.json, metrics.json and W&B record with each
@@ -20,7 +20,6 @@ from torch import Tensor, nn
 from pipeline.errors import UserError
 from train import augment
 from train.archs.base import dry_run_problem
-from train.config import EVAL_SIZE_RATIO
 from train.model import forward_with_features, resolve
 from train.validate import eval_size_range_problem
 
@@ -50,18 +49,18 @@ def eval_size_problem(arch: str, image_size: int, eval_size: int, pretrained: st
             f"({why}); leave the option out to score at {image_size}")
 
 
-def default_eval_size(arch: str, image_size: int, pretrained: str = "none") -> int:
-    """EVAL_SIZE_RATIO x `image_size`, rounded to the model's multiple; `image_size` when the model cannot
-    score that size."""
+def default_eval_size(arch: str, image_size: int, ratio: float, pretrained: str = "none") -> int:
+    """`ratio` x `image_size`, rounded to the model's multiple; `image_size` when the model cannot score that
+    size."""
     source, name = resolve(arch)
     multiple = source.spec(name, pretrained, 0.875).multiple
-    size = max(multiple, round(image_size * EVAL_SIZE_RATIO / multiple) * multiple)
+    size = max(multiple, round(image_size * ratio / multiple) * multiple)
     return size if eval_size_problem(arch, image_size, size, pretrained) is None else image_size
 
 
-def eval_image_size(arch: str, image_size: int, requested: int, pretrained: str = "none") -> int:
+def eval_image_size(arch: str, image_size: int, requested: int, ratio: float, pretrained: str = "none") -> int:
     """The eval size of a run: `requested` (checked before any work), or the default when it is 0."""
-    return requested or default_eval_size(arch, image_size, pretrained)
+    return requested or default_eval_size(arch, image_size, ratio, pretrained)
 
 
 @torch.no_grad()

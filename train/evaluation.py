@@ -36,7 +36,8 @@ def eval_meta(config: Config) -> dict[str, Any]:
     """How a run scores: the train size (the model is built for it), the eval size, normalisation, resize
     filter, crop and TTA, as a checkpoint's meta.json records them."""
     settings = preprocessing(config.arch, config.pretrained, config.crop_pct)
-    size = evaltime.eval_image_size(config.arch, config.image_size, config.eval_image_size, config.pretrained)
+    size = evaltime.eval_image_size(config.arch, config.image_size, config.eval_image_size,
+                                     config.eval_size_ratio, config.pretrained)
     meta = {"arch": config.arch, "image_size": config.image_size, **settings, "eval_image_size": size}
     return evaltime.with_overrides(meta, 0, config.tta)
 

@@ -52,6 +52,7 @@ RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
     "workers": (0, True, None, False),
     "crop_pct": (0, False, 1, True),
     "eval_image_size": (0, True, MAX_IMAGE_SIZE, True),  # 0: the default; else image_size's range
+    "eval_size_ratio": (0.5, True, 2.0, True),
     "shuffle_buffer": (1, True, None, False),
     "lr_find_start": (0, False, None, False),
     "lr_find_end": (0, False, None, False),
