@@ -43,7 +43,6 @@ ROWS: list[tuple[str, list[str]]] = [
     ("notebook", ["--config", NOTEBOOK]),
     ("augment", ["--augment", "standard"]),
     ("flat-lr", ["--lr-scheme", "flat"]),
-    ("lr-2e-3", ["--lr", "0.002"]),
     ("adamw", ["--optimizer", "adamw", "--weight-decay", "0.05"]),
     ("smoothing", ["--label-smoothing", "0.1"]),
     ("ema", ["--ema-decay", "0.9998"]),

@@ -55,7 +55,7 @@ def test_two_rows_train_at_one_budget_and_fill_the_table(tmp_path: Path) -> None
         "label_smoothing": 0.0}
     assert {k: config["smoothing"][k] for k in ("optimizer", "lr", "lr_scheme", "augment", "weight_decay",
                                                 "label_smoothing")} == {
-        "optimizer": "adamw", "lr": 0.002, "lr_scheme": "flat", "augment": "standard", "weight_decay": 0.05,
+        "optimizer": "adamw", "lr": 0.001, "lr_scheme": "flat", "augment": "standard", "weight_decay": 0.05,
         "label_smoothing": 0.1}
 
 
