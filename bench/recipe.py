@@ -47,7 +47,6 @@ ROWS: list[tuple[str, list[str]]] = [
     ("smoothing", ["--label-smoothing", "0.1"]),
     ("ema", ["--ema-decay", "0.9998"]),
     ("tta", ["--tta", "flip"]),
-    ("eval-size", ["--eval-size-ratio", "1.15"]),
 ]
 # Not cumulative: `fit` with no recipe option at all, only the budget. It shows what a user gets by default,
 # which should equal the best cumulative row.

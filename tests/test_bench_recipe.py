@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support import ONE_THREAD, assert_one_line_error, run_python
+from support import ONE_THREAD, ROOT, assert_one_line_error, run_python
 
 RECIPE = "bench/recipe.py"
 
@@ -74,3 +74,26 @@ def test_an_unknown_row_is_one_line_naming_the_rows(tmp_path: Path) -> None:
     result = run_python(RECIPE, "--rows", "notebook,mixup", "--work", str(tmp_path / "work"))
     assert_one_line_error(result, "unknown row 'mixup'", "notebook, augment")
     assert result.returncode == 2 and not (tmp_path / "work").exists()
+
+
+def test_fit_defaults_are_the_whole_measured_recipe() -> None:
+    """The ablation's last cumulative row, resolved as fit resolves it (configs/notebook.yaml, then the rows'
+    options), trains exactly as fit's defaults do: the defaults are the measured recipe."""
+    from dataclasses import asdict
+
+    from train import config as cfgmod
+    from train.__main__ import build_parser
+    from train.optim import resolve_scheme
+
+    result = run_python(RECIPE, "--dry-run", "--seeds", "0")
+    assert result.returncode == 0, result.stderr
+    rows = dict(line.split(": ", 1) for line in result.stdout.splitlines())
+    assert list(rows)[-1] == "defaults"
+    whole = rows[list(rows)[-2]].split()  # `-m train fit OPTIONS`: the last cumulative row
+    recipe = cfgmod.make_config(build_parser().parse_args([a if a != "configs/notebook.yaml" else str(ROOT / a)
+                                                           for a in whole[2:]]))
+    defaults = cfgmod.make_config(build_parser().parse_args(["fit", *rows["defaults"].split()[3:]]))
+    recipe_values, default_values = asdict(recipe), asdict(defaults)
+    for config, values in ((recipe, recipe_values), (defaults, default_values)):
+        values["lr_scheme"] = resolve_scheme(config.lr_scheme, config.pretrained)
+    assert recipe_values == default_values
