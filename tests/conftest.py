@@ -52,7 +52,8 @@ TRAIN_SYNTH = {"classes": 6, "per_class": 24, "seed": 1}
 # Tiny, fast, and still learnable: resnet18 from scratch at 40 px on the 6-class synth set.
 FIT_ARGS = ("--arch", "resnet18", "--pretrained", "none", "--image-size", "40", "--batch-size", "8",
             "--workers", "0", "--lr", "0.003", "--lr-scheme", "flat", "--epochs", "5", "--wandb", "disabled",
-            "--log-every", "1", "--crop-scale", "0.6", "1.0")
+            "--log-every", "1", "--crop-scale", "0.6", "1.0", "--ema-decay", "0", "--tta", "none")
+# (fit's default EMA and flip TTA are off here, for speed: the EMA, TTA and resume tests turn them on.)
 
 
 @pytest.fixture(scope="session")

@@ -176,7 +176,7 @@ def test_global_batch_kept_or_refused(capsys: pytest.CaptureFixture[str], fitted
 
 
 CHAIN_ARGS = (*FIT_ARGS, "--epochs", "3", "--batch-size", "5", "--keep-checkpoints", "100", "--checkpoint-every", "2",
-              "--ema-decay", "0.9")  # the EMA's state goes from 2 processes to 1 and back
+              "--ema-decay", "0.9", "--tta", "flip")  # the EMA's state goes from 2 processes to 1 and back
 STEPS_PER_EPOCH = 48 // 10  # global batch 10 (5 x 2 processes, or 5 x --grad-accum 2): 8 samples dropped
 
 

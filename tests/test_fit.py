@@ -102,7 +102,7 @@ def _without_rank_batches(record: dict) -> dict:
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(train_shards: Path, tmp_path: Path) -> None:
     """With an EMA of the weights, whose state the checkpoint carries too."""
     extra = ("--epochs", "2", "--workers", "2", "--checkpoint-every", "3", "--keep-checkpoints", "10",
-             "--ema-decay", "0.9")
+             "--ema-decay", "0.9", "--tta", "flip")
     reference = subprocess.run(_fit_command(train_shards, tmp_path / "a", *extra), cwd=ROOT, capture_output=True,
                                text=True, timeout=300)
     assert reference.returncode == 0, reference.stderr[-2000:]

@@ -17,7 +17,7 @@ from train import checkpoint
 from train.lifecycle import TRAINER_KEYS
 
 # 8 steps an epoch; an EMA of the weights, which a resume restores before it chooses the best model again
-STEPPED = ("--epochs", "2", "--checkpoint-every", "4", "--keep-checkpoints", "20", "--ema-decay", "0.9")
+STEPPED = ("--epochs", "2", "--checkpoint-every", "4", "--keep-checkpoints", "20", "--ema-decay", "0.9", "--tta", "flip")
 
 
 @pytest.fixture(scope="module")

@@ -137,7 +137,7 @@ def test_fit_with_empty_valid_and_test_splits_scores_nothing(empty_splits: Path,
     assert "top1 0.0000" not in result.stdout
     results = json.loads((run_dir / "results.json").read_text())
     default_eval = {"image_size": 40, "resize_short": 46, "crop_pct": 0.875, "interpolation": "bilinear",
-                    "tta": "none", "weights": "raw"}  # the defaults: the train size, no TTA
+                    "tta": "none", "weights": "raw"}  # FIT_ARGS: the train size, no TTA, no EMA
     assert results == {"test": NO_SCORE, "valid": NO_SCORE, "best_epoch": 2, "eval": default_eval}
     epochs = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
               if r["kind"] == "epoch"]

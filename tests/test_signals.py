@@ -23,7 +23,7 @@ from test_distributed import rank_process
 RUN_TIMEOUT_S = 180
 # One epoch, mid-epoch stops possible (14 steps of 8 images); --workers 2: workers see the group's signal; an
 # EMA of the weights, whose state the stop checkpoint carries too.
-ARGS = (*FIT_ARGS, "--epochs", "1", "--workers", "2", "--ema-decay", "0.9")
+ARGS = (*FIT_ARGS, "--epochs", "1", "--workers", "2", "--ema-decay", "0.9", "--tta", "flip")
 LINE = re.compile(r"^stopped by (SIG\w+) at step (\d+) \(epoch 1\): checkpoint (\S+) written; "
                   r"rerun with --resume auto to continue$", re.MULTILINE)
 
