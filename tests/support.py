@@ -88,6 +88,14 @@ def samples(out: Path) -> dict[str, dict]:
     return found
 
 
+def paths_by_split(out: Path) -> dict[str, set[str]]:
+    """split -> the source paths (as the samples record them) of the samples in the shard set `out`."""
+    found: dict[str, set[str]] = {"train": set(), "valid": set(), "test": set()}
+    for meta in samples(out).values():
+        found[meta["split"]].add(meta["path"])
+    return found
+
+
 def run_in_process(capsys: pytest.CaptureFixture[str], main: callable, name: str, *args: str
                    ) -> subprocess.CompletedProcess:
     """A CLI's `main(args)` inside the test process, shaped like `run_cli`'s result (argparse's exit too)."""
