@@ -42,15 +42,20 @@ upgrade: install
 lint: install
 	$(PY) -m ruff check .
 
-test: install lint
-	$(PY) -m pytest -q tests
+# The suite in TEST_WORKERS processes (pytest-xdist); tests that share a module's fixtures, or the test Slurm,
+# run in one worker (their xdist_group). The 25 slowest tests are listed at the end.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=25
 
-# Everything but the multi-process, multi-node and end-to-end tests marked slow; then only those.
+test: install lint
+	$(PYTEST) tests
+
+# Everything but the tests marked slow (multiprocess, cluster, e2e); then only those.
 test-fast: install
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 test-slow: install
-	$(PY) -m pytest -q -m slow tests
+	$(PYTEST) -m slow tests
 
 # synth -> shards -> fit (resnet18 from scratch, CPU-friendly) -> test top-1/top-5.
 demo: install

@@ -27,6 +27,9 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 # One OpenMP thread per test subprocess: on the 2 shared cores, torch's 2 spinning threads run 2-3x slower
 # as soon as another process is busy (measured: lr-find 27 s with 1 thread, 77 s with 2, next to a busy loop).
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+# The same for the test processes themselves and every subprocess they start, unless the caller chose: with
+# `make test`'s two workers each core runs one test, and more threads per process only contend.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 # ---------------------------------------------------------------- processes and CLIs

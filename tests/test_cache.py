@@ -52,7 +52,7 @@ def cache_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return directory
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.timeout(400)
 def test_fits_over_http_fetch_each_shard_once_per_node(train_shards: Path, served: object, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
@@ -76,7 +76,7 @@ def test_fits_over_http_fetch_each_shard_once_per_node(train_shards: Path, serve
     assert served.requests == ["/manifest.json"]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_evaluate_reads_through_the_cache(fitted_run: Path, train_shards: Path, served: object, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     test_shards = {s["name"] for s in load_manifest(str(train_shards))["splits"]["test"]["shards"]}

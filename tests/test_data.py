@@ -457,7 +457,7 @@ def test_http_unreadable_shard_names_the_url(served: LoopbackServer, fault: str,
 # ---------------------------------------------------------------- two real processes
 
 
-@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_processes_under_torchrun(shards: Path, tmp_path: Path) -> None:
     torchrun = Path(sys.executable).with_name("torchrun")
     command = [str(torchrun), "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",

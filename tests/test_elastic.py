@@ -29,6 +29,7 @@ from train import data, keylog
 from train.data.elastic import Layout, Segment, delivered, keep_global_batch, plan
 from train.optim import build_scheduler
 
+pytestmark = pytest.mark.xdist_group("elastic")  # one xdist worker: fixtures built once
 ELASTIC_SYNTH = {"classes": 4, "per_class": 26, "seed": 1}
 ELASTIC_OPTIONS = BuildOptions(resize_short=40, shard_samples=12, valid_fraction=0.1)
 TRAIN_SIZES = [12, 12, 12, 12]  # equal shards: no stream of these layouts reads a sample twice per epoch
@@ -201,7 +202,7 @@ def recorded(path: Path, last_step: int | None = None) -> list[dict]:
     return [r for r in lines if last_step is None or r["step"] <= last_step]
 
 
-@pytest.mark.slow
+@pytest.mark.multiprocess
 @pytest.mark.timeout(4 * RUN_TIMEOUT_S)
 def test_two_by_two_to_one_by_one_and_back(elastic_shards: Path, tmp_path: Path) -> None:
     run_dir, keys = tmp_path / "run", tmp_path / "keys"

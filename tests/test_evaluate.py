@@ -15,6 +15,7 @@ from support import ONE_THREAD, assert_one_line_error, assert_png, free_port, la
 
 from pipeline.manifest import load_manifest
 
+pytestmark = pytest.mark.xdist_group("evaluate")  # one xdist worker: fixtures built once
 PLOTS = ("confusion_matrix.png", "most_incorrect.png", "embeddings.png")
 
 
@@ -80,7 +81,7 @@ def test_evaluate_cli_equals_the_fit_report(one_process_eval: Path, fitted_run: 
     assert metrics["per_class"] == fit_metrics["per_class"] and metrics["top5"] == fit_metrics["top5"]
 
 
-@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_evaluate_two_processes_equals_one(one_process_eval: Path, fitted_run: Path, train_shards: Path,
                                           tmp_path: Path) -> None:
     out = tmp_path / "two"

@@ -26,7 +26,8 @@ from support import ROOT, launch_env
 from pipeline.manifest import load_manifest
 from train.rundir import shard_set_id
 
-pytestmark = pytest.mark.slow  # concurrent processes
+# concurrent processes; one xdist worker runs the module (its module fixture is built once)
+pytestmark = [pytest.mark.cluster, pytest.mark.xdist_group("jobs")]
 
 SLURM_BUILD = ROOT / "examples" / "slurm" / "build_shards.sbatch"
 SLURM_MERGE = ROOT / "examples" / "slurm" / "merge_shards.sbatch"

@@ -291,7 +291,7 @@ def test_help_of_every_command_shows_each_default(capsys: pytest.CaptureFixture[
         or command != "build"
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("layout", ["nabirds", "imagefolder"])
 def test_fit_evaluate_predict_on_a_layout(layout: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A few training steps, then exact test counts from evaluate and predict (= the synthesised test images)."""

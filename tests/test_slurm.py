@@ -36,7 +36,8 @@ from conftest import FIT_ARGS
 from safetensors.torch import load_file
 from support import ROOT, apt_install, free_port, launch_env, run_cli, wait_for
 
-pytestmark = pytest.mark.slow  # real daemons, jobs and 2-node trainings
+# real daemons, jobs and 2-node trainings; one xdist worker runs the module (one cluster, started once)
+pytestmark = [pytest.mark.cluster, pytest.mark.xdist_group("slurm")]
 
 SLURM = ROOT / "examples" / "slurm"
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
