@@ -16,7 +16,16 @@ import torch
 import torch.nn.functional as F
 import yaml
 from conftest import FIT_ARGS
-from support import ONE_THREAD, ROOT, assert_one_line_error, assert_png, run_cli, run_python, same_state
+from support import (
+    ONE_THREAD,
+    ROOT,
+    assert_one_line_error,
+    assert_png,
+    run_cli,
+    run_main,
+    run_python,
+    same_state,
+)
 from torch import nn
 
 from pipeline.errors import UserError
@@ -84,11 +93,12 @@ def test_a_suggestion_comes_only_from_where_the_loss_was_measured_falling() -> N
             lr_finder.steepest_descent(never_falls)
 
 
-def test_too_few_steps_are_refused_by_lr_find_and_fit_lr_auto(train_shards: Path, tmp_path: Path) -> None:
+def test_too_few_steps_are_refused_by_lr_find_and_fit_lr_auto(train_shards: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
     """3 steps used to suggest the end LR (10) and `fit --lr auto` trained at it: one line, before any work."""
     for command, out in (("lr-find", ("--out", str(tmp_path / "lrf"))), ("fit", ("--run-dir", str(tmp_path / "run")))):
-        result = run_cli("train", command, "--shards", str(train_shards), *FIT_ARGS, "--lr", "auto",
-                         "--lr-find-steps", "3", *out, env=ONE_THREAD)
+        result = run_main(capsys, command, "--shards", str(train_shards), *FIT_ARGS, "--lr", "auto",
+                          "--lr-find-steps", "3", *out)
         assert result.returncode == 2
         assert_one_line_error(result, "--lr-find-steps/--steps must be >= 20, got 3")
         assert "suggested LR" not in result.stdout
