@@ -20,7 +20,7 @@ from support import assert_one_line_error, cli_env, run_cli, run_main, serve, wa
 
 from pipeline.manifest import load_manifest
 from train.data import cache as shard_cache
-from train.data.shards import Shard, ShardError, _read_shard, train_shards
+from train.data.shards import Shard, ShardError, read_shard, train_shards
 
 # 66 train samples / 22 = 3 steps an epoch: the test is about where the bytes come from, not learning.
 CACHED_FIT = (*FIT_ARGS, "--epochs", "3", "--batch-size", "22", "--workers", "0")
@@ -35,7 +35,7 @@ def shard_list(location: str, shards: Path) -> list[Shard]:
 
 
 def read_keys(shard: Shard) -> list[str]:
-    return [sample["__key__"] for sample in _read_shard(shard)]
+    return [sample["__key__"] for sample in read_shard(shard)]
 
 
 @pytest.fixture

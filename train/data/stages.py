@@ -105,7 +105,7 @@ def _skipped(samples: Iterable[dict[str, Any]], count: int, num_classes: int) ->
     yield from samples
 
 
-def _decoded(samples: Iterable[dict[str, Any]], transform: Transform, num_classes: int, seed: int,
+def decoded(samples: Iterable[dict[str, Any]], transform: Transform, num_classes: int, seed: int,
              epoch: int, max_bad_run: int | None = None) -> Iterator[tuple[str, np.ndarray, int] | None]:
     """(key, augmented HWC uint8 image, label) per sample; None for a dropped corrupt sample (one warning
     line), so that the batch stage can count it."""
