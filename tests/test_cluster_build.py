@@ -27,7 +27,7 @@ from pipeline.manifest import load_manifest
 from train.rundir import shard_set_id
 
 # concurrent processes; one xdist worker runs the module (its module fixture is built once)
-pytestmark = [pytest.mark.cluster, pytest.mark.xdist_group("jobs")]
+pytestmark = [pytest.mark.cluster, pytest.mark.xdist_group("cluster_build")]
 
 SLURM_BUILD = ROOT / "examples" / "slurm" / "build_shards.sbatch"
 SLURM_MERGE = ROOT / "examples" / "slurm" / "merge_shards.sbatch"
