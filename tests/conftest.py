@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -53,6 +54,14 @@ def shared(tmp_path_factory: pytest.TempPathFactory, name: str, make: Callable[[
     return folder
 
 
+def synth_set(tmp_path_factory: pytest.TempPathFactory, synth_args: dict, options: BuildOptions) -> Path:
+    """A synth CUB (`synth_args`) built into a shard set (`options`), made once per test run for every worker
+    and every module asking with the same arguments (`shared`). Returns the shard set; the synth source is
+    its sibling CUB_200_2011/."""
+    key = hashlib.sha256(repr((sorted(synth_args.items()), options)).encode()).hexdigest()[:16]
+    return shared(tmp_path_factory, f"synth-{key}", lambda root: synth_shards(root, synth_args, options)) / "shards"
+
+
 @pytest.fixture(scope="session")
 def cub_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small synth CUB: returns the directory holding CUB_200_2011/ and CUB_200_2011.tgz."""
@@ -91,10 +100,7 @@ FIT_ARGS = ("--arch", "resnet18", "--pretrained", "none", "--image-size", "40", 
 @pytest.fixture(scope="session")
 def train_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 6-class synth shard set with uneven shards (8 samples each, the last ones shorter)."""
-    def make(folder: Path) -> None:
-        synth_shards(folder, TRAIN_SYNTH, BuildOptions(resize_short=48, shard_samples=8))
-
-    return shared(tmp_path_factory, "train-synth", make) / "shards"
+    return synth_set(tmp_path_factory, TRAIN_SYNTH, BuildOptions(resize_short=48, shard_samples=8))
 
 
 @pytest.fixture(scope="session")
