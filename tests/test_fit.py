@@ -329,13 +329,14 @@ def test_shards_without_manifest_unknown_version_unreachable(train_shards: Path,
     assert time.monotonic() - start < 60
 
 
-def test_pretrained_file_for_another_arch(train_shards: Path, tmp_path: Path) -> None:
+def test_pretrained_file_for_another_arch(train_shards: Path, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
     import torch
     import torchvision
 
     torch.save(torchvision.models.resnet34().state_dict(), tmp_path / "r34.pth")
-    result = run_cli("train", "fit", "--shards", str(train_shards), *FIT_ARGS, "--pretrained",
-                     str(tmp_path / "r34.pth"), "--run-dir", str(tmp_path / "run"))
+    result = run_main(capsys, "fit", "--shards", str(train_shards), *FIT_ARGS, "--pretrained",
+                      str(tmp_path / "r34.pth"), "--run-dir", str(tmp_path / "run"))
     assert_one_line_error(result, "unexpected", "layer1.2.conv1.weight")
 
 

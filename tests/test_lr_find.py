@@ -166,7 +166,8 @@ def test_lr_find_cli_writes_plot_and_values(train_shards: Path, tmp_path: Path) 
     assert_png(out / "lr_find.png")
 
 
-def test_pretrained_weights_holding_nan_are_named_at_load(train_shards: Path, tmp_path: Path) -> None:
+def test_pretrained_weights_holding_nan_are_named_at_load(train_shards: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
     """One NaN in one tensor: named when the weights load (it used to surface as a NaN loss, or in `fit` as a
     divergence with advice to lower --lr)."""
     from train.model import build_model
@@ -176,8 +177,8 @@ def test_pretrained_weights_holding_nan_are_named_at_load(train_shards: Path, tm
     torch.save(weights, tmp_path / "nan.pth")
     out = tmp_path / "lrf"
     for command, where in (("lr-find", ("--out", str(out), *FAST_SWEEP)), ("fit", ("--run-dir", str(tmp_path / "run")))):
-        result = run_cli("train", command, "--shards", str(train_shards), *FIT_ARGS, "--pretrained",
-                         str(tmp_path / "nan.pth"), *where, env=ONE_THREAD)
+        result = run_main(capsys, command, "--shards", str(train_shards), *FIT_ARGS, "--pretrained",
+                          str(tmp_path / "nan.pth"), *where)
         line = assert_one_line_error(result, f"--pretrained: {tmp_path / 'nan.pth'} holds NaN or inf in 1 tensor(s) "
                                              "(first: layer2.0.conv1.weight)")
         assert "lower --lr" not in line and "diverged" not in result.stdout + result.stderr
