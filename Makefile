@@ -42,10 +42,10 @@ upgrade: install
 lint: install
 	$(PY) -m ruff check .
 
-# The suite in TEST_WORKERS processes (pytest-xdist); tests that share a module's fixtures, or the test Slurm,
-# run in one worker (their xdist_group). The 25 slowest tests are listed at the end.
+# The suite in TEST_WORKERS processes (pytest-xdist), each module in one of them (--dist loadfile: a module's
+# fixtures are built once). The 25 slowest tests are listed at the end.
 TEST_WORKERS ?= 2
-PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=25
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25
 
 test: install lint
 	$(PYTEST) tests

@@ -26,8 +26,7 @@ from support import ROOT, launch_env
 from pipeline.manifest import load_manifest
 from train.rundir import shard_set_id
 
-# concurrent processes; one xdist worker runs the module (its module fixture is built once)
-pytestmark = [pytest.mark.cluster, pytest.mark.xdist_group("cluster_build")]
+pytestmark = pytest.mark.cluster  # concurrent processes
 
 SLURM_BUILD = ROOT / "examples" / "slurm" / "build_shards.sbatch"
 SLURM_MERGE = ROOT / "examples" / "slurm" / "merge_shards.sbatch"

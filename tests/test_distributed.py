@@ -28,8 +28,7 @@ from support import ROOT, free_port, launch_env
 from pipeline.manifest import load_manifest
 from pipeline.plan import BuildOptions
 
-# one xdist worker runs the module: its fixtures are built once
-pytestmark = [pytest.mark.multiprocess, pytest.mark.xdist_group("distributed")]
+pytestmark = pytest.mark.multiprocess
 
 DIST_SYNTH = {"classes": 6, "per_class": 23, "seed": 1}
 DIST_OPTIONS = BuildOptions(resize_short=40, shard_samples=25, valid_fraction=0.2)

@@ -29,7 +29,6 @@ from train import data, keylog
 from train.data.elastic import Layout, Segment, delivered, keep_global_batch, plan
 from train.optim import build_scheduler
 
-pytestmark = pytest.mark.xdist_group("elastic")  # one xdist worker: fixtures built once
 ELASTIC_SYNTH = {"classes": 4, "per_class": 26, "seed": 1}
 ELASTIC_OPTIONS = BuildOptions(resize_short=40, shard_samples=12, valid_fraction=0.1)
 TRAIN_SIZES = [12, 12, 12, 12]  # equal shards: no stream of these layouts reads a sample twice per epoch

@@ -15,7 +15,6 @@ from support import ONE_THREAD, assert_one_line_error, assert_png, free_port, la
 
 from pipeline.manifest import load_manifest
 
-pytestmark = pytest.mark.xdist_group("evaluate")  # one xdist worker: fixtures built once
 PLOTS = ("confusion_matrix.png", "most_incorrect.png", "embeddings.png")
 
 

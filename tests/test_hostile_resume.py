@@ -16,7 +16,6 @@ from support import ONE_THREAD, assert_one_line_error, damage_inside, run_cli, r
 from train import checkpoint
 from train.lifecycle import TRAINER_KEYS
 
-pytestmark = pytest.mark.xdist_group("hostile_resume")  # one xdist worker: fixtures built once
 STEPPED = ("--epochs", "2", "--checkpoint-every", "4", "--keep-checkpoints", "20")  # 8 steps an epoch
 
 

@@ -21,9 +21,6 @@ from train.rundir import shard_set_id
 Start = Callable[[Path], LoopbackServer]
 
 
-pytestmark = pytest.mark.xdist_group("remote")  # one xdist worker: fixtures built once
-
-
 @pytest.fixture(scope="module")
 def servers() -> Iterator[Start]:
     """start(directory) -> a loopback server over it (support.serve); all stopped when the module ends."""

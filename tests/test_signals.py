@@ -20,7 +20,6 @@ from safetensors.torch import load_file
 from support import free_port, launch_env, run_main
 from test_distributed import rank_process
 
-pytestmark = pytest.mark.xdist_group("signals")  # one xdist worker: fixtures built once
 RUN_TIMEOUT_S = 180
 # One epoch, mid-epoch stops possible (14 steps of 8 images); --workers 2: workers see the group's signal.
 ARGS = (*FIT_ARGS, "--epochs", "1", "--workers", "2")

@@ -36,8 +36,7 @@ from conftest import FIT_ARGS
 from safetensors.torch import load_file
 from support import ROOT, apt_install, free_port, launch_env, run_cli, wait_for
 
-# real daemons, jobs and 2-node trainings; one xdist worker runs the module (one cluster, started once)
-pytestmark = [pytest.mark.cluster, pytest.mark.xdist_group("slurm")]
+pytestmark = pytest.mark.cluster  # real daemons, jobs and 2-node trainings
 
 SLURM = ROOT / "examples" / "slurm"
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
