@@ -43,9 +43,10 @@ lint: install
 	$(PY) -m ruff check .
 
 # The suite in TEST_WORKERS processes (pytest-xdist), each module in one of them (--dist loadfile: a module's
-# fixtures are built once). The 25 slowest tests are listed at the end.
+# fixtures are built once), in collection order (tests/conftest.py puts the modules with slow tests first).
+# The 25 slowest tests are listed at the end.
 TEST_WORKERS ?= 2
-PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25
 
 test: install lint
 	$(PYTEST) tests
