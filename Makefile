@@ -42,15 +42,21 @@ upgrade: install
 lint: install
 	$(PY) -m ruff check .
 
-test: install lint
-	$(PY) -m pytest -q tests
+# The suite in TEST_WORKERS processes (pytest-xdist), each module in one of them (--dist loadfile: a module's
+# fixtures are built once), in collection order (tests/conftest.py puts the modules with slow tests first).
+# The 25 slowest tests are listed at the end.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25
 
-# Everything but the multi-process, multi-node and end-to-end tests marked slow; then only those.
+test: install lint
+	$(PYTEST) tests
+
+# Everything but the tests marked slow (multiprocess, cluster, e2e); then only those.
 test-fast: install
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 test-slow: install
-	$(PY) -m pytest -q -m slow tests
+	$(PYTEST) -m slow tests
 
 # synth -> shards -> fit (resnet18 from scratch, CPU-friendly) -> test top-1/top-5.
 demo: install

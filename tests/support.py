@@ -27,6 +27,9 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 # One OpenMP thread per test subprocess: on the 2 shared cores, torch's 2 spinning threads run 2-3x slower
 # as soon as another process is busy (measured: lr-find 27 s with 1 thread, 77 s with 2, next to a busy loop).
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+# The same for the test processes themselves and every subprocess they start, unless the caller chose: with
+# `make test`'s two workers each core runs one test, and more threads per process only contend.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 # ---------------------------------------------------------------- processes and CLIs
@@ -85,6 +88,14 @@ def samples(out: Path) -> dict[str, dict]:
                 key, extension = base_plus_ext(member.name)
                 if extension == "json":
                     found[key] = json.loads(tar.extractfile(member).read())
+    return found
+
+
+def paths_by_split(out: Path) -> dict[str, set[str]]:
+    """split -> the source paths (as the samples record them) of the samples in the shard set `out`."""
+    found: dict[str, set[str]] = {"train": set(), "valid": set(), "test": set()}
+    for meta in samples(out).values():
+        found[meta["split"]].add(meta["path"])
     return found
 
 

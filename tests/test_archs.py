@@ -148,7 +148,7 @@ def _step_lrs(run: Path) -> list[dict[str, float]]:
     return [r["lr"] for r in records if r["kind"] == "step"]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_every_command_runs(arch: str, train_shards: Path, tmp_path: Path, capsys) -> None:
     """fit (1 epoch, from scratch), lr-find and evaluate as a user runs them, predict and export in-process, for

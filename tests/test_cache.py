@@ -20,7 +20,7 @@ from support import assert_one_line_error, cli_env, run_cli, run_main, serve, wa
 
 from pipeline.manifest import load_manifest
 from train.data import cache as shard_cache
-from train.data.shards import Shard, ShardError, _read_shard, train_shards
+from train.data.shards import Shard, ShardError, read_shard, train_shards
 
 # 66 train samples / 22 = 3 steps an epoch: the test is about where the bytes come from, not learning.
 CACHED_FIT = (*FIT_ARGS, "--epochs", "3", "--batch-size", "22", "--workers", "0")
@@ -35,7 +35,7 @@ def shard_list(location: str, shards: Path) -> list[Shard]:
 
 
 def read_keys(shard: Shard) -> list[str]:
-    return [sample["__key__"] for sample in _read_shard(shard)]
+    return [sample["__key__"] for sample in read_shard(shard)]
 
 
 @pytest.fixture
@@ -52,7 +52,7 @@ def cache_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return directory
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.timeout(400)
 def test_fits_over_http_fetch_each_shard_once_per_node(train_shards: Path, served: object, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
@@ -76,7 +76,7 @@ def test_fits_over_http_fetch_each_shard_once_per_node(train_shards: Path, serve
     assert served.requests == ["/manifest.json"]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_evaluate_reads_through_the_cache(fitted_run: Path, train_shards: Path, served: object, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     test_shards = {s["name"] for s in load_manifest(str(train_shards))["splits"]["test"]["shards"]}

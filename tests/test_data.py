@@ -26,7 +26,7 @@ from pipeline.manifest import load_manifest
 from train import data
 from train.augment import sample_seed as derive_seed
 from train.data import ShardError, eval_loader, train_batches_per_epoch, train_loader
-from train.data.shards import _read_shard, _shards
+from train.data.shards import read_shard, split_shards
 
 COLOURS = [(220, 40, 40), (40, 200, 40), (40, 40, 220), (220, 220, 40)]  # class -> solid colour
 TRAIN_SIZES = [7, 3, 11, 5, 9]  # 35 samples, uneven
@@ -195,7 +195,7 @@ def test_same_seed_same_batches_other_epoch_other_order(shards: Path) -> None:
 
 
 def test_shard_order_depends_on_seed_and_epoch_only(shards: Path) -> None:
-    all_shards = _shards(str(shards), load_manifest(str(shards)), "train")
+    all_shards = split_shards(str(shards), load_manifest(str(shards)), "train")
     streams = data.stream_shards(all_shards, seed=1, epoch=2, num_streams=2)
     assert sorted(s.url for stream in streams for s in stream) == sorted(s.url for s in all_shards)
     assert streams == data.stream_shards(all_shards, seed=1, epoch=2, num_streams=2)  # every rank agrees
@@ -424,7 +424,7 @@ def test_shard_error_message_from_a_worker_traceback() -> None:
 
 def test_pipe_urls_pass_through(shards: Path) -> None:
     shard = data.Shard(f"pipe:cat {shards / 'valid-000001.tar'}", 4)
-    assert [s["__key__"] for s in _read_shard(shard)] == ["00106", "00107", "00108", "00109"]
+    assert [s["__key__"] for s in read_shard(shard)] == ["00106", "00107", "00108", "00109"]
 
 
 # ---------------------------------------------------------------- http
@@ -458,7 +458,7 @@ def test_http_unreadable_shard_names_the_url(served: LoopbackServer, fault: str,
 # ---------------------------------------------------------------- two real processes
 
 
-@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_processes_under_torchrun(shards: Path, tmp_path: Path) -> None:
     torchrun = Path(sys.executable).with_name("torchrun")
     command = [str(torchrun), "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",

@@ -10,7 +10,7 @@ import simplejpeg
 
 from pipeline.shardformat.check import decode_rgb
 from train.augment import Augment, sample_seed, train_transform
-from train.data.stages import _decoded
+from train.data.stages import decoded
 from train.decode import first_crop_box
 
 SIZE = 64
@@ -74,8 +74,8 @@ def test_outputs_are_within_a_small_tolerance_of_the_full_decode(jpeg: bytes, pr
 def test_the_stream_decodes_scaled_and_stays_deterministic(jpeg: bytes) -> None:
     samples = [{"__key__": f"k{i}", "__url__": "mem", "cls": b"1", "jpg": jpeg} for i in range(6)]
     augment = Augment(train_transform("standard", SIZE))
-    first = [sample.image.tobytes() for sample in _decoded(samples, augment, 3, seed=5, epoch=1)]
-    again = [sample.image.tobytes() for sample in _decoded(samples, Augment(train_transform("standard", SIZE)), 3,
+    first = [sample.image.tobytes() for sample in decoded(samples, augment, 3, seed=5, epoch=1)]
+    again = [sample.image.tobytes() for sample in decoded(samples, Augment(train_transform("standard", SIZE)), 3,
                                                          seed=5, epoch=1)]
     assert first == again
     full = Augment(train_transform("standard", SIZE))

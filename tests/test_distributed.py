@@ -22,13 +22,14 @@ import procs
 import psutil
 import pytest
 import torch
+from conftest import synth_set
 from safetensors.torch import load_file
-from support import ROOT, free_port, launch_env, max_ema_difference, synth_shards
+from support import ROOT, free_port, launch_env, max_ema_difference
 
 from pipeline.manifest import load_manifest
 from pipeline.plan import BuildOptions
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.multiprocess
 
 DIST_SYNTH = {"classes": 6, "per_class": 23, "seed": 1}
 DIST_OPTIONS = BuildOptions(resize_short=40, shard_samples=25, valid_fraction=0.2)
@@ -46,7 +47,7 @@ FAILURE_BOUND_S = DIST_TIMEOUT_S + 15  # measured here: ~7 s after a SIGKILL (gl
 
 @pytest.fixture(scope="module")
 def dist_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = synth_shards(tmp_path_factory.mktemp("dist-synth"), DIST_SYNTH, DIST_OPTIONS)
+    out = synth_set(tmp_path_factory, DIST_SYNTH, DIST_OPTIONS)
     splits = load_manifest(str(out))["splits"]
     shape = {name: [s["num_samples"] for s in split["shards"]] for name, split in splits.items()}
     assert shape == {"train": [25, 25, 7], "valid": [12], "test": [25, 25, 19]}, shape  # what the tests assume

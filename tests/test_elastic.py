@@ -19,8 +19,8 @@ from pathlib import Path
 import procs
 import pytest
 import torch
-from conftest import FIT_ARGS
-from support import assert_one_line_error, free_port, launch_env, run_main, synth_shards, wait_for
+from conftest import FIT_ARGS, synth_set
+from support import assert_one_line_error, free_port, launch_env, run_main, wait_for
 from test_data import tiny_transform
 
 from pipeline.manifest import load_manifest
@@ -37,7 +37,7 @@ RUN_TIMEOUT_S = 240
 
 @pytest.fixture(scope="module")
 def elastic_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = synth_shards(tmp_path_factory.mktemp("elastic-synth"), ELASTIC_SYNTH, ELASTIC_OPTIONS)
+    out = synth_set(tmp_path_factory, ELASTIC_SYNTH, ELASTIC_OPTIONS)
     sizes = [s["num_samples"] for s in load_manifest(str(out))["splits"]["train"]["shards"]]
     assert sizes == TRAIN_SIZES, sizes  # what the tests assume
     return out
@@ -202,7 +202,7 @@ def recorded(path: Path, last_step: int | None = None) -> list[dict]:
     return [r for r in lines if last_step is None or r["step"] <= last_step]
 
 
-@pytest.mark.slow
+@pytest.mark.multiprocess
 @pytest.mark.timeout(4 * RUN_TIMEOUT_S)
 def test_two_by_two_to_one_by_one_and_back(elastic_shards: Path, tmp_path: Path) -> None:
     run_dir, keys = tmp_path / "run", tmp_path / "keys"

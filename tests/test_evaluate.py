@@ -99,7 +99,7 @@ def test_evaluate_flags_override_the_recorded_settings(fitted_run: Path, train_s
     assert metrics["loss"] != pytest.approx(fit_loss, rel=1e-4)  # really scored otherwise
 
 
-@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_evaluate_two_processes_equals_one(one_process_eval: Path, fitted_run: Path, train_shards: Path,
                                           tmp_path: Path) -> None:
     out = tmp_path / "two"

@@ -324,40 +324,42 @@ def _checkpoint_steps(run_dir: Path) -> list[int]:
     ("--ema-decay", "0.2", "--ema-decay must be 0 (off) or in [0.5, 1), got 0.2"),
 ])
 def test_bad_options_fail_before_any_work(flag: str, value: str, message: str, tmp_path: Path,
-                                         train_shards: Path) -> None:
-    result = run_cli("train", "fit", "--shards", str(train_shards), *FIT_ARGS, f"{flag}={value}", "--run-dir",
-                     str(tmp_path / "run"))
+                                         train_shards: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    result = run_main(capsys, "fit", "--shards", str(train_shards), *FIT_ARGS, f"{flag}={value}", "--run-dir",
+                      str(tmp_path / "run"))
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
 
 
-def test_bad_yaml_key(tmp_path: Path) -> None:
+def test_bad_yaml_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "c.yaml").write_text("arch: resnet18\nlearning_rate: 0.1\n")
-    result = run_cli("train", "fit", "--config", str(tmp_path / "c.yaml"), "--shards", str(tmp_path))
+    result = run_main(capsys, "fit", "--config", str(tmp_path / "c.yaml"), "--shards", str(tmp_path))
     assert result.returncode == 2 and "unknown key 'learning_rate'" in result.stderr
 
 
-def test_shards_without_manifest_unknown_version_unreachable(train_shards: Path, tmp_path: Path) -> None:
+def test_shards_without_manifest_unknown_version_unreachable(train_shards: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
     args = [*FIT_ARGS, "--run-dir", str(tmp_path / "run")]
-    assert_one_line_error(run_cli("train", "fit", "--shards", str(tmp_path), *args), "no shard set at")
+    assert_one_line_error(run_main(capsys, "fit", "--shards", str(tmp_path), *args), "no shard set at")
     bad = tmp_path / "v2"
     bad.mkdir()
     manifest = json.loads((train_shards / "manifest.json").read_text())
     (bad / "manifest.json").write_text(json.dumps({**manifest, "version": 2}))
-    assert_one_line_error(run_cli("train", "fit", "--shards", str(bad), *args), "version 2 is not supported")
+    assert_one_line_error(run_main(capsys, "fit", "--shards", str(bad), *args), "version 2 is not supported")
     start = time.monotonic()
-    result = run_cli("train", "fit", "--shards", "http://127.0.0.1:9/shards", *args)  # port 9: nothing listens
+    result = run_main(capsys, "fit", "--shards", "http://127.0.0.1:9/shards", *args)  # port 9: nothing listens
     assert_one_line_error(result, "unreachable")
     assert time.monotonic() - start < 60
 
 
-def test_pretrained_file_for_another_arch(train_shards: Path, tmp_path: Path) -> None:
+def test_pretrained_file_for_another_arch(train_shards: Path, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
     import torch
     import torchvision
 
     torch.save(torchvision.models.resnet34().state_dict(), tmp_path / "r34.pth")
-    result = run_cli("train", "fit", "--shards", str(train_shards), *FIT_ARGS, "--pretrained",
-                     str(tmp_path / "r34.pth"), "--run-dir", str(tmp_path / "run"))
+    result = run_main(capsys, "fit", "--shards", str(train_shards), *FIT_ARGS, "--pretrained",
+                      str(tmp_path / "r34.pth"), "--run-dir", str(tmp_path / "run"))
     assert_one_line_error(result, "unexpected", "layer1.2.conv1.weight")
 
 

@@ -50,7 +50,7 @@ def test_exit_status_is_what_a_shell_reports() -> None:
     assert [exit_status(code) for code in (0, 2, 75, -signal.SIGKILL, -signal.SIGTERM)] == [0, 2, 75, 137, 143]
 
 
-@pytest.mark.slow
+@pytest.mark.multiprocess
 @pytest.mark.timeout(3 * RUN_TIMEOUT_S)
 def test_launch_passes_usr1_to_every_process_and_exits_with_their_status(train_shards: Path,
                                                                           tmp_path: Path) -> None:
@@ -86,7 +86,7 @@ def test_launch_passes_usr1_to_every_process_and_exits_with_their_status(train_s
     assert policy["FailJob"] == [2]  # a bad option fails the Job at once
 
 
-@pytest.mark.slow
+@pytest.mark.multiprocess
 @pytest.mark.timeout(2 * RUN_TIMEOUT_S)
 def test_processes_of_a_launcher_killed_by_usr1_stop_with_a_checkpoint(train_shards: Path, tmp_path: Path) -> None:
     """USR1 to a plain `accelerate launch`'s group kills it (torchrun does not handle USR1); its processes,

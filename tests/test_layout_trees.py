@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from support import assert_one_line_error, run_cli, samples
+from support import assert_one_line_error, paths_by_split, run_cli, samples
 
 from pipeline.errors import UserError
 from pipeline.sources import Dataset, Settings
@@ -50,13 +50,6 @@ def images(folder: Path) -> dict[str, list[str]]:
     """class folder name -> the image paths below it, relative to folder's parent (as the samples record them)."""
     return {c.name: sorted(p.relative_to(folder.parent).as_posix() for p in c.iterdir())
             for c in sorted(folder.iterdir())}
-
-
-def paths_by_split(out: Path) -> dict[str, set[str]]:
-    found: dict[str, set[str]] = {"train": set(), "valid": set(), "test": set()}
-    for meta in samples(out).values():
-        found[meta["split"]].add(meta["path"])
-    return found
 
 
 def copy_tree(sources: dict[str, Path], tmp_path: Path, **renames: str) -> Path:

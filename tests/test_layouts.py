@@ -12,7 +12,15 @@ from pathlib import Path
 
 import pytest
 from conftest import FIT_ARGS
-from support import ONE_THREAD, assert_one_line_error, run_cli, run_in_process, run_main, samples
+from support import (
+    ONE_THREAD,
+    assert_one_line_error,
+    paths_by_split,
+    run_cli,
+    run_in_process,
+    run_main,
+    samples,
+)
 from webdataset.tariterators import base_plus_ext
 
 from pipeline.__main__ import main as pipeline_main
@@ -155,18 +163,20 @@ def test_imagefolder_class_folders_get_a_seeded_stratified_test_split(
 
 def test_imagefolder_val_folder_is_the_valid_split(folder_src: Path, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """Each split is exactly its folder's files, by path: val/ is the valid split as it is (never mixed into
+    train and carved again), so neither the seed nor --valid-fraction changes which images are where."""
     root = Path(shutil.copytree(folder_src, tmp_path / "src"))
     moved = []
     for folder in sorted((root / "train").iterdir()):
-        first = sorted(folder.iterdir())[0]
         (root / "val" / folder.name).mkdir(parents=True)
-        moved.append(first.rename(root / "val" / folder.name / first.name))
-    manifest = build(capsys, root, tmp_path / "out")
-    assert manifest["splits"]["valid"]["class_counts"] == [1] * CLASSES  # exactly the val/ files, none carved
-    trains = [p for p in (root / "train").rglob("*") if p.is_file()]
-    assert manifest["splits"]["train"]["num_samples"] == len(trains)
-    assert sorted(m["path"] for m in samples(tmp_path / "out").values() if m["split"] == "valid") == \
-        sorted(p.relative_to(root).as_posix() for p in moved)
+        moved += [image.rename(root / "val" / folder.name / image.name) for image in sorted(folder.iterdir())[:2]]
+    expected = {split: {p.relative_to(root).as_posix() for p in (root / folder).rglob("*") if p.is_file()}
+                for split, folder in (("train", "train"), ("valid", "val"), ("test", "test"))}
+    assert expected["valid"] == {p.relative_to(root).as_posix() for p in moved} and all(expected.values())
+    for out, extra in (("out", ()), ("other", ("--seed", "5", "--valid-fraction", "0.5"))):
+        manifest = build(capsys, root, tmp_path / out, *extra)
+        assert paths_by_split(tmp_path / out) == expected, extra
+        assert manifest["splits"]["valid"]["class_counts"] == [2] * CLASSES, extra
 
 
 def _replace_in_listings(root: Path, old: str, new: str, names: tuple[str, ...]) -> None:
@@ -281,7 +291,7 @@ def test_help_of_every_command_shows_each_default(capsys: pytest.CaptureFixture[
         or command != "build"
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("layout", ["nabirds", "imagefolder"])
 def test_fit_evaluate_predict_on_a_layout(layout: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A few training steps, then exact test counts from evaluate and predict (= the synthesised test images)."""

@@ -16,7 +16,16 @@ import torch
 import torch.nn.functional as F
 import yaml
 from conftest import FIT_ARGS
-from support import ONE_THREAD, ROOT, assert_one_line_error, assert_png, run_cli, run_python, same_state
+from support import (
+    ONE_THREAD,
+    ROOT,
+    assert_one_line_error,
+    assert_png,
+    run_cli,
+    run_main,
+    run_python,
+    same_state,
+)
 from torch import nn
 
 from pipeline.errors import UserError
@@ -84,11 +93,12 @@ def test_a_suggestion_comes_only_from_where_the_loss_was_measured_falling() -> N
             lr_finder.steepest_descent(never_falls)
 
 
-def test_too_few_steps_are_refused_by_lr_find_and_fit_lr_auto(train_shards: Path, tmp_path: Path) -> None:
+def test_too_few_steps_are_refused_by_lr_find_and_fit_lr_auto(train_shards: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
     """3 steps used to suggest the end LR (10) and `fit --lr auto` trained at it: one line, before any work."""
     for command, out in (("lr-find", ("--out", str(tmp_path / "lrf"))), ("fit", ("--run-dir", str(tmp_path / "run")))):
-        result = run_cli("train", command, "--shards", str(train_shards), *FIT_ARGS, "--lr", "auto",
-                         "--lr-find-steps", "3", *out, env=ONE_THREAD)
+        result = run_main(capsys, command, "--shards", str(train_shards), *FIT_ARGS, "--lr", "auto",
+                          "--lr-find-steps", "3", *out)
         assert result.returncode == 2
         assert_one_line_error(result, "--lr-find-steps/--steps must be >= 20, got 3")
         assert "suggested LR" not in result.stdout
@@ -156,7 +166,8 @@ def test_lr_find_cli_writes_plot_and_values(train_shards: Path, tmp_path: Path) 
     assert_png(out / "lr_find.png")
 
 
-def test_pretrained_weights_holding_nan_are_named_at_load(train_shards: Path, tmp_path: Path) -> None:
+def test_pretrained_weights_holding_nan_are_named_at_load(train_shards: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
     """One NaN in one tensor: named when the weights load (it used to surface as a NaN loss, or in `fit` as a
     divergence with advice to lower --lr)."""
     from train.model import build_model
@@ -166,8 +177,8 @@ def test_pretrained_weights_holding_nan_are_named_at_load(train_shards: Path, tm
     torch.save(weights, tmp_path / "nan.pth")
     out = tmp_path / "lrf"
     for command, where in (("lr-find", ("--out", str(out), *FAST_SWEEP)), ("fit", ("--run-dir", str(tmp_path / "run")))):
-        result = run_cli("train", command, "--shards", str(train_shards), *FIT_ARGS, "--pretrained",
-                         str(tmp_path / "nan.pth"), *where, env=ONE_THREAD)
+        result = run_main(capsys, command, "--shards", str(train_shards), *FIT_ARGS, "--pretrained",
+                          str(tmp_path / "nan.pth"), *where)
         line = assert_one_line_error(result, f"--pretrained: {tmp_path / 'nan.pth'} holds NaN or inf in 1 tensor(s) "
                                              "(first: layer2.0.conv1.weight)")
         assert "lower --lr" not in line and "diverged" not in result.stdout + result.stderr

@@ -51,7 +51,7 @@ def http_run(train_shards: Path, servers: Start, tmp_path_factory: pytest.TempPa
     return run_dir, url
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.timeout(300)
 def test_fit_over_http(http_run: tuple[Path, str], train_shards: Path) -> None:
     run_dir, url = http_run
@@ -63,7 +63,7 @@ def test_fit_over_http(http_run: tuple[Path, str], train_shards: Path) -> None:
     assert info["shards"] == url and info["shard_set"] == shard_set_id(manifest)  # same set as on disk
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.timeout(300)
 def test_evaluate_over_http(http_run: tuple[Path, str], train_shards: Path, tmp_path: Path) -> None:
     run_dir, url = http_run
@@ -153,7 +153,7 @@ def test_verify_names_a_shard_cut_mid_transfer(shard_set: Path, tmp_path: Path) 
     assert f"{url}/{victim} (train): unreadable" in result.stderr and "transfer cut short" in result.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize(("failure", "reason"), [("missing", "curl exit 22"), ("cut", "curl exit 18")])
 def test_fit_stops_with_one_line_naming_the_url(train_shards: Path, tmp_path: Path, failure: str,

@@ -173,7 +173,7 @@ def test_a_crash_in_the_tsne_process_is_an_error_not_a_crash(tmp_path: Path, mon
         embedding.tsne(features)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_the_whole_report_path_after_fit_with_workers_in_one_process(train_shards: Path, tmp_path: Path) -> None:
     """fit and evaluate with DataLoader workers, then a collapsed model's report, in one process (the t-SNE of
     equal features crashed it); the fit's failing plot is one warning and results.json is written."""

@@ -25,7 +25,7 @@ from pipeline.shardformat.tarread import strict_samples, tar_members
 from pipeline.shardformat.tarwrite import tar_bytes, tarinfo
 from pipeline.verify import verify
 from train import data
-from train.data.shards import _read_shard
+from train.data.shards import read_shard
 
 
 def _reference(data: bytes) -> list[tuple[str, bytes]]:
@@ -235,7 +235,7 @@ def test_verify_and_train_stream_give_the_same_reason(tmp_path: Path, caplog: py
         key = damaged[0][0].split(".")[0]
         assert by_verify[str(shard)].startswith(f"sample {key}: {reason}"), defect
         # the cheap check (run on the samples a resumed stream skips) finds all but the undecodable pixels
-        (raw, good) = _read_shard(data.Shard(str(shard), 2))
+        (raw, good) = read_shard(data.Shard(str(shard), 2))
         found = sample_problem(raw, NUM_CLASSES)
         assert (found == by_verify[str(shard)].split(": ", 1)[1]) if cheap else found is None, defect
         assert sample_problem(good, NUM_CLASSES) is None

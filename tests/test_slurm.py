@@ -36,7 +36,7 @@ from conftest import FIT_ARGS
 from safetensors.torch import load_file
 from support import ROOT, apt_install, free_port, launch_env, run_cli, wait_for
 
-pytestmark = pytest.mark.slow  # real daemons, jobs and 2-node trainings
+pytestmark = pytest.mark.cluster  # real daemons, jobs and 2-node trainings
 
 SLURM = ROOT / "examples" / "slurm"
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")

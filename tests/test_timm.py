@@ -186,7 +186,7 @@ def _fit(train_shards: Path, run: Path, arch: str, size: int, *extra: str):
                    env=ONE_THREAD)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("arch", [a for a in FAMILIES if a != "timm/convnext_atto"])
 def test_each_family_trains_with_its_groups(arch: str, train_shards: Path, tmp_path: Path) -> None:
     """fit from scratch, in its own process; every step logs the LR of every group, by the notebook scheme."""
@@ -200,7 +200,7 @@ def test_each_family_trains_with_its_groups(arch: str, train_shards: Path, tmp_p
                for g, d in depth.items())
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_every_command_on_a_timm_run(train_shards: Path, tmp_path: Path) -> None:
     """ConvNeXt from a local timm checkpoint: fit (geometric groups), lr-find, evaluate (embeddings from the
     pre-logits), predict and export (TorchScript, the format auto picks for it)."""

@@ -53,7 +53,7 @@ def _weights(run: Path, step: int) -> dict:
     return load_file(str(run / "checkpoints" / f"step-{step:08d}" / "model.safetensors"))
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_timm_run_in_bf16_resumes_exactly_and_under_another_layout(train_shards: Path, tmp_path: Path) -> None:
     full = tmp_path / "full"
     _fit(train_shards, full, tmp_path / "keys-full")

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from train.data.batching import Batch, _batched, _Ring
-from train.data.shards import Shard, _read_shard
-from train.data.stages import Transform, _decoded, _skipped, stream_samples
+from train.data.shards import Shard, read_shard
+from train.data.stages import Transform, _skipped, decoded, stream_samples
 
 # A train stream gives up after this many corrupt samples in a row beyond one pass over its shards
 # (plus headroom for the shuffle buffer): a worker whose every sample is corrupt would otherwise loop forever.
@@ -38,11 +38,11 @@ class _TrainJob:
         quota = self.skip_samples + self.num_batches * self.batch_size
         buffer = min(self.shuffle_buffer, quota)
         stream = stream_samples(self.shards, self.keep, seed=self.seed, epoch=self.epoch, stream=self.stream,
-                                quota=quota, shuffle_buffer=self.shuffle_buffer, read=_read_shard)
+                                quota=quota, shuffle_buffer=self.shuffle_buffer, read=read_shard)
         samples = _skipped(stream, self.skip_samples, self.num_classes)
         one_pass = sum(s.num_samples for s in self.shards) if self.keep is None else sum(map(len, self.keep))
         max_bad_run = one_pass + BAD_RUN_BUFFER_FACTOR * buffer
-        items = _decoded(samples, self.transform, self.num_classes, self.seed, self.epoch, max_bad_run)
+        items = decoded(samples, self.transform, self.num_classes, self.seed, self.epoch, max_bad_run)
         return _batched(items, self.batch_size, ring, limit=self.num_batches)
 
 
@@ -54,6 +54,6 @@ class _EvalJob:
     num_classes: int
 
     def batches(self, ring: _Ring | None) -> Iterator[Batch]:
-        samples = (sample for shard in self.shards for sample in _read_shard(shard))
-        items = _decoded(samples, self.transform, self.num_classes, seed=0, epoch=0)
+        samples = (sample for shard in self.shards for sample in read_shard(shard))
+        items = decoded(samples, self.transform, self.num_classes, seed=0, epoch=0)
         return _batched(items, self.batch_size, ring)

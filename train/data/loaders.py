@@ -16,7 +16,7 @@ from pipeline.errors import UserError
 from train.data.batching import RING_SLOTS, Batch, _released, _Ring
 from train.data.jobs import _EvalJob, _TrainJob
 from train.data.plan import Chunk, _check_layout, epoch_batches, eval_jobs, train_jobs
-from train.data.shards import ShardError, _shards, shard_error_message
+from train.data.shards import ShardError, shard_error_message, split_shards
 from train.data.stages import Transform
 
 
@@ -52,7 +52,7 @@ def train_loader(
     total = epoch_batches(manifest["splits"]["train"]["num_samples"], batch_size, world_size, grad_accum)
     if not 0 <= start_batch <= total:
         raise UserError(f"cannot resume at batch {start_batch}: an epoch has {total} batches per process")
-    shards = _shards(location, manifest, "train")
+    shards = split_shards(location, manifest, "train")
     jobs = train_jobs(shards, transform=transform, batch_size=batch_size, workers=workers, seed=seed,
                       epoch=epoch, rank=rank, world_size=world_size, start_batch=start_batch, epochs=epochs,
                       total=total, shuffle_buffer=shuffle_buffer, num_classes=len(manifest["classes"]),
@@ -79,7 +79,7 @@ def eval_loader(
     not reported in "bad": count dropped samples as num_samples - samples seen.
     """
     _check_layout(batch_size, workers, rank, world_size)
-    mine = _shards(location, manifest, split)[rank::world_size]
+    mine = split_shards(location, manifest, split)[rank::world_size]
     workers = min(workers, len(mine))  # no idle worker processes
     jobs = eval_jobs(mine, workers, batch_size=batch_size, transform=transform,
                      num_classes=len(manifest["classes"]))

@@ -35,10 +35,10 @@ class Shard:
 
 def train_shards(location: str, manifest: dict[str, Any]) -> list[Shard]:
     """The train split's shards in manifest order (a Position's shard index counts in this list)."""
-    return _shards(location, manifest, "train")
+    return split_shards(location, manifest, "train")
 
 
-def _shards(location: str, manifest: dict[str, Any], split: str) -> list[Shard]:
+def split_shards(location: str, manifest: dict[str, Any], split: str) -> list[Shard]:
     entries = manifest["splits"][split]["shards"]
     return [Shard(url, entry["num_samples"], entry["sha256"]) for url, entry in
             zip(shard_locations(location, manifest, split), entries, strict=True)]
@@ -56,7 +56,7 @@ def shard_error_message(exc: BaseException) -> str | None:
     return text.splitlines()[-1].split("ShardError: ", 1)[-1]
 
 
-def _read_shard(shard: Shard) -> Iterator[dict[str, Any]]:
+def read_shard(shard: Shard) -> Iterator[dict[str, Any]]:
     """Raw samples of one shard ({"__key__", "__url__", suffix: bytes, ...}); any read failure (missing,
     HTTP error, cut, stall), a sample count that differs from the manifest (a tar truncated between
     members), or bytes whose sha256 differs from the manifest's is a ShardError. Read from the source, the

@@ -100,8 +100,8 @@ def _skipped(samples: Iterable[dict[str, Any]], count: int, num_classes: int) ->
     yield from samples
 
 
-def _decoded(samples: Iterable[dict[str, Any]], transform: Transform, num_classes: int, seed: int,
-             epoch: int, max_bad_run: int | None = None) -> Iterator[Sample | None]:
+def decoded(samples: Iterable[dict[str, Any]], transform: Transform, num_classes: int, seed: int,
+            epoch: int, max_bad_run: int | None = None) -> Iterator[Sample | None]:
     """Each raw sample decoded, its image replaced by the augmented HWC uint8 pixels; None for a dropped
     corrupt sample (one warning line), so that the batch stage can count it."""
     bad_run = 0

@@ -26,7 +26,7 @@ from support import ROOT, launch_env
 from pipeline.manifest import load_manifest
 from train.rundir import shard_set_id
 
-pytestmark = pytest.mark.slow  # concurrent processes
+pytestmark = pytest.mark.cluster  # concurrent processes
 
 SLURM_BUILD = ROOT / "examples" / "slurm" / "build_shards.sbatch"
 SLURM_MERGE = ROOT / "examples" / "slurm" / "merge_shards.sbatch"
