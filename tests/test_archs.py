@@ -156,7 +156,8 @@ def test_every_command_runs(arch: str, train_shards: Path, tmp_path: Path, capsy
     size, expected = ARCHS[arch]
     run, common = tmp_path / "run", ("--shards", str(train_shards), "--arch", arch, "--pretrained", "none",
                                      "--image-size", str(size), "--batch-size", "32", "--workers", "0",
-                                     "--wandb", "disabled", "--log-every", "1", "--lr", "0.002")
+                                     "--wandb", "disabled", "--log-every", "1", "--lr", "0.002",
+                                     "--lr-scheme", "notebook")
     result = run_cli("train", "fit", *common, "--epochs", "1", "--run-dir", str(run), "--keep-checkpoints", "1",
                      env=ONE_THREAD)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -191,7 +191,7 @@ def _fit(train_shards: Path, run: Path, arch: str, size: int, *extra: str):
 def test_each_family_trains_with_its_groups(arch: str, train_shards: Path, tmp_path: Path) -> None:
     """fit from scratch, in its own process; every step logs the LR of every group, by the notebook scheme."""
     size, expected = FAMILIES[arch]
-    result = _fit(train_shards, tmp_path / "run", arch, size, "--pretrained", "none")
+    result = _fit(train_shards, tmp_path / "run", arch, size, "--pretrained", "none", "--lr-scheme", "notebook")
     assert result.returncode == 0, result.stderr[-3000:]
     steps = _step_lrs(tmp_path / "run")
     assert steps and all(list(lrs) == expected for lrs in steps) and len(expected) > 2
