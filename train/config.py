@@ -110,9 +110,9 @@ HELP = {
                        "short side is resized to size / crop_pct first (0: --image-size x --eval-size-ratio, "
                        "rounded to a size the model takes; --image-size for a model that scores no other, e.g. a "
                        "ViT)",
-    "eval_size_ratio": "the default eval crop size as a multiple of --image-size: a random-resized crop shows "
-                       "objects larger in training than a center crop of the same size does, so scoring a little "
-                       "larger matches them again",
+    "eval_size_ratio": "the default eval crop size as a multiple of --image-size (a random-resized crop shows "
+                       "objects larger than a center crop does, which a larger eval crop can make up for; at "
+                       "small sizes it measured worse, so 1.0 by default)",
     "tta": "test-time augmentation of valid, test, evaluate and predict: flip also scores each image's "
            "horizontal mirror and averages the two logits (costs one more forward pass per image)",
     "pretrained": "imagenet (the model's published weights, through its library's download and cache: torch hub or "
