@@ -31,21 +31,21 @@ def build(source: Path, out: Path, options: BuildOptions, *, workers: int = 0, n
     check_job_args(num_jobs, job_index, workers)
     check_out(out)
     workers = workers or os.cpu_count() or 1
-    with open_dataset(source, layout, Settings(options.seed, test_fraction, options.crop_bbox)) as cub:
-        sizes = image_sizes(cub)
-        missing = [r for r, size in zip(cub.records, sizes, strict=True) if size < 0]
+    with open_dataset(source, layout, Settings(options.seed, test_fraction, options.crop_bbox)) as dataset:
+        sizes = image_sizes(dataset)
+        missing = [r for r, size in zip(dataset.records, sizes, strict=True) if size < 0]
         if missing and not skip_bad:
-            raise UserError(_bad_files_line([(r, "missing") for r in missing], cub))
-        plan = plan_shards(assign_splits(cub.records, options.valid_fraction, options.seed), options.shard_samples)
-        state = _state(cub, sizes, options, plan)
+            raise UserError(_bad_files_line([(r, "missing") for r in missing], dataset))
+        plan = plan_shards(assign_splits(dataset.records, options.valid_fraction, options.seed), options.shard_samples)
+        state = _state(dataset, sizes, options, plan)
         identity = {"options": state["options"], "source": state["source"]["fingerprint"], "num_jobs": num_jobs}
         with lock.acquire(buildstate.lock_path(out), "shared" if num_jobs > 1 else "exclusive", identity,
                           what=str(out), when_alone=lambda: buildstate.prepare_out(out, state, overwrite, num_jobs)):
             mine = job_shards(plan, num_jobs, job_index)
-            bad = write_shards(out, cub, [s for s in mine if not buildstate.complete(out, s.name)], options,
+            bad = write_shards(out, dataset, [s for s in mine if not buildstate.complete(out, s.name)], options,
                                workers, skip_bad, progress)
             if bad and not skip_bad:
-                raise UserError(_bad_files_line(bad, cub) + " (no manifest written; --skip-bad leaves them out)")
+                raise UserError(_bad_files_line(bad, dataset) + " (no manifest written; --skip-bad leaves them out)")
             buildstate.write_marker(out, job_index, num_jobs, [s.name for s in mine])
             # This run hashed every shard it wrote, and every one it kept: merge need not read them again.
             return merge_locked(out, rehash=False) if num_jobs == 1 else None
@@ -69,20 +69,20 @@ def check_out(out: Path) -> None:
         raise UserError(problem)
 
 
-def _bad_files_line(bad: list[tuple[Record, str]], cub: Dataset) -> str:
+def _bad_files_line(bad: list[tuple[Record, str]], dataset: Dataset) -> str:
     listed = "; ".join(f"{r.path} ({reason})" for r, reason in bad[:MAX_LISTED_BAD])
     more = f"; and {len(bad) - MAX_LISTED_BAD} more" if len(bad) > MAX_LISTED_BAD else ""
-    return f"{len(bad)} bad image(s) in {cub.root}: {listed}{more}"
+    return f"{len(bad)} bad image(s) in {dataset.root}: {listed}{more}"
 
 
-def _state(cub: Dataset, sizes: list[int], options: BuildOptions, plan: list[ShardPlan]) -> dict[str, Any]:
+def _state(dataset: Dataset, sizes: list[int], options: BuildOptions, plan: list[ShardPlan]) -> dict[str, Any]:
     """What build.json records: the options, the source's identity, the classes (with the layout's per-class
     fields) and the plan."""
     return {
         "options": asdict(options),
-        "source": {"fingerprint": cub.fingerprint(sizes), "num_images": len(cub.records),
-                   "num_classes": len(cub.classes), "layout": cub.layout, **cub.info},
-        "classes": cub.classes,
-        **cub.class_fields,
+        "source": {"fingerprint": dataset.fingerprint(sizes), "num_images": len(dataset.records),
+                   "num_classes": len(dataset.classes), "layout": dataset.layout, **dataset.info},
+        "classes": dataset.classes,
+        **dataset.class_fields,
         "plan": {split: [s.name for s in plan if s.split == split] for split in mf.SPLITS},
     }

@@ -45,12 +45,12 @@ class SampleResult:
     error: str = ""
 
 
-def write_shards(out: Path, cub: Dataset, shards: list[ShardPlan], options: BuildOptions, workers: int,
+def write_shards(out: Path, dataset: Dataset, shards: list[ShardPlan], options: BuildOptions, workers: int,
                  skip_bad: bool, progress: bool) -> list[tuple[Record, str]]:
     """Each shard encoded and written by one of `workers` processes; returns the bad images (plan order)."""
-    root = str(cub.root)
-    jobs = [ShardJob(out, s, tuple(SampleTask(r, os.path.join(root, r.path), cub.classes[r.label], s.split,
-                                              options.encode) for r in s.records), len(cub.classes), skip_bad)
+    root = str(dataset.root)
+    jobs = [ShardJob(out, s, tuple(SampleTask(r, os.path.join(root, r.path), dataset.classes[r.label], s.split,
+                                              options.encode) for r in s.records), len(dataset.classes), skip_bad)
             for s in shards]
     # Largest shards first: the short last shard of each split then fills the gaps at the end instead of
     # leaving workers idle behind a full one. The order of work never changes what is written.

@@ -159,7 +159,7 @@ def test_every_command_runs(arch: str, train_shards: Path, tmp_path: Path, capsy
                                      "--wandb", "disabled", "--log-every", "1", "--lr", "0.002",
                                      "--lr-scheme", "notebook")
     result = run_cli("train", "fit", *common, "--epochs", "1", "--run-dir", str(run), "--keep-checkpoints", "1",
-                     env=ONE_THREAD)
+                     "--ema-decay", "0", "--tta", "none", env=ONE_THREAD)  # EMA and TTA: tests of their own
     assert result.returncode == 0, result.stderr[-2000:]
     steps = _step_lrs(run)
     depth = {name: len(expected) - 1 - i for i, name in enumerate(expected)}  # the notebook scheme by hand

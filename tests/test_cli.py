@@ -21,7 +21,7 @@ try:
     runpy.run_module("train", run_name="__main__", alter_sys=True)
 except SystemExit as e:
     code = e.code
-heavy = sorted(m for m in ("torch", "torchvision", "timm", "albumentations", "cv2") if m in sys.modules)
+heavy = sorted(m for m in ("torch", "torchvision", "timm", "albumentations", "cv2", "matplotlib") if m in sys.modules)
 print(json.dumps({"heavy": heavy}), file=sys.stderr)
 sys.exit(code)
 """
@@ -64,3 +64,12 @@ def test_bad_options_and_a_bad_shard_set_are_reported_before_torch(tmp_path: Pat
     status, heavy, output = _probe("fit", "--shards", str(train_shards), "--arch", "resnet5", *run)
     assert status == 2 and "resnet5" in output and "torch" in heavy, output[-2000:]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_fit_with_our_resnet_imports_no_other_model_zoo(tmp_path: Path, train_shards: Path) -> None:
+    """torchvision (~1.3 s: it pulls in torch._dynamo), timm and matplotlib are imported on first use: a fit of
+    our ResNet that stops at its first check after the trainer is loaded has imported none of them."""
+    status, heavy, output = _probe("fit", "--shards", str(train_shards), "--arch", "resnet18", "--pretrained", "none",
+                                   "--batch-size", "100000", "--run-dir", str(tmp_path / "run"))
+    assert status == 1 and "fewer than one global batch" in output, output[-2000:]
+    assert heavy == ["albumentations", "cv2", "torch"]

@@ -52,7 +52,7 @@ def test_the_crop_boxes_are_those_of_the_full_decode(jpeg: bytes) -> None:
         image, source = scaled.decode(jpeg, seed)
         scaled(image, seed, source)
         x1, y1, x2, y2 = full.transform.transforms[0].params["crop_coords"]
-        scaled._seed(seed)  # the box drawn before decoding, to choose the scale, is the same one
+        scaled.reseed(seed)  # the box drawn before decoding, to choose the scale, is the same one
         assert first_crop_box(scaled.transform, (480, 640)) == (x1, y1, x2, y2)
         fy, fx = image.shape[0] / 480, image.shape[1] / 640
         got = scaled.transform.transforms[0].params["crop_coords"]

@@ -135,7 +135,7 @@ class Augment:
     def __call__(self, image: np.ndarray, seed: int, source_shape: tuple[int, int] | None = None) -> np.ndarray:
         """`source_shape`: the full size of an image `decode` gave at a smaller scale (None: it is full size)."""
         image = _as_rgb_uint8(image)
-        self._seed(seed)
+        self.reseed(seed)
         crop = self._source_crop()
         if crop is None:
             return np.ascontiguousarray(self.transform(image=image)["image"])
@@ -162,7 +162,7 @@ class Augment:
         crop = self._source_crop()
         if crop is None or scaled.scale_factor(shape, tuple(crop.size)) == 1:
             return 1  # not even a crop of the whole image would shrink 2x: no need to draw the box
-        self._seed(seed)
+        self.reseed(seed)
         x1, y1, x2, y2 = scaled.first_crop_box(self.transform, shape)
         return scaled.scale_factor((y2 - y1, x2 - x1), tuple(crop.size))
 
@@ -170,7 +170,8 @@ class Augment:
         first = self.transform.transforms[0]
         return first if isinstance(first, scaled.SourceRandomResizedCrop) else None
 
-    def _seed(self, seed: int) -> None:
+    def reseed(self, seed: int) -> None:
+        """Put the pipeline's generators in the state a call with `seed` starts from."""
         if self.transform.py_random is not self.py_random:  # first call, or another Augment shares the Compose
             self.transform.set_random_state(self.numpy_random, self.py_random)
         self.py_random.seed(seed)

@@ -12,20 +12,30 @@ import io
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # files only, no display; before pyplot is imported
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from pipeline.files import atomic_path, write_atomic, write_json_atomic
+from train import embedding
 
-from pipeline.files import atomic_path, write_atomic, write_json_atomic  # noqa: E402
-from train import embedding  # noqa: E402
+if TYPE_CHECKING:
+    import matplotlib.pyplot as plt
 
 ANNOTATE_MAX_CLASSES = 30  # write the count in each confusion-matrix cell up to this many classes
 LEGEND_MAX_CLASSES = 20
 PLOTS = ("confusion_matrix.png", "most_incorrect.png", "embeddings.png")
+
+
+def pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend (files only, no display), imported on first use: ~0.7 s that
+    `fit` pays only when it plots."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # before pyplot is imported
+    import matplotlib.pyplot
+
+    return matplotlib.pyplot
 
 
 def short_name(name: str) -> str:
@@ -130,14 +140,14 @@ def _save(fig: plt.Figure, path: Path, dpi: int = 100) -> None:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
     finally:
-        plt.close(fig)
+        pyplot().close(fig)
 
 
 def plot_confusion_matrix(matrix: np.ndarray, classes: list[str], path: Path, title: str = "") -> None:
     """Rows (true) normalised to 1, classes in index order; cell counts written only for few classes."""
     n = len(classes)
     size = min(max(6.0, 0.11 * n + 3.0), 26.0)
-    fig, ax = plt.subplots(figsize=(size, size))
+    fig, ax = pyplot().subplots(figsize=(size, size))
     rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     image = ax.imshow(rates, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
@@ -160,14 +170,14 @@ def plot_confusion_matrix(matrix: np.ndarray, classes: list[str], path: Path, ti
 def plot_most_incorrect(wrong: list[dict[str, Any]], classes: list[str], path: Path) -> None:
     """The most confident wrong predictions, as the model saw them (eval transform, before normalisation)."""
     if not wrong:
-        fig, ax = plt.subplots(figsize=(6, 2))
+        fig, ax = pyplot().subplots(figsize=(6, 2))
         ax.text(0.5, 0.5, "no incorrect predictions", ha="center", va="center", fontsize=14)
         ax.set_axis_off()
         _save(fig, path)
         return
     cols = min(4, len(wrong))
     rows = math.ceil(len(wrong) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.6 * rows), squeeze=False)
+    fig, axes = pyplot().subplots(rows, cols, figsize=(3.2 * cols, 3.6 * rows), squeeze=False)
     for ax in axes.flat:
         ax.set_axis_off()
     for ax, item in zip(axes.flat, wrong, strict=False):
@@ -185,7 +195,7 @@ def plot_embeddings(features: np.ndarray, labels: np.ndarray, classes: list[str]
     dropped = len(features) - len(keep)
     features, labels = features[keep], labels[keep]
     note = f", {dropped} with non-finite features left out" if dropped else ""
-    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 6.5))
+    fig, (left, right) = pyplot().subplots(1, 2, figsize=(14, 6.5))
     try:
         if len(features) < 2 or features.shape[1] < 2:
             raise embedding.EmbeddingError(f"too few images ({len(features)})")
@@ -200,7 +210,7 @@ def plot_embeddings(features: np.ndarray, labels: np.ndarray, classes: list[str]
     except embedding.EmbeddingError as e:
         _no_plot(right, f"t-SNE: {e}")
     if len(classes) <= LEGEND_MAX_CLASSES and len(features):
-        handles = [plt.Line2D([], [], marker="o", linestyle="", color=_colour(i, len(classes)),
+        handles = [pyplot().Line2D([], [], marker="o", linestyle="", color=_colour(i, len(classes)),
                               label=short_name(name)) for i, name in enumerate(classes)]
         fig.legend(handles=handles, loc="center right", fontsize=8)
         fig.subplots_adjust(right=0.8)
@@ -208,7 +218,7 @@ def plot_embeddings(features: np.ndarray, labels: np.ndarray, classes: list[str]
 
 
 def _colour(index: int, num_classes: int) -> Any:
-    cmap = plt.get_cmap("tab20" if num_classes <= 20 else "turbo")
+    cmap = pyplot().get_cmap("tab20" if num_classes <= 20 else "turbo")
     return cmap(index if num_classes <= 20 else index / max(num_classes - 1, 1))
 
 
@@ -226,7 +236,7 @@ def _no_plot(ax: plt.Axes, text: str) -> None:
 
 def plot_lr_find(lrs: list[float], losses: list[float], suggested_index: int, path: Path) -> None:
     """Smoothed loss against LR (log axis), the suggested LR marked."""
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = pyplot().subplots(figsize=(8, 5))
     ax.plot(lrs, losses, color="tab:blue")
     lr, loss = lrs[suggested_index], losses[suggested_index]
     ax.plot([lr], [loss], marker="o", markersize=9, color="tab:red", linestyle="",

@@ -1,6 +1,7 @@
 """torchvision's classification models (`--arch tv/NAME`, or the bare NAME): built by name, with their
 ImageNet weights through torchvision's weights API and the torch hub cache, and their weights' metadata
-(mean, std, resize/crop, interpolation) as the input spec."""
+(mean, std, resize/crop, interpolation) as the input spec. torchvision is imported on first use: it takes
+~1.3 s (it pulls in torch._dynamo), which a command with one of our ResNets never needs."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import torchvision
 from torch import nn
 
 from pipeline.errors import UserError, one_line
@@ -63,23 +63,32 @@ def _vit(model: nn.Module, stages: int = 4) -> list[Group]:
             ("head", ("encoder.ln", "heads"))]
 
 
-# How to find stem / stages / head, by the model's class; other models with a `features` sequence split like
-# a CNN's (groups.features_groups), anything else by its top-level children.
-models = torchvision.models
-FAMILIES: dict[type, Callable[[nn.Module], list[Group]]] = {
-    models.ResNet: resnet_groups,
-    models.ConvNeXt: groups.features_groups,
-    models.EfficientNet: groups.features_groups,
-    models.MobileNetV2: groups.features_groups,
-    models.MobileNetV3: groups.features_groups,
-    models.VisionTransformer: _vit,
-    models.RegNet: _regnet,
-}
+def tv_models() -> Any:
+    """torchvision.models, imported on first use."""
+    import torchvision.models
+
+    return torchvision.models
+
+
+@functools.cache
+def families() -> dict[type, Callable[[nn.Module], list[Group]]]:
+    """How to find stem / stages / head, by the model's class; other models with a `features` sequence split
+    like a CNN's (groups.features_groups), anything else by its top-level children."""
+    models = tv_models()
+    return {
+        models.ResNet: resnet_groups,
+        models.ConvNeXt: groups.features_groups,
+        models.EfficientNet: groups.features_groups,
+        models.MobileNetV2: groups.features_groups,
+        models.MobileNetV3: groups.features_groups,
+        models.VisionTransformer: _vit,
+        models.RegNet: _regnet,
+    }
 
 
 def imagenet_state_dict(name: str) -> Mapping[str, object]:
     """torchvision's default ImageNet weights, from torch hub's cache or downloaded into it."""
-    found = torchvision.models.get_model_weights(name).DEFAULT
+    found = tv_models().get_model_weights(name).DEFAULT
     cache_file = weights.hub_cache_file(found.url)
     was_cached = os.path.exists(cache_file)
     try:
@@ -99,7 +108,7 @@ def imagenet_state_dict(name: str) -> Mapping[str, object]:
 
 def weights_status(name: str) -> str:
     """"cached" or "download" for the default ImageNet weights of `name` (see base.Listed)."""
-    url = torchvision.models.get_model_weights(name).DEFAULT.url
+    url = tv_models().get_model_weights(name).DEFAULT.url
     return "cached" if os.path.exists(weights.hub_cache_file(url)) else "download"
 
 
@@ -120,7 +129,7 @@ class Torchvision(Source):
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", category=UserWarning)  # e.g. googlenet's init notice
-                model = torchvision.models.get_model(name, weights=None, **kwargs)
+                model = tv_models().get_model(name, weights=None, **kwargs)
         except (AssertionError, ValueError, RuntimeError) as e:
             raise UserError(f"--arch {name} cannot be built for --image-size {image_size}: {e}") from None
         replace_head(model, num_classes)
@@ -136,7 +145,7 @@ class Torchvision(Source):
         otherwise ImageNet statistics and `crop_pct`."""
         patch = re.fullmatch(r"vit_\w_(\d+)", name)
         multiple, fixed = int(patch[1]) if patch else 1, bool(_prefix(name, SIZED))
-        transforms = torchvision.models.get_model_weights(name).DEFAULT.transforms()
+        transforms = tv_models().get_model_weights(name).DEFAULT.transforms()
         native = transforms.crop_size[0]
         if pretrained != "imagenet":
             return InputSpec(crop_pct=crop_pct, input_size=native, multiple=multiple, fixed=fixed)
@@ -147,7 +156,7 @@ class Torchvision(Source):
 
     def size_problem(self, name: str, image_size: int, pretrained: str) -> str | None:
         if pretrained == "imagenet" and _prefix(name, SIZED):
-            size = torchvision.models.get_model_weights(name).DEFAULT.transforms().crop_size[0]
+            size = tv_models().get_model_weights(name).DEFAULT.transforms().crop_size[0]
             if image_size != size:
                 return f"--arch {name} with --pretrained imagenet needs --image-size {size}, got {image_size}"
         return None
@@ -156,7 +165,7 @@ class Torchvision(Source):
         return type(model).__module__.startswith("torchvision.")
 
     def groups(self, model: nn.Module) -> list[Group]:
-        family = FAMILIES.get(type(model))
+        family = families().get(type(model))
         if family is None and isinstance(getattr(model, "features", None), nn.Sequential):
             family = groups.features_groups
         return family(model) if family else super().groups(model)
@@ -177,7 +186,7 @@ class Torchvision(Source):
 @functools.cache
 def _names() -> tuple[str, ...]:
     """torchvision's classification models, less the unsupported families."""
-    return tuple(name for name in torchvision.models.list_models(module=torchvision.models)
+    return tuple(name for name in tv_models().list_models(module=tv_models())
                  if not name.startswith(tuple(UNSUPPORTED)))
 
 
