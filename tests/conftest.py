@@ -100,8 +100,9 @@ TRAIN_SYNTH = {"classes": 6, "per_class": 24, "seed": 1}
 # Tiny, fast, and still learnable: resnet18 from scratch at 40 px on the 6-class synth set.
 FIT_ARGS = ("--arch", "resnet18", "--pretrained", "none", "--image-size", "40", "--batch-size", "8",
             "--workers", "0", "--lr", "0.003", "--lr-scheme", "flat", "--epochs", "5", "--wandb", "disabled",
-            "--log-every", "1", "--crop-scale", "0.6", "1.0", "--ema-decay", "0", "--tta", "none")
-# (fit's default EMA and flip TTA are off here, for speed: the EMA, TTA and resume tests turn them on.)
+            "--log-every", "1", "--crop-scale", "0.6", "1.0", "--ema-decay", "0", "--tta", "none", "--no-plots")
+# (fit's default EMA, flip TTA and report PNGs are off here, for speed: the EMA, TTA and resume tests turn the
+# first two on, fitted_run and the report tests the plots.)
 
 
 @pytest.fixture(scope="session")
@@ -122,7 +123,8 @@ FITTED_EVAL = {"image_size": 48, "resize_short": 55, "crop_pct": 0.875, "interpo
 def fitted_run(train_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One complete `fit` (offline W&B, EVAL_ARGS), shared by the tests that read what a run leaves behind."""
     def make(folder: Path) -> None:
-        result = run_cli("train", "fit", "--shards", str(train_shards), *FIT_ARGS, *EVAL_ARGS, "--wandb", "offline",
+        result = run_cli("train", "fit", "--shards", str(train_shards), *FIT_ARGS, *EVAL_ARGS, "--plots",
+                         "--wandb", "offline",
                          "--run-dir", str(folder / "fitted"), env={"WANDB_SILENT": "true"})
         assert result.returncode == 0, result.stderr[-3000:]
 

@@ -158,8 +158,9 @@ def test_every_command_runs(arch: str, train_shards: Path, tmp_path: Path, capsy
                                      "--image-size", str(size), "--batch-size", "32", "--workers", "0",
                                      "--wandb", "disabled", "--log-every", "1", "--lr", "0.002",
                                      "--lr-scheme", "notebook")
+    # (EMA and TTA have tests of their own; evaluate below draws the report's plots)
     result = run_cli("train", "fit", *common, "--epochs", "1", "--run-dir", str(run), "--keep-checkpoints", "1",
-                     "--ema-decay", "0", "--tta", "none", env=ONE_THREAD)  # EMA and TTA: tests of their own
+                     "--ema-decay", "0", "--tta", "none", "--no-plots", env=ONE_THREAD)
     assert result.returncode == 0, result.stderr[-2000:]
     steps = _step_lrs(run)
     depth = {name: len(expected) - 1 - i for i, name in enumerate(expected)}  # the notebook scheme by hand

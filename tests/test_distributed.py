@@ -38,7 +38,7 @@ EPOCHS = 3
 STEPS_PER_EPOCH = 57 // (2 * BATCH)  # 3
 ARGS = ("--arch", "resnet18", "--pretrained", "none", "--image-size", "32", "--workers", "2", "--lr", "0.003",
         "--lr-scheme", "flat", "--epochs", str(EPOCHS), "--wandb", "disabled", "--log-every", "1",
-        "--crop-scale", "0.6", "1.0", "--ema-decay", "0.9", "--tta", "flip")
+        "--crop-scale", "0.6", "1.0", "--ema-decay", "0.9", "--tta", "flip", "--no-plots")
 TOP1_TOLERANCE, LOSS_TOLERANCE = 0.25, 0.75
 RUN_TIMEOUT_S = 240
 DIST_TIMEOUT_S = 60  # --dist-timeout of the killed run: the bound for a peer that hangs instead of dying

@@ -69,6 +69,8 @@ def test_fit_results_and_run_files(fitted_run: Path, train_shards: Path) -> None
     assert meta["eval_transform"] == {"resize_short": 55, "center_crop": 48}
     assert "fc.weight" in load_file(str(best / "model.safetensors"))
     assert len(list((fitted_run / "checkpoints").glob("step-*"))) == 2  # keep_checkpoints
+    assert sorted(p.name for p in (fitted_run / "report").iterdir()) == sorted(
+        ["metrics.json", "predictions.csv", "confusion_matrix.png", "most_incorrect.png", "embeddings.png"])
 
 
 def test_wandb_offline_run_holds_the_history(fitted_run: Path) -> None:
@@ -396,6 +398,9 @@ def test_corrupt_sample_is_skipped_and_counted(train_shards: Path, tmp_path: Pat
     epoch = next(json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
                  if json.loads(line)["kind"] == "epoch")
     assert epoch["train"]["bad_samples"] == 1  # 65 good train samples, 64 used: the bad one is read once
+    # FIT_ARGS has --no-plots: the test report holds the numbers only, and says so
+    assert sorted(p.name for p in (tmp_path / "run" / "report").iterdir()) == ["metrics.json", "predictions.csv"]
+    assert f"test report: {tmp_path / 'run' / 'report'}/ (metrics.json, predictions.csv)" in result.stdout
 
 
 def test_vanished_shard_stops_the_run_naming_it(train_shards: Path, tmp_path: Path) -> None:

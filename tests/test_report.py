@@ -133,6 +133,22 @@ def test_a_plot_that_fails_is_one_warning_and_the_rest_is_written(tmp_path: Path
     assert_png(tmp_path / "embeddings.png")
 
 
+def test_without_plots_the_numbers_are_written_and_older_plots_removed(tmp_path: Path) -> None:
+    """fit --no-plots: metrics.json and predictions.csv as with plots, no PNG (an older report's are removed,
+    never left beside new numbers), and the W&B payload holds the predictions table only."""
+    metrics = {"top1": 4 / 6, "top5": 1.0, "loss": 0.75, "num_samples": 6}
+    with_plots = report.write_report(tmp_path / "a", metrics, _records(), _wrong(), CLASSES)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "embeddings.png").write_bytes(b"an older report's plot")
+    without = report.write_report(tmp_path / "b", metrics, _records(), _wrong(), CLASSES, plots=False)
+    assert without == with_plots
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["metrics.json", "predictions.csv"]
+    for name in ("metrics.json", "predictions.csv"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    payload = report.wandb_payload(tmp_path / "b", _records()[:5], CLASSES, "report/test")  # image ids all numbers
+    assert list(payload) == ["report/test/predictions"]
+
+
 @pytest.mark.parametrize("kind", ["constant", "nan", "inf"])
 def test_degenerate_features_never_take_the_process_down(kind: str, tmp_path: Path, capsys) -> None:
     """Features with no variance (a model that has collapsed) or with NaN / inf rows (a diverged one): this

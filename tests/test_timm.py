@@ -183,7 +183,7 @@ def _fit(train_shards: Path, run: Path, arch: str, size: int, *extra: str):
     return run_cli("train", "fit", "--shards", str(train_shards), "--arch", arch, "--image-size", str(size),
                    "--batch-size", "32", "--workers", "0", "--wandb", "disabled", "--log-every", "1", "--lr", "0.002",
                    "--epochs", "1", "--run-dir", str(run), "--keep-checkpoints", "1", "--ema-decay", "0", "--tta", "none",
-                   *extra, env=ONE_THREAD)  # EMA and TTA have tests of their own (the bf16 resume runs with both)
+                   "--no-plots", *extra, env=ONE_THREAD)  # EMA and TTA: tests of their own (the bf16 resume has both)
 
 
 @pytest.mark.e2e

@@ -23,7 +23,8 @@ from train import keylog
 
 ARGS = ("--arch", "timm/resnet10t", "--pretrained", "none", "--image-size", "32", "--batch-size", "8", "--workers",
         "0", "--wandb", "disabled", "--log-every", "1", "--lr", "0.002", "--epochs", "1", "--checkpoint-every", "2",
-        "--keep-checkpoints", "100", "--precision", "bf16", "--channels-last", "--ema-decay", "0.9", "--tta", "flip")
+        "--keep-checkpoints", "100", "--precision", "bf16", "--channels-last", "--ema-decay", "0.9", "--tta", "flip",
+        "--no-plots")
 CUT = 4  # the checkpoint resumed from, mid-epoch
 
 

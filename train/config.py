@@ -75,6 +75,7 @@ class Config:
     checkpoint_every: int = 0  # optimizer steps; 0: only at epoch ends
     keep_checkpoints: int = 2
     log_every: int = 10
+    plots: bool = True  # the test report's PNGs at the end of fit
     wandb: str = "auto"  # auto: online with an API key, else offline
     wandb_project: str = "cubstream"
     dist_timeout: int = 120  # seconds a process waits for a dead peer before failing
@@ -89,7 +90,7 @@ class Config:
 RESUMABLE_CHANGES = {"resume", "force", "workers", "wandb", "log_every", "run_dir", "shards", "checkpoint_every",
                      "keep_checkpoints", "dist_timeout", "lr_find_start", "lr_find_end", "lr_find_steps",
                      "io_timeout", "stop_signals", "stop_grace", "cache_dir", "cache_limit_gb",
-                     "eval_image_size", "eval_size_ratio", "tta"}  # how valid / test score, not what trains
+                     "eval_image_size", "eval_size_ratio", "tta", "plots"}  # how valid / test score, not what trains
 # What --force lets a resumed run change besides the shard set: the one-cycle schedule is rebuilt for the new
 # length, continuous at the resumed step. Everything else (LR, optimizer, model, batch...) lives in the
 # checkpoint's state or defines its steps, so a change could not be followed exactly and is refused.
@@ -113,6 +114,9 @@ HELP = {
     "eval_size_ratio": "the default eval crop size as a multiple of --image-size (a random-resized crop shows "
                        "objects larger than a center crop does, which a larger eval crop can make up for; at "
                        "small sizes it measured worse, so 1.0 by default)",
+    "plots": "draw the test report's PNGs at the end of fit (confusion matrix, most-incorrect images, embeddings "
+             "by PCA and t-SNE, which takes minutes of CPU on a large test split while the GPUs wait); "
+             "--no-plots writes metrics.json and predictions.csv only, and `python -m train evaluate` draws them",
     "tta": "test-time augmentation of valid, test, evaluate and predict: flip also scores each image's "
            "horizontal mirror and averages the two logits (costs one more forward pass per image)",
     "pretrained": "imagenet (the model's published weights, through its library's download and cache: torch hub or "

@@ -154,23 +154,25 @@ def final_results(accelerator: Accelerator, model: torch.nn.Module, manifest: di
     say(accelerator, f"test (best epoch {progress.best_epoch}): top1 {test['top1']:.4f} top5 {test['top5']:.4f} "
                      f"loss {test['loss']:.4f} on {test['num_samples']} images ({evaltime.describe(test['eval'])}); "
                      f"results in {run_dir}/results.json")
-    write_evaluation_report(accelerator, test, manifest["classes"], run_dir / "report", "test", progress.global_step)
+    write_evaluation_report(accelerator, test, manifest["classes"], run_dir / "report", "test", progress.global_step,
+                            plots=config.plots)
     return results
 
 
 def write_evaluation_report(accelerator: Accelerator, result: dict[str, Any], classes: list[str], out: Path,
-                            title: str, step: int) -> None:
-    """The report of an `evaluate(..., collect=True)` result, by the main process; its PNGs and predictions
-    table also go to W&B when the accelerator has that tracker."""
+                            title: str, step: int, plots: bool = True) -> None:
+    """The report of an `evaluate(..., collect=True)` result, by the main process (its PNGs unless `plots` is
+    False); the PNGs and the predictions table also go to W&B when the accelerator has that tracker."""
     if not accelerator.is_main_process:
         return
     from train import report
 
-    report.write_report(out, result, result["records"], result["wrong"], classes, title)
+    report.write_report(out, result, result["records"], result["wrong"], classes, title, plots)
     if any(tracker.name == "wandb" for tracker in accelerator.trackers):
         run = accelerator.get_tracker("wandb", unwrap=True)
         run.log(report.wandb_payload(out, result["records"], classes, f"report/{title}"), step=step)
-    say(accelerator, f"{title} report: {out}/ (metrics.json, predictions.csv, {', '.join(report.PLOTS)})")
+    drawn = [name for name in report.PLOTS if (out / name).exists()]
+    say(accelerator, f"{title} report: {out}/ ({', '.join(['metrics.json', 'predictions.csv', *drawn])})")
 
 
 def _public(metrics: dict[str, Any]) -> dict[str, Any]:

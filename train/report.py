@@ -95,11 +95,11 @@ def write_predictions_csv(path: Path, rows: list[list[Any]]) -> None:
 
 
 def write_report(out: Path, metrics: dict[str, Any], records: list[dict[str, Any]], wrong: list[dict[str, Any]],
-                 classes: list[str], title: str = "") -> dict[str, Any]:
+                 classes: list[str], title: str = "", plots: bool = True) -> dict[str, Any]:
     """metrics.json and predictions.csv first, then the three PNGs into `out` (each file written whole under a
-    temporary name, then renamed); returns the metrics.json payload. A plot that cannot be drawn is one
-    warning line on stderr and is missing from `out` (an older report's copy is removed first): the numbers
-    never depend on a plot."""
+    temporary name, then renamed; none with `plots` False); returns the metrics.json payload. A plot that
+    cannot be drawn is one warning line on stderr and is missing from `out` (an older report's copy is removed
+    first): the numbers never depend on a plot."""
     out.mkdir(parents=True, exist_ok=True)
     labels = np.array([r["label"] for r in records], dtype=np.int64)
     preds = np.array([r["pred"] for r in records], dtype=np.int64)
@@ -107,12 +107,15 @@ def write_report(out: Path, metrics: dict[str, Any], records: list[dict[str, Any
     payload = metrics_json(metrics, matrix, classes)
     write_predictions_csv(out / "predictions.csv", prediction_rows(records, classes))
     write_json_atomic(out / "metrics.json", payload)
+    for name in PLOTS:
+        (out / name).unlink(missing_ok=True)
+    if not plots:
+        return payload
     features = np.stack([r["features"] for r in records]).astype(np.float32) if records else np.zeros((0, 1))
-    plots = {"confusion_matrix.png": lambda path: plot_confusion_matrix(matrix, classes, path, title),
+    drawings = {"confusion_matrix.png": lambda path: plot_confusion_matrix(matrix, classes, path, title),
              "most_incorrect.png": lambda path: plot_most_incorrect(wrong, classes, path),
              "embeddings.png": lambda path: plot_embeddings(features, labels, classes, path)}
-    for name, draw in plots.items():
-        (out / name).unlink(missing_ok=True)
+    for name, draw in drawings.items():
         try:
             draw(out / name)
         except Exception as e:  # a plot is an extra: say why it is missing, keep the rest of the report
@@ -121,11 +124,12 @@ def write_report(out: Path, metrics: dict[str, Any], records: list[dict[str, Any
 
 
 def wandb_payload(out: Path, records: list[dict[str, Any]], classes: list[str], prefix: str) -> dict[str, Any]:
-    """The report's PNGs as wandb.Image and the predictions as a wandb.Table, keyed `prefix/...`."""
+    """The report's PNGs (those in `out`) as wandb.Image and the predictions as a wandb.Table, keyed
+    `prefix/...`."""
     import wandb
 
     payload: dict[str, Any] = {f"{prefix}/{name.removesuffix('.png')}": wandb.Image(str(out / name))
-                               for name in PLOTS}
+                               for name in PLOTS if (out / name).exists()}
     payload[f"{prefix}/predictions"] = wandb.Table(columns=PREDICTION_COLUMNS,
                                                    data=prediction_rows(records, classes))
     return payload
