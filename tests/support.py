@@ -3,6 +3,7 @@ loopback HTTP servers that a test starts and stops itself. Fixtures live in conf
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import http.server
 import json
@@ -20,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import warm
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -61,10 +63,19 @@ def run_python(*args: str, timeout: float = 300, env: dict[str, str] | None = No
                           env=cli_env(**(env or {})), cwd=cwd or ROOT)
 
 
+_WARM: list[warm.Server] = []  # this test process's warm server, once started
+
+
 def run_cli(*args: str, timeout: float = 300, env: dict[str, str] | None = None,
             cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run `python -m ARGS` as a user would; output captured as text."""
-    return run_python("-m", *args, timeout=timeout, env=env, cwd=cwd)
+    """Run `python -m ARGS` as a user would; output captured as text. `python -m train` is forked from a warm
+    interpreter (tests/warm.py: torch is imported once per test process, not per command)."""
+    if args[0] != "train":
+        return run_python("-m", *args, timeout=timeout, env=env, cwd=cwd)
+    if not _WARM:
+        _WARM.append(warm.Server())
+        atexit.register(_WARM[0].stop)
+    return _WARM[0].run(list(args), cli_env(**(env or {})), cwd or ROOT, timeout)
 
 
 def synth_shards(root: Path, synth_args: dict, options: object) -> Path:

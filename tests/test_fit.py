@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ from support import (
     max_ema_difference,
     run_cli,
     run_main,
+    run_python,
     wait_for,
 )
 
@@ -426,6 +428,27 @@ def test_grad_accumulation_keeps_the_lr_schedule(train_shards: Path, tmp_path: P
     plain = lrs("plain")
     assert len(plain) == manifest_train(train_shards) // 8
     assert lrs("accum", "--batch-size", "4", "--grad-accum", "2") == plain
+
+
+def test_a_fit_forked_from_the_warm_server_equals_a_cold_start(train_shards: Path, tmp_path: Path) -> None:
+    """run_cli forks `python -m train` from a warm interpreter (tests/warm.py); a cold `python -m train fit`
+    of the same command gives the same numbers and the same best model, byte for byte."""
+    def fit(name: str, run: Callable[..., subprocess.CompletedProcess], *prefix: str) -> Path:
+        result = run(*prefix, "train", "fit", "--shards", str(train_shards), *FIT_ARGS, "--epochs", "2",
+                     "--run-dir", str(tmp_path / name))
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "test (best epoch" in result.stdout
+        return tmp_path / name
+
+    def numbers(run_dir: Path) -> list[dict]:  # metrics.jsonl less the wall-clock rates
+        records = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+        return [{k: v for k, v in r.items() if k not in ("img_per_s", "data_wait")} for r in records]
+
+    warm, cold = fit("warm", run_cli), fit("cold", run_python, "-m")
+    assert numbers(warm) == numbers(cold)
+    assert (warm / "results.json").read_text() == (cold / "results.json").read_text()
+    best = Path("checkpoints") / "best" / "model.safetensors"
+    assert (warm / best).read_bytes() == (cold / best).read_bytes()
 
 
 def manifest_train(shards: Path) -> int:

@@ -1,0 +1,126 @@
+"""`python -m train ARGS` without the interpreter start-up: a server process imports torch, torchvision and
+Albumentations once (~3-4 s a cold `python -m train` pays before its first line of work), then forks a fresh
+child for each command, which applies the command's environment, working directory and output files, and
+runs `train` as `python -m train` does (runpy, `__main__`, its exit status). Nothing of ours is imported
+before the fork: every child imports the checkout's modules itself, as a new interpreter would.
+
+Only what those libraries read when they are imported is shared, so a command that needs another value of it
+runs cold: the OpenMP thread count is set again in each child from its OMP_NUM_THREADS (torch read the
+server's at import). Tests that signal, launch or time processes start real interpreters (tests/procs.py).
+
+    python tests/warm.py SOCKET      # the server; support.run_cli starts one per test process, stops it by PID
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+PRELOAD = ("torch", "torch._dynamo", "torchvision", "albumentations", "cv2", "simplejpeg", "numpy")
+
+
+def serve(path: str) -> None:
+    """Accept one request per connection: fork a reporter, which forks the command, sends its pid, waits for
+    it and sends its exit status; the server itself goes straight back to accept (it never waits)."""
+    import importlib
+
+    for name in PRELOAD:
+        importlib.import_module(name)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # reporters are reaped by the kernel
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(path)
+        server.listen(16)
+        print("ready", flush=True)
+        while True:
+            connection, _ = server.accept()
+            request = json.loads(connection.makefile().readline())
+            sys.stdout.flush()
+            sys.stderr.flush()
+            if os.fork() == 0:
+                server.close()
+                _report(connection, request)  # never returns
+            connection.close()
+
+
+def _report(connection: socket.socket, request: dict) -> None:
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # this process waits for its command
+    pid = os.fork()
+    if pid == 0:
+        connection.close()
+        _run_command(request)  # never returns
+    connection.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    connection.sendall(json.dumps({"returncode": code}).encode() + b"\n")
+    connection.close()
+    os._exit(0)
+
+
+def _run_command(request: dict) -> None:
+    """This process becomes `python -m train ARGS` in the request's directory, environment and files."""
+    import runpy
+
+    import torch
+
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    if "OMP_NUM_THREADS" in os.environ:
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        file = os.open(request[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.dup2(file, fd)
+        os.close(file)
+    stdin = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(stdin, 0)
+    os.close(stdin)
+    sys.path[0] = os.getcwd()  # `python -m` puts the working directory first
+    module, *sys.argv[1:] = request["args"]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+    sys.exit(0)  # the interpreter ends here as after `python -m train`: atexit handlers, flushed streams
+
+
+class Server:
+    """The warm server of this test process, started on first use and stopped at exit (by PID)."""
+
+    def __init__(self) -> None:
+        self.folder = tempfile.mkdtemp(prefix="cubstream-warm-")
+        self.path = os.path.join(self.folder, "socket")
+        self.process = subprocess.Popen([sys.executable, __file__, self.path], stdout=subprocess.PIPE, text=True,
+                                        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+        if self.process.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"the warm server did not start (exit {self.process.wait()})")
+
+    def run(self, args: list[str], env: dict[str, str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+        with tempfile.TemporaryDirectory(dir=self.folder) as outputs, socket.socket(socket.AF_UNIX) as connection:
+            out, err = os.path.join(outputs, "stdout"), os.path.join(outputs, "stderr")
+            connection.settimeout(timeout)
+            connection.connect(self.path)
+            connection.sendall(json.dumps({"args": args, "env": env, "cwd": str(cwd), "stdout": out,
+                                           "stderr": err}).encode() + b"\n")
+            replies = connection.makefile()
+            pid = json.loads(replies.readline())["pid"]
+            try:
+                code = json.loads(replies.readline())["returncode"]
+            except TimeoutError:
+                os.kill(pid, signal.SIGKILL)
+                raise subprocess.TimeoutExpired([sys.executable, "-m", *args], timeout) from None
+            return subprocess.CompletedProcess([sys.executable, "-m", *args], code, Path(out).read_text(),
+                                               Path(err).read_text())
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait()
+        for name in os.listdir(self.folder):
+            os.unlink(os.path.join(self.folder, name))
+        os.rmdir(self.folder)
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1])
