@@ -16,7 +16,7 @@ import yaml
 from pipeline.errors import UserError, one_line
 from train import names
 from train.stopping import DEFAULT_SIGNALS
-from train.validate import CHOICES, PRECISIONS, RANGES, WANDB_MODES, check, choices, model_problem, registry  # noqa: F401, I001
+from train.validate import CHOICES, PRECISIONS, RANGES, WANDB_MODES, check, choices, model_problem, registry  # noqa: F401
 
 
 @dataclass(frozen=True)  # a step that decides an option (lr-find's LR, a resume's --grad-accum) makes a new one

@@ -51,6 +51,7 @@ Modules, from a shard to a batch:
     assignment  batch counts, the shard order dealt to the streams, every worker's jobs from a (resumed) start
     loaders   train_loader, eval_loader: one DataLoader over the workers' jobs, iterated by `Batches`
     elastic   the chunks an epoch still owes when it resumes under another topology (not imported here)
+    trainstream  a run's train stream and its resume state: epoch, step, topology, segments (not imported here)
 """
 
 from train.data.assignment import Chunk, Position, epoch_batches, stream_shards, train_batches_per_epoch
