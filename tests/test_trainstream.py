@@ -12,6 +12,7 @@ from test_data import shards, tiny_transform  # noqa: F401 (shards: the module's
 
 from pipeline.manifest import load_manifest
 from train import lifecycle
+from train.data import elastic
 from train.data.topology import Topology, role_batches
 from train.data.trainstream import TrainStream
 from train.lifecycle import TRAINER_KEYS, Progress
@@ -102,3 +103,19 @@ def test_trainer_json_keeps_its_keys() -> None:
     assert set(state) == TRAINER_JSON_KEYS and set(TRAINER_KEYS) <= TRAINER_JSON_KEYS
     assert (state["epoch"], state["step_in_epoch"], state["global_step"], state["world_size"]) == (1, 2, 7, 2)
     assert Progress.from_state(state) == Progress(global_step=7)
+
+
+def test_an_older_trainer_json_resumes_with_the_saved_config_filling_in() -> None:
+    """A checkpoint from before steps_per_epoch, segments and the batch keys were saved: the run's saved
+    config (which such a run could not change) gives its topology."""
+    old = {"epoch": 2, "step_in_epoch": 3, "global_step": 13, "best_loss": 0.5, "best_epoch": 2, "best_valid": {},
+           "partial": [1.0, 2.0, 3.0, 4.0], "partial_bad": 1, "world_size": 2, "workers": 1}
+    assert set(TRAINER_KEYS) <= set(old)
+    saved_topology = elastic.saved_topology(old, {"batch_size": 4, "grad_accum": 2, "shuffle_buffer": 16})
+    assert saved_topology == Topology(processes=2, workers=1, batch_size=4, grad_accum=2, shuffle_buffer=16)
+    stream = TrainStream.from_state(old, saved_topology, saved_topology, STEPS)
+    assert (stream.epoch, stream.step_in_epoch, stream.batch_in_epoch, stream.segments) == (2, 3, 6, [])
+    totals = Totals()
+    totals.load_state_dict(old)
+    assert totals.sums.tolist() == old["partial"] and int(totals.bad) == 1
+    assert Progress.from_state(old) == Progress(global_step=13, best_loss=0.5, best_epoch=2)
