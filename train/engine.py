@@ -21,7 +21,6 @@ from train import augment, checkpoint, ema, fitrun, keylog, stopping, tracking
 from train.config import Config
 from train.evaluation import eval_transform, evaluate, final_results, model_meta, norm_stats, replaces_best
 from train.fitrun import FitRun
-from train.lifecycle import Progress
 from train.metrics import Totals, format_metric
 from train.model import build_model, group_names
 from train.optim import build_optimizer, group_lrs, lr_multipliers, param_groups, resolve_scheme
@@ -87,7 +86,7 @@ def _train_and_validate(run: FitRun) -> None:
     """The rest of the stream's epoch, its validation, the best model and the epoch-end checkpoint."""
     accelerator, config, progress, epoch = run.accelerator, run.config, run.progress, run.stream.epoch
     train_metrics = train_epoch(run)
-    require_finite_weights(accelerator, run.model, progress, run.run_dir, epoch)
+    require_finite_weights(run, epoch)
     entries = validate(run, epoch + 1)
     valid = entries["valid"]
     run.log.write({"kind": "epoch", "step": progress.global_step, "epoch": epoch + 1, "train": train_metrics,
@@ -129,14 +128,15 @@ def renew_best(run: FitRun) -> None:
         validate(run, stream.epoch)
 
 
-def require_finite_weights(accelerator: Accelerator, model: torch.nn.Module, progress: Progress,
-                           run_dir: Path, epoch: int) -> None:
-    """Stop (one line, every process) instead of saving weights or statistics that hold NaN or inf."""
-    tensors = [t for t in accelerator.unwrap_model(model).state_dict().values() if t.is_floating_point()]
+def require_finite_weights(run: FitRun, epoch: int) -> None:
+    """Stop (one line, every process) instead of saving weights or statistics that hold NaN or inf (in epoch
+    `epoch`, counted from 0)."""
+    accelerator = run.accelerator
+    tensors = [t for t in accelerator.unwrap_model(run.model).state_dict().values() if t.is_floating_point()]
     bad = torch.stack([~torch.isfinite(t).all() for t in tensors]).sum().float()
     if accelerator.reduce(bad, "sum").item():
-        raise UserError(f"training diverged: the weights hold NaN or inf after step {progress.global_step} "
-                        f"(epoch {epoch + 1}), though the loss was finite; {_kept(run_dir)}; train again "
+        raise UserError(f"training diverged: the weights hold NaN or inf after step {run.progress.global_step} "
+                        f"(epoch {epoch + 1}), though the loss was finite; {_kept(run.run_dir)}; train again "
                         "with a lower --lr or with --clip-grad, in another --run-dir")
 
 
@@ -226,7 +226,7 @@ def train_epoch(run: FitRun) -> dict[str, Any]:
 def _save_mid_epoch(run: FitRun, totals: Totals) -> Path:
     """A checkpoint at this step of the epoch, with the train sums of the epoch so far (all ranks)."""
     summed = totals.summed(lambda t: run.accelerator.reduce(t, "sum"))
-    require_finite_weights(run.accelerator, run.model, run.progress, run.run_dir, run.stream.epoch)
+    require_finite_weights(run, run.stream.epoch)
     return checkpoint.save_checkpoint(run.accelerator, run.run_dir, run.trainer_state(summed),
                                       run.config.keep_checkpoints)
 
