@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -38,7 +39,7 @@ def main(out: Path, args: list[str]) -> None:
     result = lr_finder.lr_find(accelerator, model, optimizer, manifest, config)
     report: dict[str, Any] = {"lrs": result.lrs, "suggested_lr": result.suggested_lr, "restored": restored(),
                               "accelerator_step": accelerator.step}
-    config.lr_find_start, config.lr_find_end = 1e30, 1e31  # finite first loss, then nan
+    config = dataclasses.replace(config, lr_find_start=1e30, lr_find_end=1e31)  # finite first loss, then nan
     try:
         lr_finder.lr_find(accelerator, model, optimizer, manifest, config)
         report["nan_error"] = None

@@ -4,6 +4,7 @@ the head, with every parameter in exactly one group."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -119,7 +120,7 @@ def test_run_meta_records_the_weights_eval_transform(train_shards: Path) -> None
     assert meta["crop_pct"] == 224 / 236 and meta["mean"] == [0.485, 0.456, 0.406]
     assert norm_stats(config) == (meta["mean"], meta["std"])
     assert eval_transform(config)(np.zeros((236, 300, 3), np.uint8), 0).shape == (224, 224, 3)
-    config.eval_image_size, config.tta = 256, "flip"  # scored larger than trained: the weights' ratio kept
+    config = dataclasses.replace(config, eval_image_size=256, tta="flip")  # scored larger than trained: the weights' ratio kept
     meta = model_meta(config, load_manifest(str(train_shards)))
     assert meta["eval_transform"] == {"resize_short": 270, "center_crop": 256} and meta["image_size"] == 224
     assert (meta["eval_image_size"], meta["tta"]) == (256, "flip")

@@ -18,8 +18,11 @@ from support import damage_inside
 from torch import nn
 
 from pipeline.errors import UserError
-from train import checkpoint
+from train import checkpoint, lifecycle
+from train.data.topology import Topology
+from train.data.trainstream import TrainStream
 from train.lifecycle import TRAINER_KEYS, Progress
+from train.metrics import Totals
 from train.optim import build_scheduler
 
 
@@ -52,8 +55,13 @@ class Trainer:
         self.scheduler.step()
 
     def save(self, run_dir: Path, step: int, keep: int = 10) -> Path:
-        state = {**Progress(global_step=step).__dict__}
-        return checkpoint.save_checkpoint(self.accelerator, run_dir, state, keep)
+        return checkpoint.save_checkpoint(self.accelerator, run_dir, trainer_state(step), keep)
+
+
+def trainer_state(step: int) -> dict[str, object]:
+    """The trainer.json of a one-process run's checkpoint at an epoch's start, at `step`."""
+    stream = TrainStream(Topology(processes=1, workers=0, batch_size=0, grad_accum=1, shuffle_buffer=0), 0)
+    return lifecycle.trainer_state(Progress(global_step=step), stream, Totals())
 
 
 def save_steps(accelerator: object, run_dir: Path, steps: list[int], keep: int = 10) -> Trainer:

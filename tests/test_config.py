@@ -29,6 +29,17 @@ def test_precedence_defaults_yaml_cli(tmp_path: Path) -> None:
     assert config.epochs == cfgmod.Config().epochs  # untouched default
 
 
+def test_a_resolved_config_is_frozen(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text("lr: 1\nepochs: 3\n")
+    config = _parse("--config", str(tmp_path / "c.yaml"), "--grad-accum", "2")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.lr = 0.5  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.grad_accum = 4  # type: ignore[misc]
+    changed = dataclasses.replace(config, lr=0.5)  # how a step that decides an option records it
+    assert (changed.lr, changed.grad_accum, config.lr) == (0.5, 2, 1.0)
+
+
 def test_yaml_errors(tmp_path: Path) -> None:
     (tmp_path / "bad.yaml").write_text("epochs: ten\n")
     with pytest.raises(UserError, match="option epochs: expected a number"):

@@ -26,7 +26,8 @@ from test_data import tiny_transform
 from pipeline.manifest import load_manifest
 from pipeline.plan import BuildOptions
 from train import data, keylog
-from train.data.elastic import Layout, Segment, delivered, keep_global_batch, plan
+from train.data.elastic import Segment, delivered, keep_global_batch, plan
+from train.data.topology import Topology
 from train.optim import build_scheduler
 
 ELASTIC_SYNTH = {"classes": 4, "per_class": 26, "seed": 1}
@@ -43,15 +44,15 @@ def elastic_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def layout(processes: int, workers: int, batch: int, accum: int, buffer: int = 7) -> Layout:
-    return Layout(processes, workers, batch, accum, buffer)
+def layout(processes: int, workers: int, batch: int, accum: int, buffer: int = 7) -> Topology:
+    return Topology(processes, workers, batch, accum, buffer)
 
 
 def counted(sizes: list[int]) -> list[data.Shard]:
     return [data.Shard(f"shard-{i}", n) for i, n in enumerate(sizes)]
 
 
-def quotas(new: Layout, steps: int, step: int) -> list[int]:
+def quotas(new: Topology, steps: int, step: int) -> list[int]:
     """Samples each stream of `new` delivers from optimizer step `step` to the epoch's end."""
     per_rank = range(step * new.grad_accum, steps * new.grad_accum)
     return [sum(1 for i in per_rank if i % new.streams == stream % new.streams) * new.batch_size
@@ -68,7 +69,7 @@ PLANS = [
 
 
 @pytest.mark.parametrize(("sizes", "old", "new", "step", "repeats"), PLANS)
-def test_replayed_and_remaining_positions_partition_the_epoch(sizes: list[int], old: Layout, new: Layout,
+def test_replayed_and_remaining_positions_partition_the_epoch(sizes: list[int], old: Topology, new: Topology,
                                                                step: int, repeats: bool) -> None:
     shards, seed, epoch = counted(sizes), 3, 1
     assert old.global_batch == new.global_batch
@@ -155,7 +156,7 @@ def test_global_batch_kept_or_refused(capsys: pytest.CaptureFixture[str], fitted
     saved = layout(2, 2, 4, 2)  # global batch 16
     assert keep_global_batch(saved, 2, 4, 2, "step-1") == (2, None)
     accum, line = keep_global_batch(saved, 1, 4, 1, "step-00000003")
-    assert (accum, line) == (4, "resuming the 2x2 layout (processes x workers) of step-00000003 as 1 process(es): "
+    assert (accum, line) == (4, "resuming the 2x2 topology (processes x workers) of step-00000003 as 1 process(es): "
                                 "--grad-accum 4 keeps the global batch of 16")
     with pytest.raises(Exception, match="use a number of processes that divides 16"):
         keep_global_batch(saved, 3, 4, 1, "step-1")
@@ -216,7 +217,7 @@ def test_two_by_two_to_one_by_one_and_back(elastic_shards: Path, tmp_path: Path)
         proc = group.start("b", [sys.executable, *command, "--workers", "1", "--resume", "auto"],
                            {**env, keylog.ENV: f"{keys}-b"})
         cut_at(group, run_dir, 6, proc)
-        assert ("resuming the 2x2 layout (processes x workers) of step-00000002 as 1 process(es): --grad-accum 2 "
+        assert ("resuming the 2x2 topology (processes x workers) of step-00000002 as 1 process(es): --grad-accum 2 "
                 "keeps the global batch of 10") in group.output("b")
     with procs.group(tmp_path / "c-logs") as group:  # 2 x 2 again, to the end
         group.start("c", [*procs.launch_args(2, free_port()), *command, "--workers", "2", "--resume", "auto"],

@@ -15,10 +15,11 @@ import wandb_log
 from conftest import FIT_ARGS
 from safetensors.torch import load_file
 from support import damage_inside, run_cli
+from test_checkpoint import trainer_state
 from torch import nn
 
 from train import checkpoint, ema
-from train.lifecycle import TRAINER_KEYS, Progress
+from train.lifecycle import TRAINER_KEYS
 from train.optim import build_scheduler
 
 DECAY = 0.6  # reached by the warm-up at step 4 (1 - 4 ** -2/3 = 0.603): steps 2-3 warm up, 4-6 are capped
@@ -86,7 +87,7 @@ def test_the_ema_is_saved_in_every_checkpoint_sealed_and_restored(tmp_path: Path
     trainer = Trainer()
     for _ in range(3):
         trainer.train_step()
-    saved = checkpoint.save_checkpoint(trainer.accelerator, tmp_path, Progress(global_step=3).__dict__, keep=2)
+    saved = checkpoint.save_checkpoint(trainer.accelerator, tmp_path, trainer_state(3), keep=2)
     state = json.loads((saved / checkpoint.TRAINER_STATE).read_text())
     assert ema.EMA_STATE in state["files"]  # its sha256 recorded: damage is caught like any file's
     assert checkpoint.checkpoint_problem(saved, TRAINER_KEYS) is None

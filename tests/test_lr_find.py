@@ -218,8 +218,6 @@ def test_lr_auto_in_config_and_on_resume(tmp_path: Path) -> None:
     (run_dir / "checkpoints" / "step-00000004" / "trainer.json").write_text("{}")
     cfgmod.save(cfgmod.Config(lr=0.0123), run_dir / "config.yaml")
     resumed = cfgmod.Config(lr="auto", resume="auto", run_dir=str(run_dir))
-    rundir.resolve_auto_lr(resumed)
-    assert resumed.lr == 0.0123  # what lr-find chose when the run started; no new sweep
+    assert rundir.resolve_auto_lr(resumed).lr == 0.0123  # what lr-find chose when the run started; no new sweep
     fresh = cfgmod.Config(lr="auto", run_dir=str(run_dir))
-    rundir.resolve_auto_lr(fresh)
-    assert fresh.lr == "auto"
+    assert rundir.resolve_auto_lr(fresh).lr == "auto"

@@ -85,15 +85,30 @@ def test_totals_sums_loss_and_hits_exactly() -> None:
     assert other.as_dict()["loss"] == 2.5
 
 
-def test_add_sums_resumes_partial_totals() -> None:
+def test_state_dict_resumes_partial_totals() -> None:
     labels = torch.tensor([0, 3, 4, 5])
     whole, first, second = Totals(), Totals(), Totals()
     whole.add(LOGITS, labels)
     first.add(LOGITS[:3], labels[:3])
-    second.add_sums(first.sums.tolist())  # what a checkpoint saves and a resumed epoch starts from
+    first.bad += 2
+    saved = json.loads(json.dumps(first.state_dict()))  # what a checkpoint's trainer.json carries
+    assert set(saved) == {"partial", "partial_bad"} and saved["partial_bad"] == 2
+    assert saved["partial"] == first.sums.tolist()
+    second.load_state_dict(saved)  # what a resumed epoch starts from
     second.add(LOGITS[3:], labels[3:])
     assert second.sums.tolist() == pytest.approx(whole.sums.tolist(), rel=1e-12)
     assert second.as_dict() == pytest.approx(whole.as_dict(), rel=1e-12)
+    assert int(second.bad) == 2
+    assert Totals().state_dict() == {"partial": [0.0] * 4, "partial_bad": 0}  # an epoch's start
+
+
+def test_summed_reduces_a_copy() -> None:
+    totals = Totals()
+    totals.add(LOGITS, torch.tensor([0, 3, 4, 5]))
+    totals.bad += 1
+    doubled = totals.summed(lambda t: t.mul_(2))  # an in-place reduction, as all_reduce is
+    assert doubled.sums.tolist() == [2 * v for v in totals.sums.tolist()] and int(doubled.bad) == 2
+    assert int(totals.bad) == 1  # the original is left as it is
 
 
 def test_zero_samples_is_no_score() -> None:

@@ -146,8 +146,8 @@ def test_resume_falls_back_to_the_newest_checkpoint_that_loads(tmp_path: Path) -
 
 def test_auto_lr_reuses_the_saved_choice_and_names_a_damaged_config(tmp_path: Path) -> None:
     run, config = make_run(tmp_path, [3], lr="auto")
-    rundir.resolve_auto_lr(config)
-    assert config.lr == 0.01
+    assert rundir.resolve_auto_lr(config).lr == 0.01
+    assert config.lr == "auto"  # a new config: the resolved one is never changed
     (run / "config.yaml").write_text("lr: [")
     with pytest.raises(UserError, match="config.yaml is damaged"):
         rundir.resolve_auto_lr(dataclasses.replace(config, lr="auto"))

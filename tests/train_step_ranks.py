@@ -1,6 +1,6 @@
 """Run by tests/test_distributed.py, once under `accelerate launch` as 2 CPU processes and once as one
 process with --grad-accum 2: fit's model and optimizer (train.engine.build_model_and_optimizer, then
-accelerator.prepare) take --steps optimizer steps of fit's train step (train.engine._train_step) on fixed,
+accelerator.prepare) take --steps optimizer steps of fit's train step (train.engine.train_step) on fixed,
 seeded batches. Each optimizer step consumes one global batch of 2 x --batch-size images: process r of 2 gets
 half r, the single process gets half 0 then half 1 as two accumulation micro-batches, so every BatchNorm
 sees the same images in both runs and the averaged gradient is the same sum. Every process writes its
@@ -53,7 +53,7 @@ def main() -> None:
         labels = torch.randint(0, CLASSES, (2, batch), generator=generator)
         for half in ([rank] if world == 2 else [0, 1]):
             step = {"image": images[half], "label": labels[half]}
-            _, _, loss = engine._train_step(accelerator, model, optimizer, step, config)
+            _, _, loss = engine.train_step(accelerator, model, optimizer, step, config)
             losses.append(loss.item())
             optimizer_steps += accelerator.sync_gradients
             if averaged is not None and accelerator.sync_gradients:

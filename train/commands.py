@@ -8,6 +8,7 @@ imported (python -m train's `run`)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +46,11 @@ def run_fit(config: Config, manifest: dict[str, Any]) -> dict[str, Any]:
     with contextlib.ExitStack() as held:  # the lock and the stop-signal handlers, until fit returns or fails
         held.enter_context(stopping.installed(config.stop_signals, config.stop_grace))
         accelerator = tracking.make_accelerator(config)
-        start, steps_per_epoch = lifecycle.begin(held, accelerator, config, manifest)
+        config, start, steps_per_epoch = lifecycle.begin(held, accelerator, config, manifest)
         model, optimizer = engine.prepared_model(accelerator, config, manifest)
         if config.lr == "auto":
-            config.lr = lr_finder.choose_lr(accelerator, model, optimizer, manifest, config, Path(config.run_dir))
+            lr = lr_finder.choose_lr(accelerator, model, optimizer, manifest, config, Path(config.run_dir))
+            config = dataclasses.replace(config, lr=lr)
         lifecycle.record_config(accelerator, config)
         return engine.train(accelerator, model, optimizer, config, manifest, start, steps_per_epoch)
 

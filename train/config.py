@@ -16,19 +16,10 @@ import yaml
 from pipeline.errors import UserError, one_line
 from train import names
 from train.stopping import DEFAULT_SIGNALS
-from train.validate import (  # noqa: F401 (the config's checks, used through this module)
-    CHOICES,
-    PRECISIONS,
-    RANGES,
-    WANDB_MODES,
-    check,
-    choices,
-    model_problem,
-    registry,
-)
+from train.validate import CHOICES, PRECISIONS, RANGES, WANDB_MODES, check, choices, model_problem, registry  # noqa: F401
 
 
-@dataclass
+@dataclass(frozen=True)  # a step that decides an option (lr-find's LR, a resume's --grad-accum) makes a new one
 class Config:
     # data
     shards: str = ""
@@ -100,8 +91,7 @@ HELP = {
     "shards": "shard set: a directory or http(s) base URL holding manifest.json, or 'pipe:COMMAND' printing "
               "the file named by {} (e.g. 'pipe:aws s3 cp s3://BUCKET/PREFIX/{} -')",
     "config": "YAML file of options (keys = option names with _); the command line overrides it",
-    "batch_size": "per process", "workers": "data loader processes per training process",
-    "augment": "train augmentation preset",
+    "batch_size": "per process", "workers": "data loader processes per training process", "augment": "train augmentation preset",
     "arch": "the model: ",  # + each model source's syntax (HelpFormatter)
     "image_size": "train and eval crop size in pixels (checked against the model before any work: a ViT needs a "
                   "multiple of its patch size, some models a minimum)",
@@ -254,6 +244,7 @@ def make_config(args: argparse.Namespace) -> Config:
 def _coerce(config: Config) -> Config:
     """YAML gives ints for floats (1 for 1.0) and strings for numbers (1e-3): check types once, here. A whole
     number is required where the option counts something (2.5 epochs is refused, not truncated)."""
+    fixed: dict[str, Any] = {}
     for f in fields(Config):
         value, default = getattr(config, f.name), f.default
         if f.name == "lr" and value == "auto":
@@ -262,16 +253,15 @@ def _coerce(config: Config) -> Config:
             if not isinstance(value, bool):
                 raise UserError(f"option {f.name}: expected true/false, got {value!r}")
         elif isinstance(default, int):
-            setattr(config, f.name, _whole_number(f.name, value))
+            fixed[f.name] = _whole_number(f.name, value)
         elif isinstance(default, float):
-            setattr(config, f.name, _number(f.name, value))
+            fixed[f.name] = _number(f.name, value)
         elif isinstance(default, str) and not isinstance(value, str):
             raise UserError(f"option {f.name}: expected text, got {value!r}")
     scale = config.crop_scale
     if not isinstance(scale, list | tuple) or len(scale) != 2:
         raise UserError(f"option crop_scale: expected two numbers [min, max], got {scale!r}")
-    config.crop_scale = [_number("crop_scale", v) for v in scale]
-    return config
+    return dataclasses.replace(config, **fixed, crop_scale=[_number("crop_scale", v) for v in scale])
 
 
 def _number(name: str, value: Any) -> float:

@@ -7,7 +7,6 @@ import itertools
 import math
 import signal
 import time
-from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,36 +17,14 @@ from accelerate.utils import set_seed
 from tqdm import tqdm
 
 from pipeline.errors import UserError
-from train import augment, checkpoint, data, ema, keylog, lifecycle, stopping, tracking
+from train import augment, checkpoint, ema, fitrun, keylog, stopping, tracking
 from train.config import Config
-from train.data import elastic
 from train.evaluation import eval_transform, evaluate, final_results, model_meta, norm_stats, replaces_best
-from train.lifecycle import Progress
+from train.fitrun import FitRun
 from train.metrics import Totals, format_metric
 from train.model import build_model, group_names
-from train.optim import (
-    build_optimizer,
-    build_scheduler,
-    group_lrs,
-    lr_multipliers,
-    param_groups,
-    resolve_scheme,
-)
-from train.tracking import MetricsLog, say
-
-
-def train_batches(accelerator: Accelerator, manifest: dict[str, Any], config: Config, epoch: int,
-                  start_batch: int, epochs: int, grad_accum: int = 1,
-                  chunks: list[data.Chunk] | None = None) -> Generator[dict[str, Any], None, None]:
-    """This process's train batches of `epochs` epochs from batch `start_batch` of `epoch` on, as one stream
-    (workers start once): what fit and lr-find both read. Close it to stop its workers. `grad_accum`: each
-    epoch yields whole optimizer steps; `chunks`: see data.train_loader."""
-    transform = augment.Augment(augment.train_transform(config.augment, config.image_size, tuple(config.crop_scale)))
-    return iter(data.train_loader(
-        config.shards, manifest, transform=transform, batch_size=config.batch_size, workers=config.workers,
-        seed=config.seed, epoch=epoch, rank=accelerator.process_index, world_size=accelerator.num_processes,
-        start_batch=start_batch, epochs=epochs, shuffle_buffer=config.shuffle_buffer, grad_accum=grad_accum,
-        chunks=chunks))
+from train.optim import build_optimizer, group_lrs, lr_multipliers, param_groups, resolve_scheme
+from train.tracking import say
 
 
 def build_model_and_optimizer(accelerator: Accelerator, config: Config,
@@ -78,81 +55,58 @@ def prepared_model(accelerator: Accelerator, config: Config,
 def train(accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, config: Config,
           manifest: dict[str, Any], start: dict[str, Any], steps_per_epoch: int) -> dict[str, Any]:
     """The epochs from `start` (lifecycle.begin) on, then the best model's test (results.json, report)."""
-    run_dir = Path(config.run_dir)
-    scheduler = build_scheduler(optimizer.optimizer, config.epochs * steps_per_epoch, config.pct_start,
-                                config.div_factor, config.final_div_factor)  # the unwrapped optimizer
-    accelerator.register_for_checkpointing(scheduler)  # stepped by us once per optimizer step, never prepared
-    averaged = ema.create(accelerator, model, config.ema_decay)  # registered second: ema.EMA_STATE
-
-    progress = Progress(steps_per_epoch=steps_per_epoch,
-                        **lifecycle.layout_fields(lifecycle.layout(accelerator, config)))
-    chunks = None
-    if start["checkpoint"] is not None:
-        progress = lifecycle.resume(accelerator, Path(start["checkpoint"]), start["state"], scheduler, config,
-                                    steps_per_epoch, elastic.Layout(**start["saved_layout"]))
-        chunks = lifecycle.resumed_chunks(config, manifest, progress, steps_per_epoch)
-        if start["renew_best"]:
-            renew_best(accelerator, model, config, manifest, progress, averaged)
-    log = MetricsLog(accelerator, run_dir / "metrics.jsonl", progress.global_step if start["checkpoint"] else None)
+    run = fitrun.start(accelerator, model, optimizer, config, manifest, start, steps_per_epoch)
+    if start["renew_best"]:
+        renew_best(run)
     tracking.start_run_tracker(accelerator, config, start["wandb_id"])
 
     if manifest["splits"]["valid"]["num_samples"] == 0:
         say(accelerator, "note: the shard set has no valid samples: each epoch's model replaces the best one, "
                          "so the last epoch is the one evaluated on test")
-    stream = train_batches(accelerator, manifest, config, progress.epoch,
-                           start_batch=progress.step_in_epoch * config.grad_accum,
-                           epochs=max(config.epochs - progress.epoch, 1),  # workers start on the first batch
-                           grad_accum=config.grad_accum, chunks=chunks)
+    stream = fitrun.open_stream(accelerator, manifest, config, run.stream,
+                                epochs=max(config.epochs - run.stream.epoch, 1))  # workers start on the first batch
     try:
-        for epoch in range(progress.epoch, config.epochs):
-            progress.epoch = epoch
-            _train_and_validate(accelerator, model, optimizer, scheduler, stream, config, manifest, progress,
-                                steps_per_epoch, log, averaged)
+        for _ in range(stream.epoch, config.epochs):
+            _train_and_validate(run)
             signum = agreed_stop(accelerator)
             if signum:  # the epoch-end checkpoint just written is the one to resume from
-                _stop(accelerator, signum, progress,
-                      checkpoint.checkpoints_dir(run_dir) / f"step-{progress.global_step:08d}")
+                _stop(run, signum, checkpoint.checkpoints_dir(run.run_dir) / f"step-{run.progress.global_step:08d}")
     finally:
         stream.close()
-    if progress.best_epoch < 1:
-        raise UserError(f"no epoch of {run_dir} gave a finite validation loss, so there is no best model to test")
+    if run.progress.best_epoch < 1:
+        raise UserError(f"no epoch of {run.run_dir} gave a finite validation loss, so there is no best model to test")
 
-    results = final_results(accelerator, model, manifest, config, progress, run_dir)
-    log.write({"kind": "test", "step": progress.global_step, "test": results["test"]})
+    results = final_results(accelerator, model, manifest, config, run.progress, run.run_dir)
+    run.log.write({"kind": "test", "step": run.progress.global_step, "test": results["test"]})
     accelerator.end_training()
     return results
 
 
-def _train_and_validate(accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, scheduler: Any,
-                        stream: Iterator[dict[str, Any]], config: Config, manifest: dict[str, Any],
-                        progress: Progress, steps_per_epoch: int, log: MetricsLog, averaged: Any = None) -> None:
-    """The rest of epoch `progress.epoch`, its validation, the best model and the epoch-end checkpoint
-    (`averaged`: the EMA of the weights, or None)."""
-    run_dir, epoch = Path(config.run_dir), progress.epoch
-    train_metrics = train_epoch(accelerator, model, optimizer, scheduler, stream, config, progress,
-                                steps_per_epoch, log, run_dir, averaged)
-    require_finite_weights(accelerator, model, progress, run_dir)
-    entries = validate(accelerator, model, config, manifest, progress, epoch + 1, averaged)
+def _train_and_validate(run: FitRun) -> None:
+    """The rest of the stream's epoch, its validation, the best model and the epoch-end checkpoint."""
+    accelerator, config, progress, epoch = run.accelerator, run.config, run.progress, run.stream.epoch
+    train_metrics = train_epoch(run)
+    require_finite_weights(run, epoch)
+    entries = validate(run, epoch + 1)
     valid = entries["valid"]
-    log.write({"kind": "epoch", "step": progress.global_step, "epoch": epoch + 1, "train": train_metrics,
-               **entries, "best_epoch": progress.best_epoch})
-    which = f" ({entries['valid_weights']} weights)" if averaged is not None else ""
+    run.log.write({"kind": "epoch", "step": progress.global_step, "epoch": epoch + 1, "train": train_metrics,
+                   **entries, "best_epoch": progress.best_epoch})
+    which = f" ({entries['valid_weights']} weights)" if run.averaged is not None else ""
     say(accelerator, f"epoch {epoch + 1}/{config.epochs}: train loss {format_metric(train_metrics['loss'])} "
                      f"top1 {format_metric(train_metrics['top1'], '.3f')} | valid{which} loss "
                      f"{format_metric(valid['loss'])} top1 {format_metric(valid['top1'], '.3f')} "
                      f"top5 {format_metric(valid['top5'], '.3f')}")
-    progress.epoch, progress.step_in_epoch, progress.segments = epoch + 1, 0, []
-    progress.partial, progress.partial_bad = [0.0] * 4, 0
-    checkpoint.save_checkpoint(accelerator, run_dir, progress.__dict__, config.keep_checkpoints)
+    # the stream is at the next epoch's start now; its sums start from zero
+    checkpoint.save_checkpoint(accelerator, run.run_dir, run.trainer_state(Totals()), config.keep_checkpoints)
 
 
-def validate(accelerator: Accelerator, model: torch.nn.Module, config: Config, manifest: dict[str, Any],
-             progress: Progress, epoch: int, averaged: Any = None) -> dict[str, Any]:
-    """The valid metrics of the model (epoch `epoch`, counted from 1) and of its EMA `averaged` (when not
-    None), as ema.valid_entries: the weights with the lower valid loss count, and become the best model
+def validate(run: FitRun, epoch: int) -> dict[str, Any]:
+    """The valid metrics of the model (epoch `epoch`, counted from 1) and of its EMA (when the run keeps
+    one), as ema.valid_entries: the weights with the lower valid loss count, and become the best model
     when they beat the best so far (meta.json says which: "weights")."""
-    nets = {ema.RAW: model} if averaged is None else {ema.RAW: model, ema.EMA: averaged.module}
-    scored = {name: evaluate(accelerator, net, config.shards, manifest, "valid", eval_transform(config),
+    accelerator, config, progress = run.accelerator, run.config, run.progress
+    nets = {ema.RAW: run.model} if run.averaged is None else {ema.RAW: run.model, ema.EMA: run.averaged.module}
+    scored = {name: evaluate(accelerator, net, config.shards, run.manifest, "valid", eval_transform(config),
                              norm_stats(config), config.eval_batch_size or config.batch_size, config.workers,
                              tta=config.tta)
               for name, net in nets.items()}
@@ -160,28 +114,29 @@ def validate(accelerator: Accelerator, model: torch.nn.Module, config: Config, m
     valid = scored[weights]
     if replaces_best(valid, progress):
         progress.best_loss, progress.best_epoch, progress.best_valid = valid["loss"], epoch, valid
-        checkpoint.save_best(accelerator, Path(config.run_dir), accelerator.unwrap_model(nets[weights]), {
-            **model_meta(config, manifest), "epoch": epoch, "valid": valid, "weights": weights})
+        checkpoint.save_best(accelerator, run.run_dir, accelerator.unwrap_model(nets[weights]), {
+            **model_meta(config, run.manifest), "epoch": epoch, "valid": valid, "weights": weights})
     return ema.valid_entries(scored, weights)
 
 
-def renew_best(accelerator: Accelerator, model: torch.nn.Module, config: Config, manifest: dict[str, Any],
-               progress: Progress, averaged: Any = None) -> None:
+def renew_best(run: FitRun) -> None:
     """After a resume whose best model is missing or damaged (lifecycle says so): the best is chosen again
     from what there is, the resumed model when it ended an epoch, else the epochs still to train."""
+    progress, stream = run.progress, run.stream
     progress.best_loss, progress.best_epoch, progress.best_valid = math.inf, -1, {}
-    if progress.step_in_epoch == 0 and progress.epoch >= 1:
-        validate(accelerator, model, config, manifest, progress, progress.epoch, averaged)
+    if stream.step_in_epoch == 0 and stream.epoch >= 1:
+        validate(run, stream.epoch)
 
 
-def require_finite_weights(accelerator: Accelerator, model: torch.nn.Module, progress: Progress,
-                           run_dir: Path) -> None:
-    """Stop (one line, every process) instead of saving weights or statistics that hold NaN or inf."""
-    tensors = [t for t in accelerator.unwrap_model(model).state_dict().values() if t.is_floating_point()]
+def require_finite_weights(run: FitRun, epoch: int) -> None:
+    """Stop (one line, every process) instead of saving weights or statistics that hold NaN or inf (in epoch
+    `epoch`, counted from 0)."""
+    accelerator = run.accelerator
+    tensors = [t for t in accelerator.unwrap_model(run.model).state_dict().values() if t.is_floating_point()]
     bad = torch.stack([~torch.isfinite(t).all() for t in tensors]).sum().float()
     if accelerator.reduce(bad, "sum").item():
-        raise UserError(f"training diverged: the weights hold NaN or inf after step {progress.global_step} "
-                        f"(epoch {progress.epoch + 1}), though the loss was finite; {_kept(run_dir)}; train again "
+        raise UserError(f"training diverged: the weights hold NaN or inf after step {run.progress.global_step} "
+                        f"(epoch {epoch + 1}), though the loss was finite; {_kept(run.run_dir)}; train again "
                         "with a lower --lr or with --clip-grad, in another --run-dir")
 
 
@@ -213,60 +168,54 @@ class Throughput:
         return self.images * world_size / elapsed, self.wait / elapsed
 
 
-def train_epoch(accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, scheduler: Any,
-                stream: Iterator[dict[str, Any]], config: Config, progress: Progress, steps_per_epoch: int,
-                log: MetricsLog, run_dir: Path, averaged: Any = None) -> dict[str, Any]:
-    """One epoch (or the rest of one, after a resume) from `stream`; returns exact train metrics over all
-    ranks. `averaged`: the EMA of the weights, updated after every optimizer step (or None)."""
-    epoch = progress.epoch
-    remaining = (steps_per_epoch - progress.step_in_epoch) * config.grad_accum
-    totals = Totals(accelerator.device)
-    if accelerator.is_main_process:
-        totals.add_sums(progress.partial)  # what the ranks summed before the checkpoint we resumed from
-    bad = torch.tensor(progress.partial_bad if accelerator.is_main_process else 0, device=accelerator.device)
+def train_epoch(run: FitRun) -> dict[str, Any]:
+    """The rest of the stream's epoch (all of it but after a mid-epoch resume); returns exact train metrics
+    over all ranks. The EMA of the weights, when the run keeps one, is updated after every optimizer step."""
+    accelerator, model, config, progress, stream = run.accelerator, run.model, run.config, run.progress, run.stream
+    epoch, step, steps_per_epoch = stream.epoch, stream.step_in_epoch, run.steps_per_epoch
+    totals = run.epoch_totals()  # with what the ranks summed before the checkpoint resumed from
     model.train()
     throughput = Throughput()
     rank_batches = 0  # batches this rank ran; gathered at the end, so a user sees every rank took the same
-    with tqdm(total=steps_per_epoch, initial=progress.step_in_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
+    with tqdm(total=steps_per_epoch, initial=step, desc=f"epoch {epoch + 1}/{config.epochs}",
               disable=not accelerator.is_main_process, dynamic_ncols=True) as bar, \
             keylog.KeyLog(accelerator.process_index) as consumed:
-        for batch in throughput.timed(itertools.islice(stream, remaining)):
+        for batch in throughput.timed(itertools.islice(stream, (steps_per_epoch - step) * config.grad_accum)):
             consumed.write(epoch + 1, progress.global_step + 1, batch["key"])
-            logits, labels, loss = _train_step(accelerator, model, optimizer, batch, config)
+            logits, labels, loss = train_step(accelerator, model, run.optimizer, batch, config)
             totals.add(logits, labels, loss * labels.numel())
-            bad += batch["bad"]
+            totals.bad += batch["bad"]
             throughput.images += labels.numel()
             rank_batches += 1
             if not accelerator.sync_gradients:
                 continue
-            lrs = group_lrs(optimizer)  # the LR this step used (read before stepping the schedule)
-            scheduler.step()
+            lrs = group_lrs(run.optimizer)  # the LR this step used (read before stepping the schedule)
+            run.scheduler.step()
             progress.global_step += 1
-            progress.step_in_epoch += 1
-            if averaged is not None:
-                ema.update(accelerator, averaged, model, progress.global_step)
+            step += 1
+            if run.averaged is not None:
+                ema.update(accelerator, run.averaged, model, progress.global_step)
             step_loss = accelerator.reduce(loss, "mean").item()  # the same in every process
             if not math.isfinite(step_loss):
                 raise UserError(f"training diverged: the loss is {step_loss} at step {progress.global_step} "
-                                f"(epoch {epoch + 1}, LR {_lr_text(lrs)}); {_kept(run_dir)}; train again with a lower "
-                                "--lr or with --clip-grad, in another --run-dir")
+                                f"(epoch {epoch + 1}, LR {_lr_text(lrs)}); {_kept(run.run_dir)}; train again with a "
+                                "lower --lr or with --clip-grad, in another --run-dir")
             img_per_s, wait = throughput.rates(accelerator.num_processes)
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.3f}", img_s=f"{img_per_s:.0f}", wait=f"{wait:.0%}")
-            if progress.global_step % config.log_every == 0 or progress.step_in_epoch == steps_per_epoch:
-                log.write({"kind": "step", "step": progress.global_step, "epoch": epoch + 1, "loss": step_loss,
-                           "lr": lrs, "img_per_s": img_per_s, "data_wait": wait})
-            if progress.step_in_epoch == steps_per_epoch:
+            if progress.global_step % config.log_every == 0 or step == steps_per_epoch:
+                run.log.write({"kind": "step", "step": progress.global_step, "epoch": epoch + 1, "loss": step_loss,
+                               "lr": lrs, "img_per_s": img_per_s, "data_wait": wait})
+            if step == steps_per_epoch:
                 continue  # the epoch end saves (and a stop asked now is taken after it)
             saved = None
             if config.checkpoint_every and progress.global_step % config.checkpoint_every == 0:
-                saved = _save_mid_epoch(accelerator, model, config, progress, totals, bad, run_dir)
+                saved = _save_mid_epoch(run, totals)
             signum = agreed_stop(accelerator)
             if signum:
-                saved = saved or _save_mid_epoch(accelerator, model, config, progress, totals, bad, run_dir)
-                _stop(accelerator, signum, progress, saved)
-    totals.sums = accelerator.reduce(totals.sums, "sum")
-    bad_total = int(accelerator.reduce(bad, "sum").item())
+                _stop(run, signum, saved or _save_mid_epoch(run, totals))
+    totals = totals.summed(lambda t: accelerator.reduce(t, "sum"))
+    bad_total = int(totals.bad.item())
     if bad_total:
         say(accelerator, f"warning: {bad_total} corrupt sample(s) skipped in epoch {epoch + 1}")
     # Per process, in rank order: the batches it ran in this epoch (since the resume, after one).
@@ -274,13 +223,12 @@ def train_epoch(accelerator: Accelerator, model: torch.nn.Module, optimizer: Any
     return {**totals.as_dict(), "bad_samples": bad_total, "rank_batches": per_rank}
 
 
-def _save_mid_epoch(accelerator: Accelerator, model: torch.nn.Module, config: Config, progress: Progress,
-                    totals: Totals, bad: torch.Tensor, run_dir: Path) -> Path:
+def _save_mid_epoch(run: FitRun, totals: Totals) -> Path:
     """A checkpoint at this step of the epoch, with the train sums of the epoch so far (all ranks)."""
-    progress.partial = accelerator.reduce(totals.sums.clone(), "sum").tolist()
-    progress.partial_bad = int(accelerator.reduce(bad.clone(), "sum").item())
-    require_finite_weights(accelerator, model, progress, run_dir)
-    return checkpoint.save_checkpoint(accelerator, run_dir, progress.__dict__, config.keep_checkpoints)
+    summed = totals.summed(lambda t: run.accelerator.reduce(t, "sum"))
+    require_finite_weights(run, run.stream.epoch)
+    return checkpoint.save_checkpoint(run.accelerator, run.run_dir, run.trainer_state(summed),
+                                      run.config.keep_checkpoints)
 
 
 def agreed_stop(accelerator: Accelerator) -> int:
@@ -292,10 +240,11 @@ def agreed_stop(accelerator: Accelerator) -> int:
     return int(accelerator.reduce(flag, "max").item())
 
 
-def _stop(accelerator: Accelerator, signum: int, progress: Progress, saved: Path) -> None:
+def _stop(run: FitRun, signum: int, saved: Path) -> None:
     """After the stop checkpoint `saved`: trackers closed, and Stopped to end the command, carrying the line
     the main process prints once the progress bar is closed."""
-    line = (f"stopped by {signal.Signals(signum).name} at step {progress.global_step} (epoch {progress.epoch + 1}): "
+    accelerator = run.accelerator
+    line = (f"stopped by {signal.Signals(signum).name} at step {run.progress.global_step} (epoch {run.stream.epoch + 1}): "
             f"checkpoint {saved} written; rerun with --resume auto to continue")
     accelerator.end_training()
     raise stopping.Stopped(line if accelerator.is_main_process else "")
@@ -307,7 +256,7 @@ def _lr_text(lrs: dict[str, float]) -> str:
     return f"{lrs[head]:.3g} for {head}"
 
 
-def _train_step(accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, batch: dict[str, Any],
+def train_step(accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, batch: dict[str, Any],
                 config: Config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward, backward and (on accumulation boundaries) an optimizer step; returns detached outputs."""
     images = augment.normalize(batch["image"].to(accelerator.device, non_blocking=True), *norm_stats(config))

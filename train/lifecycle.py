@@ -18,7 +18,10 @@ from pipeline.errors import UserError, one_line
 from train import checkpoint, data, rundir
 from train.config import Config, to_dict
 from train.config import save as save_config
-from train.data import elastic
+from train.data import elastic, trainstream
+from train.data.topology import Topology
+from train.data.trainstream import TrainStream
+from train.metrics import TOTALS_KEYS, Totals
 from train.optim import reschedule
 from train.tracking import say
 
@@ -31,28 +34,30 @@ def batches_per_epoch(accelerator: Accelerator, manifest: dict[str, Any], config
 
 @dataclass
 class Progress:
-    """Where training stands; saved in every checkpoint as trainer.json."""
+    """Where training stands besides its stream (TrainStream) and the epoch's sums (Totals): saved in every
+    checkpoint's trainer.json."""
 
-    epoch: int = 0  # the epoch in progress (or next, when step_in_epoch == 0)
-    step_in_epoch: int = 0  # optimizer steps done in `epoch`
     global_step: int = 0
     best_loss: float = math.inf
     best_epoch: int = -1
     best_valid: dict[str, Any] = field(default_factory=dict)
-    partial: list[float] = field(default_factory=lambda: [0.0] * 4)  # train sums of the epoch so far (all ranks)
-    partial_bad: int = 0
-    world_size: int = 1  # world_size, workers, batch_size, grad_accum, shuffle_buffer: the layout of the
-    workers: int = 0  # run that saved it (elastic.Layout)
-    steps_per_epoch: int = 0  # optimizer steps of a whole epoch in the run that saved it
-    batch_size: int = 0
-    grad_accum: int = 1
-    shuffle_buffer: int = 0
-    segments: list[dict[str, Any]] = field(default_factory=list)  # the epoch's layouts if it changed mid-way
+
+    def state_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Progress:
+        return cls(**{key: value for key, value in state.items() if key in cls.__dataclass_fields__})
 
 
-# What trainer.json must hold to resume from it (older checkpoints lack the later fields).
-TRAINER_KEYS = tuple(name for name in Progress.__dataclass_fields__ if name not in (
-    "steps_per_epoch", "segments", *elastic.LAYOUT_KEYS))
+# What trainer.json must hold to resume from it: each owner's keys (older checkpoints lack some of the
+# stream's later ones, see TrainStream).
+TRAINER_KEYS = (*trainstream.REQUIRED_KEYS, *Progress.__dataclass_fields__, *TOTALS_KEYS)
+
+
+def trainer_state(progress: Progress, stream: TrainStream, totals: Totals) -> dict[str, Any]:
+    """trainer.json: each owner's state as it gives it (their keys do not overlap)."""
+    return {**progress.state_dict(), **stream.state_dict(), **totals.state_dict()}
 
 
 def epoch_steps(accelerator: Accelerator, manifest: dict[str, Any], config: Config) -> int:
@@ -64,16 +69,16 @@ def epoch_steps(accelerator: Accelerator, manifest: dict[str, Any], config: Conf
 
 
 def begin(held: contextlib.ExitStack, accelerator: Accelerator, config: Config,
-          manifest: dict[str, Any]) -> tuple[dict[str, Any], int]:
+          manifest: dict[str, Any]) -> tuple[Config, dict[str, Any], int]:
     """Every process: the main process claims the run directory (the lock stays in `held`) and every process
-    takes its decisions into its config; returns how the run starts and the optimizer steps per epoch."""
+    takes its decisions; returns the config with them, how the run starts and the optimizer steps per epoch."""
     steps_per_epoch = epoch_steps(accelerator, manifest, config)
     start = on_main(accelerator, lambda: claim_run_dir(held, config, manifest, steps_per_epoch,
                                                        accelerator.num_processes))
-    config.lr = start["lr"]
     # a resumed run keeps its checkpoint's global batch: the main process may have chosen another
-    config.grad_accum = accelerator.gradient_accumulation_steps = start["grad_accum"]
-    return start, epoch_steps(accelerator, manifest, config)
+    config = dataclasses.replace(config, lr=start["lr"], grad_accum=start["grad_accum"])
+    accelerator.gradient_accumulation_steps = config.grad_accum
+    return config, start, epoch_steps(accelerator, manifest, config)
 
 
 def on_main(accelerator: Accelerator, decide: Any) -> dict[str, Any]:
@@ -104,16 +109,17 @@ def claim_run_dir(held: contextlib.ExitStack, config: Config, manifest: dict[str
     training. config.yaml is record_config's."""
     run_dir = Path(config.run_dir)
     held.enter_context(rundir.locked(run_dir))
-    rundir.resolve_auto_lr(config)
+    config = rundir.resolve_auto_lr(config)
     start = rundir.resume_point(config, manifest, TRAINER_KEYS)
     for warning in start.skipped:
         print(warning, file=sys.stderr)
     remaining = config.epochs * steps_per_epoch
     saved = None
     if start.checkpoint is not None:
-        saved = elastic.saved_layout(start.state, {**to_dict(config), **(rundir.read_saved_config(run_dir) or {})})
-        config.grad_accum, line = elastic.keep_global_batch(saved, world, config.batch_size, config.grad_accum,
-                                                                start.checkpoint.name)
+        saved = elastic.saved_topology(start.state, {**to_dict(config), **(rundir.read_saved_config(run_dir) or {})})
+        grad_accum, line = elastic.keep_global_batch(saved, world, config.batch_size, config.grad_accum,
+                                                     start.checkpoint.name)
+        config = dataclasses.replace(config, grad_accum=grad_accum)
         if line:
             print(line, flush=True)
             steps_per_epoch = data.train_batches_per_epoch(manifest["splits"]["train"]["num_samples"],
@@ -130,7 +136,7 @@ def claim_run_dir(held: contextlib.ExitStack, config: Config, manifest: dict[str
         raise _cannot_write(e, run_dir) from None
     return {"lr": config.lr, "checkpoint": start.checkpoint and str(start.checkpoint), "state": start.state,
             "wandb_id": info["wandb_id"], "grad_accum": config.grad_accum,
-            "saved_layout": saved and dataclasses.asdict(saved), "renew_best": renew_best}
+            "saved_topology": saved and dataclasses.asdict(saved), "renew_best": renew_best}
 
 
 def _best_lost(run_dir: Path, start: rundir.Start) -> bool:
@@ -185,52 +191,32 @@ def steps_left(start: rundir.Start, config: Config, steps_per_epoch: int) -> int
 
 
 def resume(accelerator: Accelerator, where: Path, state: dict[str, Any], scheduler: Any, config: Config,
-           steps_per_epoch: int, saved: elastic.Layout) -> Progress:
+           steps_per_epoch: int, saved: Topology) -> tuple[Progress, TrainStream]:
     """Load a checkpoint into every process; a run whose length changed (--epochs, or steps per epoch) gets
-    its LR schedule rebuilt to end at its new last step, continuous at this one. `saved`: the layout that
-    wrote the checkpoint; under another one, the epoch in progress records the change (its segments)."""
+    its LR schedule rebuilt to end at its new last step, continuous at this one. `saved`: the topology that
+    wrote the checkpoint; under another one, the epoch in progress records the change (TrainStream)."""
     try:
         accelerator.load_state(str(where))
     except Exception as e:  # unpickling damaged bytes raises almost any type (UnpicklingError, KeyError, ...)
         reason = one_line(e, typed=True, sentence=True)
         raise UserError(f"cannot load checkpoint {where} ({reason}): remove it to resume from "
                         "the one before, or train in another --run-dir") from None
-    progress = Progress(**{key: value for key, value in state.items() if key in Progress.__dataclass_fields__})
-    now = layout(accelerator, config)
-    progress.segments = elastic.as_records(elastic.segments_after_resume(state, saved, now))
-    for key, value in layout_fields(now).items():
-        setattr(progress, key, value)
-    progress.steps_per_epoch = steps_per_epoch
-    if now != saved:  # the accumulation counter of the ranks of this layout, at a step boundary
+    progress = Progress.from_state(state)
+    now = topology(accelerator, config)
+    stream = TrainStream.from_state(state, saved, now, steps_per_epoch)
+    if now != saved:  # the accumulation counter of the ranks of this topology, at a step boundary
         accelerator.step = progress.global_step * config.grad_accum
-    say(accelerator, f"resuming {config.run_dir} from {where.name} (epoch {progress.epoch + 1}, "
+    say(accelerator, f"resuming {config.run_dir} from {where.name} (epoch {stream.epoch + 1}, "
                      f"step {progress.global_step})")
-    total = progress.global_step + (config.epochs - progress.epoch) * steps_per_epoch - progress.step_in_epoch
+    total = progress.global_step + (config.epochs - stream.epoch) * steps_per_epoch - stream.step_in_epoch
     if total > progress.global_step and total != scheduler.total_steps:
         say(accelerator, f"the LR schedule now ends at step {total} instead of {scheduler.total_steps}, "
                          f"continuing from its LR at step {progress.global_step}")
         reschedule(scheduler, total)
-    return progress
+    return progress, stream
 
 
-def layout(accelerator: Accelerator, config: Config) -> elastic.Layout:
-    return elastic.Layout(accelerator.num_processes, config.workers, config.batch_size, config.grad_accum,
-                              config.shuffle_buffer)
-
-
-def layout_fields(layout: elastic.Layout) -> dict[str, int]:
-    """A layout by Progress's names (world_size for processes)."""
-    fields = dataclasses.asdict(layout)
-    return {"world_size": fields.pop("processes"), **fields}
-
-
-def resumed_chunks(config: Config, manifest: dict[str, Any], progress: Progress,
-                   steps_per_epoch: int) -> list[data.Chunk] | None:
-    """What the streams read of the epoch in progress when it changed layout (None: its normal streams)."""
-    if not progress.step_in_epoch or not progress.segments:
-        return None
-    return elastic.plan(data.train_shards(config.shards, manifest), seed=config.seed, epoch=progress.epoch,
-                            steps_per_epoch=steps_per_epoch, segments=elastic.segments_of(progress.segments),
-                            step=progress.step_in_epoch)
-
-
+def topology(accelerator: Accelerator, config: Config) -> Topology:
+    """This run's process topology."""
+    return Topology(accelerator.num_processes, config.workers, config.batch_size, config.grad_accum,
+                    config.shuffle_buffer)

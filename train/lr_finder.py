@@ -27,6 +27,7 @@ The model and optimizer are restored afterwards: their state dicts are deep-copi
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,9 +39,10 @@ import torch
 from accelerate import Accelerator
 
 from pipeline.errors import UserError
-from train import engine
+from train import engine, fitrun
 from train.config import Config
-from train.lifecycle import batches_per_epoch
+from train.data.trainstream import TrainStream
+from train.lifecycle import batches_per_epoch, topology
 from train.tracking import say
 from train.validate import SWEEP_FLAGS
 
@@ -148,13 +150,16 @@ def lr_find(accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, ma
     """The LR range test (config.lr_find_*) with fit's data stream, train step (precision, accumulation,
     clipping) and param groups; model, optimizer, gradient scaler and accumulation counter are restored."""
     # fit's train batches (same augmentation, order, rank split) from epoch 0, enough for every step
-    epochs = -(-config.lr_find_steps * config.grad_accum // batches_per_epoch(accelerator, manifest, config))
-    stream = engine.train_batches(accelerator, manifest, config, 0, start_batch=0, epochs=epochs)
+    batches = batches_per_epoch(accelerator, manifest, config)
+    epochs = -(-config.lr_find_steps * config.grad_accum // batches)
+    # the loader does not cut epochs to whole optimizer steps here: the sweep reads every batch of each
+    batch_by_batch = dataclasses.replace(topology(accelerator, config), grad_accum=1)
+    stream = fitrun.open_stream(accelerator, manifest, config, TrainStream(batch_by_batch, batches), epochs)
 
     def step() -> float:
         total = torch.zeros((), device=accelerator.device)
         for _ in range(config.grad_accum):
-            total += engine._train_step(accelerator, model, optimizer, next(stream), config)[2]
+            total += engine.train_step(accelerator, model, optimizer, next(stream), config)[2]
         return accelerator.reduce(total / config.grad_accum, "mean").item()  # the same on every process
 
     saved_step = accelerator.step
@@ -176,7 +181,6 @@ def choose_lr(accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, 
     (config.yaml, with the chosen LR, is lifecycle.record_config's)."""
     result = lr_find(accelerator, model, optimizer, manifest, config)
     set_lr(optimizer, result.suggested_lr, relative_lrs(optimizer))
-    config.lr = result.suggested_lr
     if accelerator.is_main_process:
         from train import report
 

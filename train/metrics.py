@@ -12,19 +12,23 @@ never 0.0.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 TOP_K = 5
+TOTALS_KEYS = ("partial", "partial_bad")  # Totals.state_dict's (trainer.json's names)
 
 
 class Totals:
-    """Running sums of loss, top-1 and top-5 hits and samples, kept on the device (no sync per batch)."""
+    """Running sums of loss, top-1 and top-5 hits and samples, and the count of corrupt samples dropped,
+    kept on the device (no sync per batch)."""
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
+        self.bad = torch.zeros((), dtype=torch.int64, device=device)
 
     def add(self, logits: torch.Tensor, labels: torch.Tensor, loss_sum: torch.Tensor | None = None) -> None:
         """Add a batch: `loss_sum` is the summed loss of its samples (cross-entropy of `logits` if None)."""
@@ -34,9 +38,20 @@ class Totals:
         self.sums += torch.stack([loss_sum.detach().double(), top1.double(), top5.double(),
                                   torch.tensor(float(labels.numel()), dtype=torch.float64, device=self.sums.device)])
 
-    def add_sums(self, values: list[float]) -> None:
-        """Add raw sums [loss, top1 hits, top5 hits, count] (saved from another Totals)."""
-        self.sums += torch.tensor(values, dtype=torch.float64, device=self.sums.device)
+    def summed(self, reduce: Callable[[torch.Tensor], torch.Tensor]) -> Totals:
+        """A new Totals of these sums `reduce`d (e.g. summed over processes); this one is left as it is."""
+        out = Totals(self.sums.device)
+        out.sums, out.bad = reduce(self.sums.clone()), reduce(self.bad.clone())
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """The sums so far, by trainer.json's names (what a mid-epoch checkpoint carries of its epoch)."""
+        return {"partial": self.sums.tolist(), "partial_bad": int(self.bad.item())}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Start from the sums a state_dict holds."""
+        self.sums = torch.tensor(state["partial"], dtype=torch.float64, device=self.sums.device)
+        self.bad = torch.tensor(state["partial_bad"], dtype=torch.int64, device=self.sums.device)
 
     def as_dict(self) -> dict[str, Any]:
         """Means over the samples; loss, top1 and top5 are None when there were no samples."""

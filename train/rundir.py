@@ -4,6 +4,7 @@ checkpoint to resume from, and the refusal to mix runs."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import uuid
@@ -142,11 +143,13 @@ def write_run_info(config: cfgmod.Config, manifest: dict[str, Any], resuming: bo
     return info
 
 
-def resolve_auto_lr(config: cfgmod.Config) -> None:
-    """`--lr auto --resume auto` on a run with checkpoints: reuse the LR lr-find chose when it started."""
+def resolve_auto_lr(config: cfgmod.Config) -> cfgmod.Config:
+    """`--lr auto --resume auto` on a run with checkpoints: the config with the LR lr-find chose when the run
+    started (else `config` as it is)."""
     run_dir = Path(config.run_dir)
     if config.lr != "auto" or config.resume != "auto" or not complete_checkpoints(run_dir):
-        return
+        return config
     lr = (read_saved_config(run_dir) or {}).get("lr")
     if isinstance(lr, int | float) and not isinstance(lr, bool):
-        config.lr = float(lr)
+        return dataclasses.replace(config, lr=float(lr))
+    return config

@@ -10,7 +10,7 @@ the bytes of float32 through the worker pipes).
 Each worker stacks its batches into a few shared-memory buffers it reuses (`batching._Ring`) instead of the
 fresh shared memory torch would create per batch.
 
-Each DataLoader worker runs a chain of small generators (`jobs`):
+Each DataLoader worker runs a chain of small generators (`work`):
     shard paths/URLs -> tar members (pipeline.remote, pipeline.shardformat) -> samples (webdataset group_by_keys)
     -> [train: seeded shuffle buffer -> resume skip] -> decode + augment -> batches
 
@@ -33,7 +33,7 @@ An epoch yields whole optimizer steps only (`grad_accum`), so no batch spills in
 
 Elastic resume (another processes x workers x batch size, the same global batch): a stream's samples are a
 pure function of shard sample counts and seeds (`stages.stream_samples`), so `elastic` replays the earlier
-layout on positions (shard, index in shard) to learn what it delivered, and gives each new stream a `Chunk`:
+topology on positions (shard, index in shard) to learn what it delivered, and gives each new stream a `Chunk`:
 its consecutive share of the positions nobody delivered, exactly its remaining quota. A chunk stream reads
 only the shards its chunk touches, keeps only those positions, shuffles them in its seeded buffer; the
 unneeded rest of the epoch is dropped, as a normal epoch drops its remainder. Later epochs are normal.
@@ -46,15 +46,17 @@ Modules, from a shard to a batch:
     shards    the manifest's shards as `Shard`s, reading one (raw samples), ShardError and its one line
     stages    the train stream of an epoch (cycle, shuffle buffer, resume skip) and decode + augment
     batching  decoded samples -> batches, in each worker's reusable shared-memory ring
-    jobs      what one worker runs: a train or eval job, the chain of stages it assembles
-    plan      batch counts, the shard order dealt to the streams, every worker's jobs from a (resumed) start
+    work      what one worker runs: a train or eval job, the chain of stages it assembles
+    topology  a run's processes x workers x batch x accumulation, and which batches each stream delivers
+    assignment  batch counts, the shard order dealt to the streams, every worker's jobs from a (resumed) start
     loaders   train_loader, eval_loader: one DataLoader over the workers' jobs, iterated by `Batches`
-    elastic   the chunks an epoch still owes when it resumes under another layout (not imported here)
+    elastic   the chunks an epoch still owes when it resumes under another topology (not imported here)
+    trainstream  a run's train stream and its resume state: epoch, step, topology, segments (not imported here)
 """
 
+from train.data.assignment import Chunk, Position, epoch_batches, stream_shards, train_batches_per_epoch
 from train.data.batching import RING_SLOTS, Batch
 from train.data.loaders import Batches, eval_loader, train_loader
-from train.data.plan import Chunk, Position, epoch_batches, stream_shards, train_batches_per_epoch
 from train.data.shards import Shard, ShardError, shard_error_message, train_shards
 from train.data.stages import Transform
 

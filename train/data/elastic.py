@@ -1,17 +1,17 @@
-"""What an epoch interrupted mid-way still owes when it resumes under another layout (processes x workers x
-batch size x gradient accumulation), and which layout keeps the run's global batch.
+"""What an epoch interrupted mid-way still owes when it resumes under another topology (processes x workers x
+batch size x gradient accumulation), and which topology keeps the run's global batch.
 
 A train stream of an epoch is a pure function of sample counts and seeded generators
 (train.data.stages.stream_samples), never of sample content. Replaying the streams on positions (shard
-index, sample index in the shard) instead of samples gives the positions every stream of the earlier layout
+index, sample index in the shard) instead of samples gives the positions every stream of the earlier topology
 delivered up to the checkpoint, without reading a byte. The positions nobody delivered, in a fixed order
 (the epoch's (seed, epoch) shard order, positions ascending), are cut into one consecutive chunk per stream
-of the new layout, each exactly the samples that stream still has to deliver in the epoch; what is left over
-is dropped, as a normal epoch drops its remainder. An epoch may change layout more than once: each layout
+of the new topology, each exactly the samples that stream still has to deliver in the epoch; what is left over
+is dropped, as a normal epoch drops its remainder. An epoch may change topology more than once: each topology
 is a segment, and a segment's chunks are cut from what no earlier segment delivered.
 
 The optimizer steps of an epoch stay the same because the global batch does (batch x accumulation x
-processes): the epoch's batches per rank are steps_per_epoch x grad_accum under every layout.
+processes): the epoch's batches per rank are steps_per_epoch x grad_accum under every topology.
 """
 
 from __future__ import annotations
@@ -24,49 +24,28 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.errors import UserError
-from train.data.plan import Chunk, Position, chunk_source, shard_order, stream_shards
+from train.data.assignment import Chunk, Position, chunk_source, shard_order, stream_shards
 from train.data.shards import Shard
 from train.data.stages import stream_samples
-
-LAYOUT_KEYS = ("batch_size", "grad_accum", "shuffle_buffer")  # saved with world_size and workers
-
-
-@dataclass(frozen=True)
-class Layout:
-    """How one run reads an epoch: processes x streams per process, each stream's batches."""
-
-    processes: int
-    workers: int  # DataLoader workers per process; 0 reads in the process itself: one stream
-    batch_size: int
-    grad_accum: int
-    shuffle_buffer: int
-
-    @property
-    def streams(self) -> int:
-        """Streams per process."""
-        return max(self.workers, 1)
-
-    @property
-    def global_batch(self) -> int:
-        return self.batch_size * self.grad_accum * self.processes
+from train.data.topology import TOPOLOGY_KEYS, Topology, role_batches
 
 
 @dataclass(frozen=True)
 class Segment:
-    """A part of an epoch read under one layout, from optimizer step `from_step` of the epoch on."""
+    """A part of an epoch read under one topology, from optimizer step `from_step` of the epoch on."""
 
-    layout: Layout
+    topology: Topology
     from_step: int
 
 
-def saved_layout(state: dict[str, Any], fallback: dict[str, Any]) -> Layout:
-    """The layout that wrote a checkpoint (its trainer.json `state`); values older checkpoints lack come
+def saved_topology(state: dict[str, Any], fallback: dict[str, Any]) -> Topology:
+    """The topology that wrote a checkpoint (its trainer.json `state`); values older checkpoints lack come
     from `fallback` (the run's saved config, which such a run could not change)."""
-    values = {key: state.get(key, fallback[key]) for key in LAYOUT_KEYS}
-    return Layout(processes=state["world_size"], workers=state["workers"], **values)
+    values = {key: state.get(key, fallback[key]) for key in TOPOLOGY_KEYS}
+    return Topology(processes=state["world_size"], workers=state["workers"], **values)
 
 
-def keep_global_batch(saved: Layout, processes: int, batch_size: int, grad_accum: int,
+def keep_global_batch(saved: Topology, processes: int, batch_size: int, grad_accum: int,
                       where: str) -> tuple[int, str | None]:
     """The --grad-accum that keeps `saved`'s global batch with `processes` x `batch_size`, and the line that
     says so when it differs from `grad_accum` (None when unchanged). A UserError naming a --batch-size and
@@ -76,7 +55,7 @@ def keep_global_batch(saved: Layout, processes: int, batch_size: int, grad_accum
         return grad_accum, None
     if want % (processes * batch_size) == 0:
         chosen = want // (processes * batch_size)
-        return chosen, (f"resuming the {saved.processes}x{saved.workers} layout (processes x workers) of {where} "
+        return chosen, (f"resuming the {saved.processes}x{saved.workers} topology (processes x workers) of {where} "
                         f"as {processes} process(es): --grad-accum {chosen} keeps the global batch of {want}")
     per_process = want // processes
     if want % processes:
@@ -89,29 +68,31 @@ def keep_global_batch(saved: Layout, processes: int, batch_size: int, grad_accum
                     f"process(es)), which must stay the same; {hint}")
 
 
-def segments_after_resume(state: dict[str, Any], saved: Layout, now: Layout) -> list[Segment]:
+def segments_after_resume(state: dict[str, Any], saved: Topology, now: Topology) -> list[Segment]:
     """The segments of the checkpoint's epoch once this run takes over at its step (one segment: the epoch
-    never changed layout)."""
+    never changed topology)."""
     segments = segments_of(state.get("segments") or []) or [Segment(saved, 0)]
-    if state["step_in_epoch"] and segments[-1].layout != now:
+    if state["step_in_epoch"] and segments[-1].topology != now:
         segments.append(Segment(now, state["step_in_epoch"]))
     return segments
 
 
 def segments_of(records: list[dict[str, Any]]) -> list[Segment]:
-    """Segments from their trainer.json records."""
-    return [Segment(Layout(**record["layout"]), record["from_step"]) for record in records]
+    """Segments from their trainer.json records (which name a segment's topology "layout")."""
+    return [Segment(Topology(**record["layout"]), record["from_step"]) for record in records]
 
 
 def as_records(segments: list[Segment]) -> list[dict[str, Any]]:
-    """For trainer.json; an epoch that never changed layout records none."""
-    return [dataclasses.asdict(s) for s in segments] if len(segments) > 1 else []
+    """For trainer.json; an epoch that never changed topology records none."""
+    if len(segments) < 2:
+        return []
+    return [{"layout": dataclasses.asdict(s.topology), "from_step": s.from_step} for s in segments]
 
 
 def plan(shards: list[Shard], *, seed: int, epoch: int, steps_per_epoch: int, segments: list[Segment],
          step: int) -> list[Chunk]:
     """The chunk of every stream (rank * streams + role) of the last segment, which resumes at optimizer
-    step `step` of the epoch (its own start, or later when a run of that layout resumes itself)."""
+    step `step` of the epoch (its own start, or later when a run of that topology resumes itself)."""
     seen: set[Position] = set()
     for segment, end in zip(segments[:-1], [s.from_step for s in segments[1:]], strict=True):
         seen.update(itertools.chain.from_iterable(delivered(shards, seed, epoch, steps_per_epoch, segment, seen,
@@ -129,26 +110,26 @@ def delivered(shards: list[Shard], seed: int, epoch: int, steps_per_epoch: int, 
     """Per stream of `segment`, the positions it delivered from the segment's start to optimizer step
     `step` of the epoch; `seen`: what the segments before it delivered; `chunks`: the segment's chunks when
     the caller has cut them already (they are cut from `seen` otherwise)."""
-    layout = segment.layout
+    topology = segment.topology
     if not segment.from_step:
-        chunks = None  # the epoch's first layout reads the normal streams
+        chunks = None  # the epoch's first topology reads the normal streams
     elif chunks is None:
         chunks = _cut(shards, seed, epoch, steps_per_epoch, segment, seen)
     with warnings.catch_warnings():  # more streams than shards: the run that read them warned already
         warnings.simplefilter("ignore")
-        normal = stream_shards(shards, seed=seed, epoch=epoch, num_streams=layout.processes * layout.streams)
+        normal = stream_shards(shards, seed=seed, epoch=epoch, num_streams=topology.processes * topology.streams)
     index = {shard: i for i, shard in enumerate(shards)}
     out = []
-    for stream in range(layout.processes * layout.streams):
-        role = stream % layout.streams
-        count = _role_batches(layout, steps_per_epoch, role, segment.from_step, step) * layout.batch_size
-        quota = _role_batches(layout, steps_per_epoch, role, segment.from_step, steps_per_epoch) * layout.batch_size
+    for stream in range(topology.processes * topology.streams):
+        role = stream % topology.streams
+        count = _role_batches(topology, steps_per_epoch, role, segment.from_step, step) * topology.batch_size
+        quota = _role_batches(topology, steps_per_epoch, role, segment.from_step, steps_per_epoch) * topology.batch_size
         if chunks is None:
             source, keep, tag = normal[stream], None, stream
         else:
             (source, keep), tag = chunk_source(shards, chunks[stream]), _tag(segment, stream)
         positions = stream_samples(source, keep, seed=seed, epoch=epoch, stream=tag, quota=quota,
-                                   shuffle_buffer=layout.shuffle_buffer,
+                                   shuffle_buffer=topology.shuffle_buffer,
                                    read=lambda shard: ((index[shard], p) for p in range(shard.num_samples)))
         out.append(list(itertools.islice(positions, count)) if quota else [])
     return out
@@ -157,14 +138,14 @@ def delivered(shards: list[Shard], seed: int, epoch: int, steps_per_epoch: int, 
 def _cut(shards: list[Shard], seed: int, epoch: int, steps_per_epoch: int, segment: Segment,
          seen: set[Position]) -> list[tuple[Position, ...]]:
     """The positions not in `seen`, in the epoch's shard order, cut into the quotas of `segment`'s streams."""
-    layout = segment.layout
+    topology = segment.topology
     unseen = _unseen(shards, seed, epoch, seen)
     chunks = []
-    for stream in range(layout.processes * layout.streams):
-        batches = _role_batches(layout, steps_per_epoch, stream % layout.streams, segment.from_step, steps_per_epoch)
-        chunk = tuple(itertools.islice(unseen, batches * layout.batch_size))
-        if len(chunk) < batches * layout.batch_size:  # cannot happen while the global batch is kept
-            raise ValueError(f"epoch {epoch}: too few unseen samples for stream {stream} of {layout}")
+    for stream in range(topology.processes * topology.streams):
+        batches = _role_batches(topology, steps_per_epoch, stream % topology.streams, segment.from_step, steps_per_epoch)
+        chunk = tuple(itertools.islice(unseen, batches * topology.batch_size))
+        if len(chunk) < batches * topology.batch_size:  # cannot happen while the global batch is kept
+            raise ValueError(f"epoch {epoch}: too few unseen samples for stream {stream} of {topology}")
         chunks.append(chunk)
     return chunks
 
@@ -177,11 +158,10 @@ def _unseen(shards: list[Shard], seed: int, epoch: int, seen: set[Position]) -> 
                 yield index[shard], position
 
 
-def _role_batches(layout: Layout, steps_per_epoch: int, role: int, from_step: int, to_step: int) -> int:
-    """Batches of one rank a stream with this role delivers between two optimizer steps of the epoch: the
-    DataLoader takes the rank's batches i = role (mod streams) from it."""
-    start, end = from_step * layout.grad_accum, min(to_step, steps_per_epoch) * layout.grad_accum
-    return len(range(role, end, layout.streams)) - len(range(role, start, layout.streams))
+def _role_batches(topology: Topology, steps_per_epoch: int, role: int, from_step: int, to_step: int) -> int:
+    """Batches of one rank a stream with this role delivers between two optimizer steps of the epoch."""
+    return role_batches(topology.streams, role, from_step * topology.grad_accum,
+                        min(to_step, steps_per_epoch) * topology.grad_accum)
 
 
 def _tag(segment: Segment, stream: int) -> str:

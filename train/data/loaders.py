@@ -1,4 +1,4 @@
-"""The loaders: `train_loader` and `eval_loader` build their workers' jobs (train.data.plan) and run them in
+"""The loaders: `train_loader` and `eval_loader` build their workers' jobs (train.data.assignment) and run them in
 one DataLoader; `Batches` iterates it, hands the workers' ring buffers back and keeps a worker's ShardError
 to its one line."""
 
@@ -13,11 +13,11 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.errors import UserError
+from train.data.assignment import Chunk, check_topology, epoch_batches, eval_jobs, train_jobs
 from train.data.batching import RING_SLOTS, Batch, _released, _Ring
-from train.data.jobs import _EvalJob, _TrainJob
-from train.data.plan import Chunk, _check_layout, epoch_batches, eval_jobs, train_jobs
 from train.data.shards import ShardError, shard_error_message, split_shards
 from train.data.stages import Transform
+from train.data.work import _EvalJob, _TrainJob
 
 
 def train_loader(
@@ -42,11 +42,11 @@ def train_loader(
 
     One loader for a whole run keeps its worker processes and lets their prefetching run on across epoch
     ends (no start-up per epoch); its batches are those of one loader per epoch.
-    `start_batch`: batches this rank already consumed in `epoch`. `chunks` (one per stream of this layout,
+    `start_batch`: batches this rank already consumed in `epoch`. `chunks` (one per stream of this topology,
     stream = rank * max(workers, 1) + role; from train.data.elastic): what the streams read in `epoch` when
-    it was begun under another layout; without them, the streams of `epoch` are its normal ones.
+    it was begun under another topology; without them, the streams of `epoch` are its normal ones.
     """
-    _check_layout(batch_size, workers, rank, world_size)
+    check_topology(batch_size, workers, rank, world_size)
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     total = epoch_batches(manifest["splits"]["train"]["num_samples"], batch_size, world_size, grad_accum)
@@ -78,7 +78,7 @@ def eval_loader(
     `len()` is the batch count if no sample is corrupt. A corrupt sample after a worker's last batch is
     not reported in "bad": count dropped samples as num_samples - samples seen.
     """
-    _check_layout(batch_size, workers, rank, world_size)
+    check_topology(batch_size, workers, rank, world_size)
     mine = split_shards(location, manifest, split)[rank::world_size]
     workers = min(workers, len(mine))  # no idle worker processes
     jobs = eval_jobs(mine, workers, batch_size=batch_size, transform=transform,

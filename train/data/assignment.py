@@ -10,16 +10,17 @@ from dataclasses import dataclass
 
 from pipeline.errors import UserError
 from pipeline.seeded import seeded_random
-from train.data.jobs import _EvalJob, _TrainJob
 from train.data.shards import Shard
 from train.data.stages import Transform
+from train.data.topology import role_batches
+from train.data.work import _EvalJob, _TrainJob
 
 Position = tuple[int, int]  # (index of the shard in the manifest's train list, sample index within that shard)
 
 
 @dataclass(frozen=True)
 class Chunk:
-    """What one train stream delivers of an epoch resumed under another layout (train.data.elastic):
+    """What one train stream delivers of an epoch resumed under another topology (train.data.elastic):
     `positions` in reading order (the touched shards in turn, positions ascending), the first `skip` of
     them (after the shuffle) already delivered before the checkpoint; `tag` seeds its shuffle buffer."""
 
@@ -46,9 +47,9 @@ def epoch_batches(num_samples: int, batch_size: int, world_size: int, grad_accum
     return total - total % grad_accum
 
 
-def _check_layout(batch_size: int, workers: int, rank: int, world_size: int) -> None:
+def check_topology(batch_size: int, workers: int, rank: int, world_size: int) -> None:
     if batch_size < 1 or workers < 0 or not 0 <= rank < world_size:
-        raise ValueError(f"bad loader layout: batch_size={batch_size} workers={workers} "
+        raise ValueError(f"bad loader topology: batch_size={batch_size} workers={workers} "
                          f"rank={rank} world_size={world_size}")
 
 
@@ -66,7 +67,8 @@ def train_jobs(shards: list[Shard], *, transform: Transform, batch_size: int, wo
             # its workers in turn; in epoch e worker w thus owns the batches i = role (mod W). In the first
             # epoch the worker that owned batch start_batch goes first.
             role = (worker + start_batch - (e - epoch) * total) % num_workers
-            consumed, remaining = _worker_batches(total, num_workers, role, start_batch if e == epoch else 0)
+            start = start_batch if e == epoch else 0
+            consumed, remaining = role_batches(num_workers, role, 0, start), role_batches(num_workers, role, start, total)
             stream = rank * num_workers + role
             job = _TrainJob(
                 shards=streams[stream], stream=stream, skip_samples=consumed * batch_size,
@@ -88,12 +90,6 @@ def eval_jobs(mine: list[Shard], workers: int, *, batch_size: int, transform: Tr
                   num_classes=num_classes)]
         for w in range(num_workers)
     ]
-
-
-def _worker_batches(total: int, workers: int, worker: int, start_batch: int) -> tuple[int, int]:
-    """(consumed, remaining) batches of `worker`, which owns the rank's batches worker, worker + W, ..."""
-    consumed = len(range(worker, start_batch, workers))
-    return consumed, len(range(worker, total, workers)) - consumed
 
 
 def stream_shards(shards: list[Shard], *, seed: int, epoch: int, num_streams: int) -> list[tuple[Shard, ...]]:

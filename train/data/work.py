@@ -1,4 +1,4 @@
-"""What one DataLoader worker runs: a train or eval job (its shards and counts, from train.data.plan) and
+"""What one DataLoader worker runs: a train or eval job (its shards and counts, from train.data.assignment) and
 the chain of stages it assembles into batches."""
 
 from __future__ import annotations
