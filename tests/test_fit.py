@@ -434,7 +434,7 @@ def test_a_fit_forked_from_the_warm_server_equals_a_cold_start(train_shards: Pat
     """run_cli forks `python -m train` from a warm interpreter (tests/warm.py); a cold `python -m train fit`
     of the same command gives the same numbers and the same best model, byte for byte."""
     def fit(name: str, run: Callable[..., subprocess.CompletedProcess], *prefix: str) -> Path:
-        result = run(*prefix, "train", "fit", "--shards", str(train_shards), *FIT_ARGS, "--epochs", "2",
+        result = run(*prefix, "train", "fit", "--shards", str(train_shards), *FIT_ARGS, "--epochs", "1",
                      "--run-dir", str(tmp_path / name))
         assert result.returncode == 0, result.stderr[-2000:]
         assert "test (best epoch" in result.stdout

@@ -130,6 +130,15 @@ def test_sgd_is_nesterov_with_momentum(model):
     assert all(g["nesterov"] and g["momentum"] == 0.8 for g in optimizer.param_groups)
 
 
+def test_sgd_with_momentum_0_is_plain_sgd_at_every_step(model):
+    """--momentum 0 with sgd: no Nesterov (torch refuses it without momentum), and the one-cycle schedule,
+    which cycles momentum otherwise, leaves it at 0."""
+    optimizer = build_optimizer("sgd", notebook_groups(model), lr=BASE_LR, momentum=0.0)
+    assert all(not g["nesterov"] and g["momentum"] == 0.0 for g in optimizer.param_groups)
+    scheduler = build_scheduler(optimizer, 10)
+    assert {momentum for _, momentum in _positions(optimizer, scheduler, 0, 10)} == {0.0}
+
+
 def test_unknown_optimizer_is_user_error(model):
     with pytest.raises(UserError, match="adam.*adamw.*sgd"):
         build_optimizer("lion", notebook_groups(model), lr=BASE_LR)

@@ -68,18 +68,16 @@ def _run_command(request: dict) -> None:
 
     import torch
 
+    for fd, path in ((0, os.devnull), (1, request["stdout"]), (2, request["stderr"])):
+        file = os.open(path, os.O_RDWR)
+        os.dup2(file, fd)
+        os.close(file)
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
-    if "OMP_NUM_THREADS" in os.environ:
-        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    for fd, name in ((1, "stdout"), (2, "stderr")):
-        file = os.open(request[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.dup2(file, fd)
-        os.close(file)
-    stdin = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(stdin, 0)
-    os.close(stdin)
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if threads.isdigit() and int(threads) > 0:  # what torch would have read at import (else its default)
+        torch.set_num_threads(int(threads))
     sys.path[0] = os.getcwd()  # `python -m` puts the working directory first
     module, *sys.argv[1:] = request["args"]
     runpy.run_module(module, run_name="__main__", alter_sys=True)
@@ -100,6 +98,8 @@ class Server:
     def run(self, args: list[str], env: dict[str, str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
         with tempfile.TemporaryDirectory(dir=self.folder) as outputs, socket.socket(socket.AF_UNIX) as connection:
             out, err = os.path.join(outputs, "stdout"), os.path.join(outputs, "stderr")
+            Path(out).touch()
+            Path(err).touch()
             connection.settimeout(timeout)
             connection.connect(self.path)
             connection.sendall(json.dumps({"args": args, "env": env, "cwd": str(cwd), "stdout": out,

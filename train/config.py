@@ -119,6 +119,8 @@ HELP = {
                  "layer4 /2 .. stem /10), geometric (lr_decay per group below the head), flat (one LR), auto "
                  "(notebook with pretrained weights, flat from scratch)",
     "lr_decay": "per-group LR factor of lr_scheme geometric",
+    "momentum": "sgd's initial momentum (Nesterov); the one-cycle schedule then cycles it 0.95 -> 0.85 -> 0.95 "
+                "(adam's beta1 too); 0: plain SGD, no momentum at any step",
     "pct_start": "the warm-up: share of the optimizer steps over which the one-cycle LR rises from peak / "
                  "div_factor to its peak, before annealing",
     "weight_decay": "L2 in the gradient with adam and sgd, decoupled with adamw; never on norms, biases and "

@@ -33,11 +33,13 @@ SCHEMES: dict[str, Callable[[int, float], float]] = {
 # "auto": the notebook's discriminative LRs when fine-tuning pretrained weights; one LR for every group when
 # training from scratch, where lower LRs for the early layers only slow them down (bench/recipe.py measures it).
 AUTO = "auto"
-# Optimizers: "adam" (the notebook's; L2 weight decay), "adamw" (decoupled decay), "sgd" (Nesterov momentum).
+# Optimizers: "adam" (the notebook's; L2 weight decay), "adamw" (decoupled decay), "sgd" (Nesterov momentum;
+# plain SGD with momentum 0).
 OPTIMIZERS: dict[str, Callable[[list[dict], float, float, tuple[float, float]], torch.optim.Optimizer]] = {
     "adam": lambda groups, lr, momentum, betas: torch.optim.Adam(groups, lr=lr, betas=betas),
     "adamw": lambda groups, lr, momentum, betas: torch.optim.AdamW(groups, lr=lr, betas=betas),
-    "sgd": lambda groups, lr, momentum, betas: torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True),
+    "sgd": lambda groups, lr, momentum, betas: torch.optim.SGD(groups, lr=lr, momentum=momentum,
+                                                                 nesterov=momentum > 0),
 }
 
 _NORM_TYPES = (
@@ -127,7 +129,8 @@ def build_scheduler(
 
     The LR starts at max/div_factor, rises (cosine) to max over pct_start of the steps, then anneals to
     max/(div_factor*final_div_factor). Momentum (SGD) / beta1 (Adam) cycles 0.95 -> 0.85 -> 0.95,
-    overriding the momentum / betas[0] given to `build_optimizer` (as fastai's fit_one_cycle does).
+    overriding the momentum / betas[0] given to `build_optimizer` (as fastai's fit_one_cycle does); SGD
+    built with momentum 0 stays plain SGD.
 
     The trainer must call `scheduler.step()` exactly once per optimizer step (not per micro-batch when
     accumulating gradients; skipped steps, e.g. fp16 overflow, still count) and must NOT pass the scheduler
@@ -153,6 +156,7 @@ def build_scheduler(
         pct_start=pct_start,
         div_factor=div_factor,
         final_div_factor=final_div_factor,
+        cycle_momentum="betas" in optimizer.defaults or optimizer.defaults.get("momentum", 0) > 0,
     )
 
 
