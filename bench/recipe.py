@@ -114,9 +114,10 @@ def budget_options(args: argparse.Namespace) -> list[str]:
 
 
 def fit_command(args: argparse.Namespace, row: str, seed: int, shards: Path, run_dir: Path) -> list[str]:
-    """The row's options first, then the budget's and the run's (later options win: no row changes them)."""
+    """The row's options first, then the budget's and the run's (later options win: no row changes them); no
+    report PNGs, only results.json is read."""
     return [sys.executable, "-m", "train", "fit", *row_options(row), *budget_options(args), "--seed", str(seed),
-            "--shards", str(shards), "--run-dir", str(run_dir), "--wandb", "disabled"]
+            "--shards", str(shards), "--run-dir", str(run_dir), "--wandb", "disabled", "--no-plots"]
 
 
 def run(command: list[str], log: Path | None = None) -> subprocess.CompletedProcess:

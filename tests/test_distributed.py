@@ -24,7 +24,7 @@ import pytest
 import torch
 from conftest import synth_set
 from safetensors.torch import load_file
-from support import ROOT, free_port, launch_env, max_ema_difference
+from support import ROOT, free_port, launch_env, max_ema_difference, run_cli
 
 from pipeline.manifest import load_manifest
 from pipeline.plan import BuildOptions
@@ -64,14 +64,16 @@ def run_fit(shards: Path, tmp: Path, name: str, processes: int, nodes: int = 1, 
     run_dir = tmp / name
     batch = 2 * BATCH // processes
     env = launch_env(tmp)
+    if processes == 1:
+        result = run_cli(*fit_command(shards, run_dir, batch, *extra)[1:], env=env, timeout=RUN_TIMEOUT_S)
+        assert result.returncode == 0, result.stderr[-3000:]
+        (run_dir / "output.log").write_text(result.stdout + result.stderr)
+        return run_dir
     with procs.group(tmp / f"{name}-logs") as group:
-        if processes == 1:
-            group.start("main", [sys.executable, *fit_command(shards, run_dir, batch, *extra)], env)
-        else:
-            port = free_port()
-            for rank in range(nodes):
-                launch = procs.launch_args(processes, port, num_machines=nodes, machine_rank=rank)
-                group.start(f"node{rank}", [*launch, *fit_command(shards, run_dir, batch, *extra)], env)
+        port = free_port()
+        for rank in range(nodes):
+            launch = procs.launch_args(processes, port, num_machines=nodes, machine_rank=rank)
+            group.start(f"node{rank}", [*launch, *fit_command(shards, run_dir, batch, *extra)], env)
         codes = group.finish(RUN_TIMEOUT_S)
         assert codes == [0] * len(codes), "\n".join(group.output(n)[-3000:] for n in group.names)
         (run_dir / "output.log").write_text(group.output(group.names[0]))

@@ -107,8 +107,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(train_shards: Path, 
     """With an EMA of the weights, whose state the checkpoint carries too."""
     extra = ("--epochs", "2", "--workers", "2", "--checkpoint-every", "3", "--keep-checkpoints", "10",
              "--ema-decay", "0.9", "--tta", "flip")
-    reference = subprocess.run(_fit_command(train_shards, tmp_path / "a", *extra), cwd=ROOT, capture_output=True,
-                               text=True, timeout=300)
+    reference = run_cli(*_fit_command(train_shards, tmp_path / "a", *extra)[2:])
     assert reference.returncode == 0, reference.stderr[-2000:]
 
     command = _fit_command(train_shards, tmp_path / "b", *extra)
@@ -134,7 +133,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(train_shards: Path, 
         '"global_step": 3', '"global_step": 99'))
     whole = (damaged / "model.safetensors").read_bytes()
     (damaged / "model.safetensors").write_bytes(whole[: len(whole) // 2])
-    resumed = subprocess.run(command + ["--resume", "auto"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    resumed = run_cli(*command[2:], "--resume", "auto")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming" in resumed.stdout
     skipped = [line for line in resumed.stderr.splitlines() if line.startswith("warning: skipping checkpoint")]
