@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import http.server
 import json
 import os
@@ -63,7 +64,12 @@ def run_python(*args: str, timeout: float = 300, env: dict[str, str] | None = No
                           env=cli_env(**(env or {})), cwd=cwd or ROOT)
 
 
-_WARM: list[warm.Server] = []  # this test process's warm server, once started
+@functools.cache
+def _warm_server() -> warm.Server:
+    """This test process's warm server, started on first use and stopped (by PID) at exit."""
+    server = warm.Server()
+    atexit.register(server.stop)
+    return server
 
 
 def run_cli(*args: str, timeout: float = 300, env: dict[str, str] | None = None,
@@ -72,10 +78,7 @@ def run_cli(*args: str, timeout: float = 300, env: dict[str, str] | None = None,
     interpreter (tests/warm.py: torch is imported once per test process, not per command)."""
     if args[0] != "train":
         return run_python("-m", *args, timeout=timeout, env=env, cwd=cwd)
-    if not _WARM:
-        _WARM.append(warm.Server())
-        atexit.register(_WARM[0].stop)
-    return _WARM[0].run(list(args), cli_env(**(env or {})), cwd or ROOT, timeout)
+    return _warm_server().run(list(args), cli_env(**(env or {})), cwd or ROOT, timeout)
 
 
 def synth_shards(root: Path, synth_args: dict, options: object) -> Path:

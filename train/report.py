@@ -8,6 +8,7 @@ images ({"key", "label", "pred", "conf", "image": CHW uint8}, as the eval transf
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import math
 import sys
@@ -27,6 +28,7 @@ LEGEND_MAX_CLASSES = 20
 PLOTS = ("confusion_matrix.png", "most_incorrect.png", "embeddings.png")
 
 
+@functools.cache
 def pyplot() -> Any:
     """matplotlib's pyplot on the Agg backend (files only, no display), imported on first use: ~0.7 s that
     `fit` pays only when it plots."""
