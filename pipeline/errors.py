@@ -2,6 +2,7 @@
 
 import sys
 from collections.abc import Callable
+from typing import TextIO
 
 
 class UserError(Exception):
@@ -25,13 +26,21 @@ def one_line(error: BaseException, *, typed: bool = False, sentence: bool = Fals
     return f"{type(error).__name__}: {text}" if typed else text
 
 
+def print_error(line: str, file: TextIO | None = None) -> None:
+    """`error: LINE` and its newline in one write, flushed: the processes of a launch share one stderr, and
+    `print` writes the text and the newline separately, so two ranks' lines could interleave into one."""
+    file = sys.stderr if file is None else file
+    file.write(f"error: {line}\n")
+    file.flush()
+
+
 def report_errors(command: Callable[[], int]) -> int:
     """Run a CLI command; a UserError or Ctrl-C becomes one `error:` line on stderr and an exit status."""
     try:
         return command()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(str(e))
         return 1
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        print_error("interrupted")
         return 130

@@ -12,7 +12,7 @@ from typing import NoReturn
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations checks online for updates otherwise
 
-from pipeline.errors import UserError, report_errors  # noqa: E402
+from pipeline.errors import UserError, print_error, report_errors  # noqa: E402
 from pipeline.manifest import load_manifest  # noqa: E402
 from pipeline.outputs import output_dir_problem, output_file_problem  # noqa: E402
 from pipeline.remote import set_io_timeout  # noqa: E402
@@ -211,7 +211,7 @@ def _run_reporting_lost_peers(parser: argparse.ArgumentParser, args: argparse.Na
         line = _lost_peer(e)
         if line is None:
             raise
-        print(f"error: {line}", file=sys.stderr)
+        print_error(line)
         return 1
 
 

@@ -27,6 +27,8 @@ from collections.abc import Iterator
 
 import psutil
 
+from pipeline.errors import print_error
+
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 # torchrun installs a handler for each signal of this list when it starts the processes, replacing ours:
 # it is given only the one we leave to it (read from the environment by its option parser).
@@ -88,13 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args, defaults, _ = _validate_launch_command(args)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(str(e))
         return 2
     # the choice of accelerate's launch_command, for the launches this module supports
     if not args.cpu and (args.use_deepspeed or args.tpu) or (
             defaults is not None and defaults.compute_environment == ComputeEnvironment.AMAZON_SAGEMAKER):
-        print("error: python -m train.launch starts CPU and GPU processes (torchrun); for DeepSpeed, TPU or "
-              "SageMaker use accelerate launch", file=sys.stderr)
+        print_error("python -m train.launch starts CPU and GPU processes (torchrun); for DeepSpeed, TPU or "
+                    "SageMaker use accelerate launch")
         return 2
     if not args.cpu and (args.multi_gpu or args.use_fsdp or args.use_megatron_lm):
         return run_torchrun(args)

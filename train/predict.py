@@ -23,6 +23,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.encode import to_rgb
+from pipeline.errors import print_error
 from pipeline.sources.imagefolder import IMAGE_EXTENSIONS
 from train import augment, checkpoint, evaltime
 from train.metrics import TOP_K
@@ -178,7 +179,7 @@ def _batches(predictor: Predictor, files: list[str], batch_size: int,
 
 
 def report_failure(failure: Failure, err: TextIO) -> None:
-    print(f"error: {failure.image}: {failure.reason}", file=err, flush=True)
+    print_error(f"{failure.image}: {failure.reason}", err)
 
 
 def format_table(image: str, top: list[dict[str, Any]]) -> str:

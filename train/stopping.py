@@ -19,6 +19,8 @@ import threading
 import time
 from collections.abc import Iterator
 
+from pipeline.errors import print_error
+
 STOP_EXIT = 75  # EX_TEMPFAIL: stopped on request with a checkpoint written; rerun with --resume auto
 DEFAULT_SIGNALS = "TERM,INT,USR1"
 
@@ -76,8 +78,7 @@ class StopRequest:
 
 def _exit_now(signum: int, why: str) -> None:
     """End the process at once with status 128 + signum (a shell's status for a process the signal killed)."""
-    print(f"error: {why}; exiting without a stop checkpoint (the last complete checkpoint stays)",
-          file=sys.stderr, flush=True)
+    print_error(f"{why}; exiting without a stop checkpoint (the last complete checkpoint stays)")
     sys.stdout.flush()
     os._exit(128 + signum)
 
