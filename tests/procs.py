@@ -18,13 +18,17 @@ import psutil
 from support import ROOT
 
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+# `accelerate launch` without the rest of accelerate's command line: the same launch_command, but the
+# `accelerate` script loads all its subcommands first, and `estimate` imports timm and torchvision (2.7 s of
+# CPU per launch here). tests/test_configs.py runs the `accelerate launch` script itself.
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
 TAG = "CUBSTREAM_TEST_GROUP"
 
 
 def launch_args(num_processes: int, port: int, num_machines: int = 1, machine_rank: int = 0) -> list[str]:
-    """`accelerate launch` for N CPU processes: `--multi_gpu` with ACCELERATE_USE_CPU (support.launch_env);
-    `--cpu --num_processes N` would silently run ONE process."""
-    args = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", str(num_processes), "--num_machines",
+    """`accelerate launch` (LAUNCH) for N CPU processes: `--multi_gpu` with ACCELERATE_USE_CPU
+    (support.launch_env); `--cpu --num_processes N` would silently run ONE process."""
+    args = [*LAUNCH, "--multi_gpu", "--num_processes", str(num_processes), "--num_machines",
             str(num_machines), "--main_process_port", str(port), "--mixed_precision", "no",
             "--dynamo_backend", "no"]
     if num_machines > 1:

@@ -83,7 +83,7 @@ def test_evaluate_reads_through_the_cache(fitted_run: Path, train_shards: Path, 
     for turn in range(2):
         result = run_cli("train", "evaluate", "--checkpoint", str(fitted_run), "--shards", served.url, "--split",
                          "test", "--out", str(tmp_path / f"eval{turn}"), "--workers", "0", "--cache-dir", str(cache),
-                         timeout=240)
+                         "--no-plots", timeout=240)
         assert result.returncode == 0, result.stderr[-3000:]
         assert tar_gets(served) == {name: 1 for name in test_shards}  # the second turn added none
         assert len(list(cache.glob("*.tar"))) == len(test_shards)

@@ -90,13 +90,15 @@ def test_evaluate_flags_override_the_recorded_settings(fitted_run: Path, train_s
     out = tmp_path / "plain"
     result = run_cli("train", "evaluate", "--checkpoint", str(fitted_run), "--shards", str(train_shards), "--split",
                      "test", "--out", str(out), "--workers", "0", "--eval-image-size", "40", "--tta", "none",
-                     env=ONE_THREAD)
+                     "--no-plots", env=ONE_THREAD)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "(eval 40 px, tta none; 1 process(es))" in result.stdout
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["eval"] == {**FITTED_EVAL, "image_size": 40, "resize_short": 46, "tta": "none"}
     fit_loss = json.loads((fitted_run / "results.json").read_text())["test"]["loss"]
     assert metrics["loss"] != pytest.approx(fit_loss, rel=1e-4)  # really scored otherwise
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "predictions.csv"]  # --no-plots
+    assert f"test report: {out}/ (metrics.json, predictions.csv)\n" in result.stdout
 
 
 @pytest.mark.multiprocess

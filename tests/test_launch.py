@@ -41,7 +41,7 @@ def failure_policy() -> dict[str, list[int]]:
 
 def launch_args(port: int) -> list[str]:
     """The options of `accelerate launch` for 2 CPU processes (what follows `accelerate launch`)."""
-    return procs.launch_args(2, port)[2:]
+    return procs.launch_args(2, port)[len(procs.LAUNCH):]
 
 
 def test_exit_status_is_what_a_shell_reports() -> None:

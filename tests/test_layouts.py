@@ -313,7 +313,7 @@ def test_fit_evaluate_predict_on_a_layout(layout: str, tmp_path: Path, capsys: p
     assert json.loads((run / "results.json").read_text())["test"]["num_samples"] == len(test_images)
 
     evaluated = run_cli("train", "evaluate", "--checkpoint", str(run), "--shards", str(tmp_path / "shards"),
-                         "--split", "test", "--out", str(tmp_path / "eval"), "--workers", "0",
+                         "--split", "test", "--out", str(tmp_path / "eval"), "--workers", "0", "--no-plots",
                          env=ONE_THREAD)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())

@@ -68,7 +68,7 @@ def test_fit_over_http(http_run: tuple[Path, str], train_shards: Path) -> None:
 def test_evaluate_over_http(http_run: tuple[Path, str], train_shards: Path, tmp_path: Path) -> None:
     run_dir, url = http_run
     result = run_cli("train", "evaluate", "--checkpoint", str(run_dir), "--shards", url, "--split", "test",
-                     "--out", str(tmp_path / "eval"), "--workers", "2", timeout=240)
+                     "--out", str(tmp_path / "eval"), "--workers", "2", "--no-plots", timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["num_samples"] == load_manifest(str(train_shards))["splits"]["test"]["num_samples"]

@@ -17,7 +17,7 @@ import procs
 import pytest
 from conftest import FIT_ARGS
 from safetensors.torch import load_file
-from support import free_port, launch_env, max_ema_difference, run_main
+from support import free_port, launch_env, max_ema_difference, run_cli, run_main
 from test_distributed import rank_process
 
 RUN_TIMEOUT_S = 180
@@ -67,9 +67,8 @@ def assert_stop_checkpoint(output: str, run_dir: Path, signame: str) -> int:
 def reference(train_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An uninterrupted run with the same options."""
     tmp = tmp_path_factory.mktemp("signals-ref")
-    with procs.group(tmp / "logs") as group:
-        group.start("ref", [sys.executable, *fit_command(train_shards, tmp / "run")], launch_env(tmp))
-        assert group.finish(RUN_TIMEOUT_S) == [0], group.output("ref")[-3000:]
+    result = run_cli(*fit_command(train_shards, tmp / "run")[1:], env=launch_env(tmp), timeout=RUN_TIMEOUT_S)
+    assert result.returncode == 0, result.stderr[-3000:]
     return tmp / "run"
 
 
@@ -89,10 +88,9 @@ def test_sigterm_to_process_group_stops_at_checkpoint_then_resume_matches(
     step = assert_stop_checkpoint(output, run_dir, "SIGTERM")
     stopped = time.monotonic()
 
-    with procs.group(tmp_path / "resume-logs") as group:
-        group.start("fit", [sys.executable, *fit_command(train_shards, run_dir, "--resume", "auto")], env)
-        assert group.finish(RUN_TIMEOUT_S) == [0], group.output("fit")[-3000:]
-        assert f"from step-{step:08d}" in group.output("fit")
+    resumed = run_cli(*fit_command(train_shards, run_dir, "--resume", "auto")[1:], env=env, timeout=RUN_TIMEOUT_S)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"from step-{step:08d}" in resumed.stdout
     ours, theirs = final_weights(run_dir), final_weights(reference)
     assert ours.keys() == theirs.keys() and len(ours) > 50
     diff = max((ours[k].double() - theirs[k].double()).abs().max().item() for k in ours)

@@ -77,6 +77,10 @@ def _add_evaluate(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--io-timeout", type=float, default=0.0, metavar="SECONDS", help=cfgmod.HELP["io_timeout"])
     p.add_argument("--cache-dir", default="", metavar="DIR", help=cfgmod.HELP["cache_dir"])
     p.add_argument("--cache-limit-gb", type=float, default=0.0, metavar="GB", help=cfgmod.HELP["cache_limit_gb"])
+    p.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
+                   help="draw the report's PNGs (confusion matrix, most-incorrect images, embeddings); --no-plots "
+                        "writes metrics.json and predictions.csv only, without the minutes of CPU a t-SNE of "
+                        "thousands of images takes")
     _add_eval_settings(p)
 
 
@@ -164,7 +168,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         _check_output(parser, output_dir_problem(args.out, "--out"))
         return commands.evaluate(args.checkpoint, args.shards, args.split, args.out, args.batch_size, args.workers,
                                  args.precision, args.wandb, args.wandb_project, args.io_timeout,
-                                 args.cache_dir, args.cache_limit_gb, args.eval_image_size, _tta(args))
+                                 args.cache_dir, args.cache_limit_gb, args.eval_image_size, _tta(args), args.plots)
     if args.command == "models":
         return commands.models(args.pattern)
     if args.command == "predict":

@@ -94,9 +94,9 @@ def check_classes(meta: dict[str, Any], manifest: dict[str, Any], run: str, shar
 
 def evaluate(run: str, shards: str, split: str, out: Path, batch_size: int, workers: int, precision: str,
              wandb: str, wandb_project: str, io_timeout: float = 0.0, cache_dir: str = "",
-             cache_limit_gb: float = 0.0, eval_size: int = 0, tta: str = "") -> int:
-    """Metrics, predictions and plots of a run's best model on one split of a shard set, into `out`, at the
-    eval size and TTA the run recorded unless `eval_size` / `tta` are given (0 / "")."""
+             cache_limit_gb: float = 0.0, eval_size: int = 0, tta: str = "", plots: bool = True) -> int:
+    """Metrics, predictions and (unless not `plots`) plots of a run's best model on one split of a shard set,
+    into `out`, at the eval size and TTA the run recorded unless `eval_size` / `tta` are given (0 / "")."""
     set_io_timeout(io_timeout or None)  # 0: the environment's or the default
     configure_cache(cache_dir, cache_limit_gb)  # "" and 0: the environment's
     import torch
@@ -126,7 +126,7 @@ def evaluate(run: str, shards: str, split: str, out: Path, batch_size: int, work
         accelerator.init_trackers(wandb_project, config=recorded,
                                   init_kwargs={"wandb": {"dir": str(out), "mode": tracking.wandb_mode(wandb),
                                                          "job_type": "evaluate"}})
-    evaluation.write_evaluation_report(accelerator, result, meta["classes"], out, split, step=0)
+    evaluation.write_evaluation_report(accelerator, result, meta["classes"], out, split, step=0, plots=plots)
     say = tracking.say
     say(accelerator, f"{split}: top1 {result['top1']:.4f} top5 {result['top5']:.4f} loss {result['loss']:.4f} "
                      f"on {result['num_samples']} images ({evaltime.describe(result['eval'])}; "
