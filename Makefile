@@ -45,8 +45,11 @@ lint: install
 # The suite in TEST_WORKERS processes (pytest-xdist), each module in one of them (--dist loadfile: a module's
 # fixtures are built once), in collection order (tests/conftest.py puts the modules with slow tests first).
 # The 25 slowest tests are listed at the end.
+# With PYTHONDONTWRITEBYTECODE set (some container images set it), each of the suite's ~400 Python processes
+# would compile the checkout's modules again, and each worker rewrite every test module's asserts again.
 TEST_WORKERS ?= 2
-PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25
+PYTEST := env -u PYTHONDONTWRITEBYTECODE $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder \
+	--durations=25
 
 test: install lint
 	$(PYTEST) tests

@@ -15,7 +15,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import psutil
-from support import ROOT
+import warm
+from support import ROOT, start_train
 
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 # `accelerate launch` without the rest of accelerate's command line: the same launch_command, but the
@@ -41,7 +42,7 @@ class Group:
 
     def __init__(self, logs: Path) -> None:
         self.logs = logs
-        self.procs: list[subprocess.Popen] = []
+        self.procs: list[subprocess.Popen | warm.Started] = []
         self.names: list[str] = []
         self.tag = uuid.uuid4().hex
 
@@ -50,6 +51,17 @@ class Group:
         with open(self.logs / f"{name}.log", "w") as log:
             proc = subprocess.Popen(list(command), env={**env, TAG: self.tag}, cwd=cwd, stdout=log,
                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(proc)
+        self.names.append(name)
+        return proc
+
+    def start_train(self, name: str, args: Sequence[str], env: dict[str, str]) -> warm.Started:
+        """`python -m train ARGS` forked from the warm interpreter (support.start_train) in a session of its
+        own, into the same kind of log; `kill` ends its process group (its environment has no tag to find)."""
+        self.logs.mkdir(parents=True, exist_ok=True)
+        log = self.logs / f"{name}.log"
+        log.write_text("")
+        proc = start_train(*args, env=env, stdout=log, stderr=log, session=True)
         self.procs.append(proc)
         self.names.append(name)
         return proc

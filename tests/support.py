@@ -81,6 +81,13 @@ def run_cli(*args: str, timeout: float = 300, env: dict[str, str] | None = None,
     return _warm_server().run(list(args), cli_env(**(env or {})), cwd or ROOT, timeout)
 
 
+def start_train(*args: str, env: dict[str, str], stdout: Path | str = os.devnull, stderr: Path | str = os.devnull,
+                session: bool = False) -> warm.Started:
+    """Start `python -m train ARGS` (forked from the warm interpreter, like run_cli) without waiting for it:
+    for tests that signal or kill it. `session`: in a process group of its own, with its DataLoader workers."""
+    return _warm_server().start(["train", *args], cli_env(**env), ROOT, str(stdout), str(stderr), session)
+
+
 def synth_shards(root: Path, synth_args: dict, options: object) -> Path:
     """A synth CUB under `root` built into `root/shards` (one worker, no progress bar); returns the set."""
     from pipeline.build import build

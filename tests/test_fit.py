@@ -19,15 +19,14 @@ import yaml
 from conftest import FIT_ARGS, FITTED_EVAL, TRAIN_SYNTH
 from safetensors.torch import load_file
 from support import (
-    ROOT,
     assert_one_line_error,
-    cli_env,
     free_port,
     launch_env,
     max_ema_difference,
     run_cli,
     run_main,
     run_python,
+    start_train,
     wait_for,
 )
 
@@ -111,7 +110,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(train_shards: Path, 
     assert reference.returncode == 0, reference.stderr[-2000:]
 
     command = _fit_command(train_shards, tmp_path / "b", *extra)
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = start_train(*command[3:], env={})
     first = tmp_path / "b" / "checkpoints" / "step-00000003" / "trainer.json"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and not first.exists() and process.poll() is None:
@@ -234,9 +233,8 @@ def test_second_fit_on_a_run_dir_is_refused_and_a_killed_holder_does_not_block(t
     import socket
 
     run_dir = tmp_path / "run"
-    first = subprocess.Popen(_fit_command(train_shards, run_dir, "--epochs", "20", "--checkpoint-every", "2",
-                                          "--keep-checkpoints", "100"),
-                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cli_env())
+    first = start_train(*_fit_command(train_shards, run_dir, "--epochs", "20", "--checkpoint-every", "2",
+                                      "--keep-checkpoints", "100")[3:], env={})
     checkpoint = run_dir / "checkpoints" / "step-00000002" / "trainer.json"  # the first one
     try:
         holder = run_dir / ".lock.holder"

@@ -9,7 +9,6 @@ import json
 import os
 import re
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -79,7 +78,7 @@ def test_sigterm_to_process_group_stops_at_checkpoint_then_resume_matches(
     run_dir, env = tmp_path / "run", launch_env(tmp_path)
     started = time.monotonic()
     with procs.group(tmp_path / "logs") as group:
-        proc = group.start("fit", [sys.executable, *fit_command(train_shards, run_dir)], env)
+        proc = group.start_train("fit", fit_command(train_shards, run_dir)[2:], env)
         wait_for_step(run_dir, proc)
         os.killpg(proc.pid, signal.SIGTERM)
         assert group.finish(RUN_TIMEOUT_S) == [75], group.output("fit")[-3000:]
@@ -128,8 +127,8 @@ def test_second_signal_exits_at_once_without_checkpoint(train_shards: Path, tmp_
     128 + the second one's number, one error line, no stop checkpoint."""
     run_dir = tmp_path / "run"
     with procs.group(tmp_path / "logs") as group:
-        proc = group.start("fit", [sys.executable, *fit_command(train_shards, run_dir, "--workers", "0")],
-                           launch_env(tmp_path))
+        proc = group.start_train("fit", fit_command(train_shards, run_dir, "--workers", "0")[2:],
+                                 launch_env(tmp_path))
         wait_for_step(run_dir, proc)
         proc.send_signal(signal.SIGSTOP)
         proc.send_signal(signal.SIGUSR1)  # handled first (lower number): the stop request

@@ -6,15 +6,19 @@ before the fork: every child imports the checkout's modules itself, as a new int
 
 Only what those libraries read when they are imported is shared, so a command that needs another value of it
 runs cold: the OpenMP thread count is set again in each child from its OMP_NUM_THREADS (torch read the
-server's at import). Tests that signal, launch or time processes start real interpreters (tests/procs.py).
+server's at import). `start` leaves a command running (in a session of its own if asked), for tests that
+signal or kill it; launchers, and processes a test looks up by their environment, start as real
+interpreters (tests/procs.py).
 
     python tests/warm.py SOCKET      # the server; support.run_cli starts one per test process, stops it by PID
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -79,9 +83,14 @@ def _run_command(request: dict) -> None:
     import torch
 
     for fd, path in ((0, os.devnull), (1, request["stdout"]), (2, request["stderr"])):
+        if fd == 2 and path == request["stdout"]:  # one log for both, as stderr=subprocess.STDOUT gives
+            os.dup2(1, 2)
+            continue
         file = os.open(path, os.O_RDWR)
         os.dup2(file, fd)
         os.close(file)
+    if request["session"]:  # a process group of its own (and its DataLoader workers'), as start_new_session
+        os.setsid()
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
@@ -92,6 +101,37 @@ def _run_command(request: dict) -> None:
     module, *sys.argv[1:] = request["args"]
     runpy.run_module(module, run_name="__main__", alter_sys=True)
     sys.exit(0)  # the interpreter ends here as after `python -m train`: atexit handlers, flushed streams
+
+
+class Started:
+    """A command the server forked, not waited for: what the tests use of subprocess.Popen (pid, poll, wait,
+    returncode, send_signal, kill). Its exit status arrives on the connection."""
+
+    def __init__(self, connection: socket.socket, args: list[str]) -> None:
+        self.connection, self.args = connection, args
+        self.replies = connection.makefile()
+        self.pid: int = json.loads(self.replies.readline())["pid"]
+        self.returncode: int | None = None
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            if not select.select([self.connection], [], [], timeout)[0]:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            self.returncode = json.loads(self.replies.readline())["returncode"]
+            self.connection.close()
+        return self.returncode
+
+    def poll(self) -> int | None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            return self.wait(0)
+        return None
+
+    def send_signal(self, signum: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
 
 
 class Server:
@@ -105,24 +145,28 @@ class Server:
         if self.process.stdout.readline().strip() != "ready":
             raise RuntimeError(f"the warm server did not start (exit {self.process.wait()})")
 
+    def start(self, args: list[str], env: dict[str, str], cwd: Path, stdout: str, stderr: str,
+              session: bool = False) -> Started:
+        """`python -m ARGS` forked, output to the files `stdout` and `stderr` (the same path: one file), in a
+        session of its own if `session`; not waited for."""
+        connection = socket.socket(socket.AF_UNIX)
+        connection.connect(self.path)
+        connection.sendall(json.dumps({"args": args, "env": env, "cwd": str(cwd), "stdout": stdout,
+                                       "stderr": stderr, "session": session}).encode() + b"\n")
+        return Started(connection, [sys.executable, "-m", *args])
+
     def run(self, args: list[str], env: dict[str, str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
-        with tempfile.TemporaryDirectory(dir=self.folder) as outputs, socket.socket(socket.AF_UNIX) as connection:
+        with tempfile.TemporaryDirectory(dir=self.folder) as outputs:
             out, err = os.path.join(outputs, "stdout"), os.path.join(outputs, "stderr")
             Path(out).touch()
             Path(err).touch()
-            connection.settimeout(timeout)
-            connection.connect(self.path)
-            connection.sendall(json.dumps({"args": args, "env": env, "cwd": str(cwd), "stdout": out,
-                                           "stderr": err}).encode() + b"\n")
-            replies = connection.makefile()
-            pid = json.loads(replies.readline())["pid"]
+            process = self.start(args, env, cwd, out, err)
             try:
-                code = json.loads(replies.readline())["returncode"]
-            except TimeoutError:
-                os.kill(pid, signal.SIGKILL)
-                raise subprocess.TimeoutExpired([sys.executable, "-m", *args], timeout) from None
-            return subprocess.CompletedProcess([sys.executable, "-m", *args], code, Path(out).read_text(),
-                                               Path(err).read_text())
+                code = process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                raise
+            return subprocess.CompletedProcess(process.args, code, Path(out).read_text(), Path(err).read_text())
 
     def stop(self) -> None:
         self.process.kill()
