@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import procs
@@ -45,12 +46,13 @@ def test_a_typo_in_a_trainer_config_fails(tmp_path: Path) -> None:
     assert "resnet5" in cfgmod.model_problem(cfgmod.make_config(argparse.Namespace(config=bad)))
 
 
-def accelerate_launch(config: Path, tmp: Path) -> tuple[int, str, list[dict[str, str]]]:
+def accelerate_launch(config: Path, tmp: Path, launcher: Sequence[str] = (procs.ACCELERATE, "launch")
+                      ) -> tuple[int, str, list[dict[str, str]]]:
     """`accelerate launch --config_file CONFIG tests/launched_env.py`, as a user runs it (only the port is
     chosen here, so that tests running at once do not collide): (exit status, output, what each rank got)."""
     out = tmp / "launched"
     out.mkdir(parents=True, exist_ok=True)
-    command = [procs.ACCELERATE, "launch", "--config_file", str(config), "--main_process_port", str(free_port()),
+    command = [*launcher, "--config_file", str(config), "--main_process_port", str(free_port()),
                str(ROOT / "tests" / "launched_env.py"), str(out)]
     with procs.group(tmp / "logs") as group:
         group.start("launch", command, launch_env(tmp))
@@ -81,7 +83,7 @@ def test_a_typo_in_an_accelerate_config_fails(tmp_path: Path, change: str, named
     bad = tmp_path / "accelerate.yaml"
     bad.write_text((ROOT / "accelerate_config.yaml").read_text().replace("\nmixed_precision: bf16\n", "\n")
                    + change)
-    code, output, ranks = accelerate_launch(bad, tmp_path)
+    code, output, ranks = accelerate_launch(bad, tmp_path, procs.LAUNCH)  # the same config reading
     assert code != 0 and named in output and ranks == [], output[-3000:]
 
 
