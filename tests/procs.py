@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psutil
 import warm
-from support import ROOT, start_train
+from support import ROOT, start_warm
 
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 # `accelerate launch` without the rest of accelerate's command line: the same launch_command, but the
@@ -55,13 +55,14 @@ class Group:
         self.names.append(name)
         return proc
 
-    def start_train(self, name: str, args: Sequence[str], env: dict[str, str]) -> warm.Started:
-        """`python -m train ARGS` forked from the warm interpreter (support.start_train) in a session of its
-        own, into the same kind of log; `kill` ends its process group (its environment has no tag to find)."""
+    def start_warm(self, name: str, args: Sequence[str], env: dict[str, str]) -> warm.Started:
+        """`python -m ARGS` (or `python SCRIPT.py ARGS`) forked from the warm interpreter (support.start_warm)
+        in a session of its own, into the same kind of log; `kill` ends its process group (its environment
+        has no tag to find)."""
         self.logs.mkdir(parents=True, exist_ok=True)
         log = self.logs / f"{name}.log"
         log.write_text("")
-        proc = start_train(*args, env=env, stdout=log, stderr=log, session=True)
+        proc = start_warm(*args, env=env, stdout=log, stderr=log, session=True)
         self.procs.append(proc)
         self.names.append(name)
         return proc

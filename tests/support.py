@@ -81,11 +81,19 @@ def run_cli(*args: str, timeout: float = 300, env: dict[str, str] | None = None,
     return _warm_server().run(list(args), cli_env(**(env or {})), cwd or ROOT, timeout)
 
 
-def start_train(*args: str, env: dict[str, str], stdout: Path | str = os.devnull, stderr: Path | str = os.devnull,
-                session: bool = False) -> warm.Started:
-    """Start `python -m train ARGS` (forked from the warm interpreter, like run_cli) without waiting for it:
-    for tests that signal or kill it. `session`: in a process group of its own, with its DataLoader workers."""
-    return _warm_server().start(["train", *args], cli_env(**env), ROOT, str(stdout), str(stderr), session)
+def run_script(script: Path, *args: str, timeout: float = 300, env: dict[str, str] | None = None
+               ) -> subprocess.CompletedProcess:
+    """`python SCRIPT ARGS` for a helper script of the tests (a process of its own for what must not run in
+    the test process), forked from the warm interpreter like run_cli; output captured as text."""
+    return _warm_server().run([str(script), *args], cli_env(**(env or {})), ROOT, timeout)
+
+
+def start_warm(*args: str, env: dict[str, str], stdout: Path | str = os.devnull, stderr: Path | str = os.devnull,
+               session: bool = False) -> warm.Started:
+    """Start `python -m ARGS` (or `python SCRIPT.py ARGS`), forked from the warm interpreter like run_cli,
+    without waiting for it: for tests that signal or kill it. `session`: in a process group of its own, with
+    its DataLoader workers."""
+    return _warm_server().start(list(args), cli_env(**env), ROOT, str(stdout), str(stderr), session)
 
 
 def synth_shards(root: Path, synth_args: dict, options: object) -> Path:

@@ -173,12 +173,12 @@ def test_regeneration_next_to_a_set_in_training(train_shards: Path, tmp_path: Pa
     before = digests(old)
     run_dir = tmp_path / "run"
     env = launch_env(tmp_path)
-    fit = ["fit", "--shards", str(old), *FIT_ARGS, "--epochs", "1", "--workers", "2", "--run-dir", str(run_dir)]
+    fit = ["train", "fit", "--shards", str(old), *FIT_ARGS, "--epochs", "1", "--workers", "2", "--run-dir", str(run_dir)]
     build = [sys.executable, "-m", "pipeline", "build", "--source", str(train_shards.parent / "CUB_200_2011"),
              "--out", str(new), "--resize-short", "40", "--quality", "80", "--shard-samples", "8", "--workers", "1",
              "--quiet"]
     with procs.group(tmp_path / "logs") as group:
-        training = group.start_train("fit", fit, env)
+        training = group.start_warm("fit", fit, env)
         deadline = time.monotonic() + 120
         metrics = run_dir / "metrics.jsonl"
         while time.monotonic() < deadline and training.poll() is None and not (

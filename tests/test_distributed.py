@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -246,8 +245,7 @@ def test_two_processes_train_step_equals_one_with_grad_accum(tmp_path: Path) -> 
     script = str(ROOT / "tests" / "train_step_ranks.py")
     env = launch_env(tmp_path)
     with procs.group(tmp_path / "logs") as group:
-        group.start("one", [sys.executable, script, "--out", str(tmp_path / "one"), *STEP_ARGS, "--grad-accum", "2"],
-                    env)
+        group.start_warm("one", [script, "--out", str(tmp_path / "one"), *STEP_ARGS, "--grad-accum", "2"], env)
         group.start("two", [*procs.launch_args(2, free_port()), script, "--out", str(tmp_path / "two"), *STEP_ARGS],
                     env)
         codes = group.finish(RUN_TIMEOUT_S)

@@ -213,7 +213,7 @@ def test_two_by_two_to_one_by_one_and_back(elastic_shards: Path, tmp_path: Path)
                                {**env, keylog.ENV: f"{keys}-a"})
         cut_at(group, run_dir, 2, launcher)
     with procs.group(tmp_path / "b-logs") as group:  # 1 process x 1 worker from there, cut at step 2 of epoch 2
-        proc = group.start_train("b", [*command[2:], "--workers", "1", "--resume", "auto"],
+        proc = group.start_warm("b", [*command[1:], "--workers", "1", "--resume", "auto"],
                                  {**env, keylog.ENV: f"{keys}-b"})
         cut_at(group, run_dir, 6, proc)
         assert ("resuming the 2x2 topology (processes x workers) of step-00000002 as 1 process(es): --grad-accum 2 "

@@ -26,7 +26,7 @@ from support import (
     run_cli,
     run_main,
     run_python,
-    start_train,
+    start_warm,
     wait_for,
 )
 
@@ -110,7 +110,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(train_shards: Path, 
     assert reference.returncode == 0, reference.stderr[-2000:]
 
     command = _fit_command(train_shards, tmp_path / "b", *extra)
-    process = start_train(*command[3:], env={})
+    process = start_warm(*command[2:], env={})
     first = tmp_path / "b" / "checkpoints" / "step-00000003" / "trainer.json"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and not first.exists() and process.poll() is None:
@@ -233,8 +233,8 @@ def test_second_fit_on_a_run_dir_is_refused_and_a_killed_holder_does_not_block(t
     import socket
 
     run_dir = tmp_path / "run"
-    first = start_train(*_fit_command(train_shards, run_dir, "--epochs", "20", "--checkpoint-every", "2",
-                                      "--keep-checkpoints", "100")[3:], env={})
+    first = start_warm(*_fit_command(train_shards, run_dir, "--epochs", "20", "--checkpoint-every", "2",
+                                     "--keep-checkpoints", "100")[2:], env={})
     checkpoint = run_dir / "checkpoints" / "step-00000002" / "trainer.json"  # the first one
     try:
         holder = run_dir / ".lock.holder"

@@ -23,7 +23,7 @@ from support import (
     assert_png,
     run_cli,
     run_main,
-    run_python,
+    run_script,
     same_state,
 )
 from torch import nn
@@ -140,7 +140,7 @@ def test_real_model_weights_untouched_and_nan_sweep_restores_too(train_shards: P
     """lr_finder.lr_find on fit's model, groups and stream (tests/lr_find_restores.py, in its own process):
     every model and optimizer tensor is restored, after a good sweep and after one that diverges."""
     out = tmp_path / "report.json"
-    result = run_python(str(ROOT / "tests" / "lr_find_restores.py"), str(out), "--shards", str(train_shards),
+    result = run_script(ROOT / "tests" / "lr_find_restores.py", str(out), "--shards", str(train_shards),
                         *FIT_ARGS, "--lr-scheme", "notebook", "--lr-find-start", "1e-4", "--lr-find-steps", "20",
                         env=ONE_THREAD)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support import assert_png, run_python
+from support import assert_png, run_script
 
 from train import embedding, report
 from train.lr_finder import RangeTest
@@ -195,8 +195,7 @@ def test_the_whole_report_path_after_fit_with_workers_in_one_process(train_shard
     equal features crashed it); the fit's failing plot is one warning and results.json is written."""
     args = ("--arch", "resnet18", "--pretrained", "none", "--image-size", "40", "--batch-size", "8", "--lr", "0.003",
             "--epochs", "1", "--wandb", "disabled")
-    result = run_python(str(Path(__file__).with_name("report_after_fit.py")), str(train_shards), str(tmp_path),
-                        *args)
+    result = run_script(Path(__file__).with_name("report_after_fit.py"), str(train_shards), str(tmp_path), *args)
     assert result.returncode == 0, result.stderr[-3000:]
     done = json.loads(result.stdout.splitlines()[-1])
     whole = sorted(["metrics.json", "predictions.csv", *report.PLOTS])

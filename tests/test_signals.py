@@ -78,7 +78,7 @@ def test_sigterm_to_process_group_stops_at_checkpoint_then_resume_matches(
     run_dir, env = tmp_path / "run", launch_env(tmp_path)
     started = time.monotonic()
     with procs.group(tmp_path / "logs") as group:
-        proc = group.start_train("fit", fit_command(train_shards, run_dir)[2:], env)
+        proc = group.start_warm("fit", fit_command(train_shards, run_dir)[1:], env)
         wait_for_step(run_dir, proc)
         os.killpg(proc.pid, signal.SIGTERM)
         assert group.finish(RUN_TIMEOUT_S) == [75], group.output("fit")[-3000:]
@@ -127,7 +127,7 @@ def test_second_signal_exits_at_once_without_checkpoint(train_shards: Path, tmp_
     128 + the second one's number, one error line, no stop checkpoint."""
     run_dir = tmp_path / "run"
     with procs.group(tmp_path / "logs") as group:
-        proc = group.start_train("fit", fit_command(train_shards, run_dir, "--workers", "0")[2:],
+        proc = group.start_warm("fit", fit_command(train_shards, run_dir, "--workers", "0")[1:],
                                  launch_env(tmp_path))
         wait_for_step(run_dir, proc)
         proc.send_signal(signal.SIGSTOP)

@@ -1,5 +1,5 @@
-"""`python -m train ARGS` without the interpreter start-up: a server process imports torch, torchvision and
-Albumentations once (~3-4 s a cold `python -m train` pays before its first line of work), then forks a fresh
+"""`python -m train ARGS` (and the tests' helper scripts) without the interpreter start-up: a server process
+imports torch, torchvision and Albumentations once (~3-4 s a cold `python -m train` pays before its first line of work), then forks a fresh
 child for each command, which applies the command's environment, working directory and output files, and
 runs `train` as `python -m train` does (runpy, `__main__`, its exit status). Nothing of ours is imported
 before the fork: every child imports the checkout's modules itself, as a new interpreter would.
@@ -77,7 +77,8 @@ def _report(connection: socket.socket, request: dict) -> None:
 
 
 def _run_command(request: dict) -> None:
-    """This process becomes `python -m train ARGS` in the request's directory, environment and files."""
+    """This process becomes `python -m MODULE ARGS` (or `python SCRIPT.py ARGS`) in the request's directory,
+    environment and files."""
     import runpy
 
     import torch
@@ -97,9 +98,14 @@ def _run_command(request: dict) -> None:
     threads = os.environ.get("OMP_NUM_THREADS", "")
     if threads.isdigit() and int(threads) > 0:  # what torch would have read at import (else its default)
         torch.set_num_threads(int(threads))
-    sys.path[0] = os.getcwd()  # `python -m` puts the working directory first
-    module, *sys.argv[1:] = request["args"]
-    runpy.run_module(module, run_name="__main__", alter_sys=True)
+    command, *sys.argv[1:] = request["args"]
+    if command.endswith(".py"):  # `python SCRIPT`: the script's folder first on the path
+        sys.argv[0] = command
+        sys.path[0] = os.path.dirname(os.path.abspath(command))
+        runpy.run_path(command, run_name="__main__")
+    else:  # `python -m MODULE`: the working directory first
+        sys.path[0] = os.getcwd()
+        runpy.run_module(command, run_name="__main__", alter_sys=True)
     sys.exit(0)  # the interpreter ends here as after `python -m train`: atexit handlers, flushed streams
 
 
