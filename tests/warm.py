@@ -1,8 +1,9 @@
 """`python -m train ARGS` (and the tests' helper scripts) without the interpreter start-up: a server process
-imports torch, torchvision and Albumentations once (~3-4 s a cold `python -m train` pays before its first line of work), then forks a fresh
-child for each command, which applies the command's environment, working directory and output files, and
-runs `train` as `python -m train` does (runpy, `__main__`, its exit status). Nothing of ours is imported
-before the fork: every child imports the checkout's modules itself, as a new interpreter would.
+imports torch, torchvision and Albumentations once (~3-4 s a cold `python -m train` pays before its first
+line of work), then forks a fresh child for each command, which applies the command's environment, working
+directory and output files, and runs `train` as `python -m train` does (runpy, `__main__`, its exit status).
+Nothing of ours is imported before the fork: every child imports the checkout's modules itself, as a new
+interpreter would.
 
 Only what those libraries read when they are imported is shared, so a command that needs another value of it
 runs cold: the OpenMP thread count is set again in each child from its OMP_NUM_THREADS (torch read the
@@ -153,13 +154,14 @@ class Server:
 
     def start(self, args: list[str], env: dict[str, str], cwd: Path, stdout: str, stderr: str,
               session: bool = False) -> Started:
-        """`python -m ARGS` forked, output to the files `stdout` and `stderr` (the same path: one file), in a
-        session of its own if `session`; not waited for."""
+        """`python -m ARGS` (`python ARGS` for a script) forked, output to the files `stdout` and `stderr` (the
+        same path: one file), in a session of its own if `session`; not waited for."""
         connection = socket.socket(socket.AF_UNIX)
         connection.connect(self.path)
         connection.sendall(json.dumps({"args": args, "env": env, "cwd": str(cwd), "stdout": stdout,
                                        "stderr": stderr, "session": session}).encode() + b"\n")
-        return Started(connection, [sys.executable, "-m", *args])
+        command = [sys.executable, *args] if args[0].endswith(".py") else [sys.executable, "-m", *args]
+        return Started(connection, command)
 
     def run(self, args: list[str], env: dict[str, str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
         with tempfile.TemporaryDirectory(dir=self.folder) as outputs:
