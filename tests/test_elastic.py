@@ -43,7 +43,7 @@ def elastic_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def layout(processes: int, workers: int, batch: int, accum: int, buffer: int = 7) -> Topology:
+def topology(processes: int, workers: int, batch: int, accum: int, buffer: int = 7) -> Topology:
     return Topology(processes, workers, batch, accum, buffer)
 
 
@@ -60,10 +60,10 @@ def quotas(new: Topology, steps: int, step: int) -> list[int]:
 
 # (train shard sizes, old layout, new layout, step of the change, whether an old stream may read a sample twice)
 PLANS = [
-    (TRAIN_SIZES, layout(2, 2, 4, 1), layout(1, 0, 4, 2), 2, False),
-    (TRAIN_SIZES, layout(1, 1, 8, 1), layout(2, 2, 2, 2), 3, False),
-    ([12, 12, 12, 12, 4], layout(1, 3, 2, 2), layout(2, 1, 2, 1), 5, True),  # 3 streams, one cycles its shard
-    ([7, 3, 11, 5, 9], layout(3, 2, 2, 2), layout(2, 0, 3, 2), 1, True),  # 6 streams > 5 shards: wrap around
+    (TRAIN_SIZES, topology(2, 2, 4, 1), topology(1, 0, 4, 2), 2, False),
+    (TRAIN_SIZES, topology(1, 1, 8, 1), topology(2, 2, 2, 2), 3, False),
+    ([12, 12, 12, 12, 4], topology(1, 3, 2, 2), topology(2, 1, 2, 1), 5, True),  # 3 streams, one cycles its shard
+    ([7, 3, 11, 5, 9], topology(3, 2, 2, 2), topology(2, 0, 3, 2), 1, True),  # 6 streams > 5 shards: wrap around
 ]
 
 
@@ -91,7 +91,7 @@ def test_three_layouts_in_one_epoch_and_a_layout_resuming_itself() -> None:
     """2x2 -> 1x0 at step 2 -> 4x1 at step 4: each segment's chunks come from what no earlier one delivered.
     The 1x0 segment resumed by 1x0 again at step 3 reads the same chunks, skipping what it delivered."""
     shards, steps = counted(TRAIN_SIZES), 6
-    a, b, c = layout(2, 2, 4, 1), layout(1, 0, 4, 2), layout(4, 1, 2, 1)
+    a, b, c = topology(2, 2, 4, 1), topology(1, 0, 4, 2), topology(4, 1, 2, 1)
     seen: set = set()
     for segment, end in ((Segment(a, 0), 2), (Segment(b, 2), 4)):
         part = [p for s in delivered(shards, 0, 0, steps, segment, seen, end) for p in s]
@@ -134,7 +134,7 @@ def test_replay_matches_the_loader_and_chunks_load_exactly_the_rest(elastic_shar
     """The positions the replay says 2 processes x 2 workers delivered in 3 steps are the keys their real
     loaders gave; a 1-process loader given the chunks then yields exactly the other keys of the epoch."""
     keys = shard_keys(elastic_shards)
-    old, new, steps, step = layout(2, 2, 4, 1), layout(1, 0, 4, 2), 6, 3  # worker 0 delivered 2 batches, 1 one
+    old, new, steps, step = topology(2, 2, 4, 1), topology(1, 0, 4, 2), 6, 3  # worker 0 delivered 2 batches, 1 one
     real = sorted(k for rank in (0, 1) for k in loader_keys(elastic_shards, rank, 2, 2, 4, 1, step))
     replayed = delivered(data.train_shards(str(elastic_shards), load_manifest(str(elastic_shards))), 2, 1, steps,
                          Segment(old, 0), set(), step)
@@ -152,7 +152,7 @@ def test_global_batch_kept_or_refused(capsys: pytest.CaptureFixture[str], fitted
                                       tmp_path: Path) -> None:
     """fitted_run: 1 process x batch 8. A batch size that divides the global batch gets its --grad-accum; one
     that does not is refused with one line naming settings that work, and nothing is written."""
-    saved = layout(2, 2, 4, 2)  # global batch 16
+    saved = topology(2, 2, 4, 2)  # global batch 16
     assert keep_global_batch(saved, 2, 4, 2, "step-1") == (2, None)
     accum, line = keep_global_batch(saved, 1, 4, 1, "step-00000003")
     assert (accum, line) == (4, "resuming the 2x2 topology (processes x workers) of step-00000003 as 1 process(es): "

@@ -7,7 +7,6 @@ import math
 import shutil
 import signal
 import subprocess
-import sys
 import tarfile
 import time
 from collections.abc import Callable
@@ -88,8 +87,8 @@ def test_wandb_offline_run_holds_the_history(fitted_run: Path) -> None:
 
 
 def _fit_command(shards: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "train", "fit", "--shards", str(shards), *FIT_ARGS, "--run-dir", str(run_dir),
-            *extra]
+    """`python -m ARGS` of a fit, for run_cli and start_warm."""
+    return ["train", "fit", "--shards", str(shards), *FIT_ARGS, "--run-dir", str(run_dir), *extra]
 
 
 def _records(run_dir: Path, kind: str) -> list[dict]:
@@ -106,11 +105,11 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(train_shards: Path, 
     """With an EMA of the weights, whose state the checkpoint carries too."""
     extra = ("--epochs", "2", "--workers", "2", "--checkpoint-every", "3", "--keep-checkpoints", "10",
              "--ema-decay", "0.9", "--tta", "flip")
-    reference = run_cli(*_fit_command(train_shards, tmp_path / "a", *extra)[2:])
+    reference = run_cli(*_fit_command(train_shards, tmp_path / "a", *extra))
     assert reference.returncode == 0, reference.stderr[-2000:]
 
     command = _fit_command(train_shards, tmp_path / "b", *extra)
-    process = start_warm(*command[2:], env={})
+    process = start_warm(*command, env={})
     first = tmp_path / "b" / "checkpoints" / "step-00000003" / "trainer.json"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and not first.exists() and process.poll() is None:
@@ -132,7 +131,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(train_shards: Path, 
         '"global_step": 3', '"global_step": 99'))
     whole = (damaged / "model.safetensors").read_bytes()
     (damaged / "model.safetensors").write_bytes(whole[: len(whole) // 2])
-    resumed = run_cli(*command[2:], "--resume", "auto")
+    resumed = run_cli(*command, "--resume", "auto")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming" in resumed.stdout
     skipped = [line for line in resumed.stderr.splitlines() if line.startswith("warning: skipping checkpoint")]
@@ -234,7 +233,7 @@ def test_second_fit_on_a_run_dir_is_refused_and_a_killed_holder_does_not_block(t
 
     run_dir = tmp_path / "run"
     first = start_warm(*_fit_command(train_shards, run_dir, "--epochs", "20", "--checkpoint-every", "2",
-                                     "--keep-checkpoints", "100")[2:], env={})
+                                     "--keep-checkpoints", "100"), env={})
     checkpoint = run_dir / "checkpoints" / "step-00000002" / "trainer.json"  # the first one
     try:
         holder = run_dir / ".lock.holder"
